@@ -1,0 +1,7 @@
+"""bmc.passes: one pass per file, the file named after the pass. Importing this package
+registers every pass and preset with the pass manager."""
+from bmc.passes import annotate_cost, dce, shape_prop, verify  # noqa: F401
+from bmc.passmgr import register_preset
+
+register_preset("cleanup", "dce,shape-prop", "drop dead nodes and refresh shapes")
+register_preset("analyze", "shape-prop,annotate-cost", "refresh shapes and annotate every node's cost")
