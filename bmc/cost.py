@@ -200,6 +200,7 @@ class ParamInfo:
     trainable: bool
     divisor: sympy.Expr  # product of the degrees of the mesh axes that shard it
     stage: int
+    is_buffer: bool = False  # buffers (e.g. RoPE tables) are held but are not model states
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class TrainingSetup:
 def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
     """Every distinct parameter and buffer the graph reads, with its sharding and stage."""
     found: dict[str, ParamInfo] = {}
+    param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     for name, node in ir.parameter_nodes(gm).items():
         val = ir.tensor_val(node)
         if val is None:
@@ -229,27 +231,22 @@ def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
             if placement.kind == "shard":
                 divisor *= AXIS_DEGREE.get(placement.axis, sympy.Symbol(f"N_{placement.axis}"))
         stage = ir.get(node, ir.Stage)
-        trainable = _is_trainable(gm, name, val)
-        found[name] = ParamInfo(name, val.numel(), val.dtype, trainable, divisor, stage.index if stage else 0)
+        is_param = name in param_names
+        trainable = is_param and gm.get_parameter(name).requires_grad and val.dtype.is_floating_point
+        found[name] = ParamInfo(name, val.numel(), val.dtype, trainable, divisor, stage.index if stage else 0,
+                                is_buffer=not is_param)
     return list(found.values())
-
-
-def _is_trainable(gm: fx.GraphModule, name: str, val: torch.Tensor) -> bool:
-    owner = gm
-    *path, leaf = name.split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-    param = getattr(owner, "_parameters", {}).get(leaf) if owner is not None else None
-    return param is not None and param.requires_grad and val.dtype.is_floating_point
 
 
 @dataclass(frozen=True)
 class ModelStates:
-    """Per-rank bytes of parameters, gradients and optimizer states, symbolic."""
+    """Per-rank bytes of parameters, gradients and optimizer states, symbolic; buffers are
+    kept apart (held on every rank, never sharded by ZeRO, not model states)."""
 
     params: sympy.Expr
     grads: sympy.Expr
     optimizer: sympy.Expr
+    buffers: sympy.Expr = sympy.Integer(0)
 
     @property
     def total(self) -> sympy.Expr:
@@ -261,18 +258,21 @@ def model_states(params: Iterable[ParamInfo], zero_stage: int = 0, stage: int | 
 
     Weights cost b_<dtype> each, gradients the same for trainable ones, optimizer states K
     each; ZeRO-1/2/3 divide the optimizer / gradient / weight parts by N_d."""
-    p_sum = g_sum = k_sum = sympy.Integer(0)
+    p_sum = g_sum = k_sum = buf_sum = sympy.Integer(0)
     for p in params:
         if stage is not None and p.stage != stage:
             continue
         local = sympy.Integer(p.numel) / p.divisor
+        if p.is_buffer:
+            buf_sum += local * dtype_symbol(p.dtype)
+            continue
         p_sum += local * dtype_symbol(p.dtype)
         if p.trainable:
             g_sum += local * dtype_symbol(p.dtype)
             k_sum += local * K
     return ModelStates(p_sum / (N_d if zero_stage >= 3 else 1),
                        g_sum / (N_d if zero_stage >= 2 else 1),
-                       k_sum / (N_d if zero_stage >= 1 else 1))
+                       k_sum / (N_d if zero_stage >= 1 else 1), buf_sum)
 
 
 def activation_bytes(gm: fx.GraphModule, stage: int | None = None) -> sympy.Expr:

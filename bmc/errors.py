@@ -40,3 +40,7 @@ class BackendError(BmcError):
 
 class StructureError(BmcError):
     """Structure analysis found something inconsistent (e.g. a head count that does not divide)."""
+
+
+class ModelSaveError(BmcError):
+    """A program that cannot be written (e.g. weights on the meta device)."""

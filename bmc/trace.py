@@ -59,7 +59,7 @@ def _default_example_inputs(model: torch.nn.Module) -> Any:
                      f"or give the model an example_inputs() method")
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any):
+def dynamic_shapes_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any):
     """dynamic=True marks dims 0 and 1 of every tensor input (batch and sequence) as AUTO:
     export keeps them symbolic where the model allows and specializes them quietly where not."""
     if dynamic is None or dynamic is False:
@@ -160,7 +160,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
         example_inputs = _default_example_inputs(model)
     args, kwargs = normalize_example_inputs(example_inputs)
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dynamic),
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes_spec(model, args, kwargs, dynamic),
                                  strict=False)
         gm = ep.module()
     except TraceError:

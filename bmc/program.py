@@ -1,0 +1,94 @@
+"""`bmc.compile` and the program object it returns; `bmc.load` for saved programs."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from bmc.errors import BmcError
+from bmc.passmgr import Instrument, PassContext, PassManager, PassRecord
+from bmc.trace import trace, trace_info
+
+log = logging.getLogger(__name__)
+
+
+class Program:
+    """A compiled model: the transformed graph plus what produced it, runnable on its backend.
+
+    `prog(*args, **kwargs)` runs it; `prog.optimizer(torch.optim.AdamW, lr=...)` builds the
+    optimizer over the parameters this rank holds."""
+
+    def __init__(self, graph_module: fx.GraphModule, *, backend: str, context: PassContext,
+                 pipeline: str = "", records: Sequence[PassRecord] = ()):
+        self.graph_module = graph_module
+        self.backend = backend
+        self.context = context
+        self.pipeline = pipeline
+        self.records = list(records)
+
+    def __call__(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This rank's module."""
+        return self.graph_module
+
+    def parameters(self):
+        return self.graph_module.parameters()
+
+    def named_parameters(self):
+        return self.graph_module.named_parameters()
+
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs) -> torch.optim.Optimizer:
+        return optimizer_cls([p for p in self.parameters() if p.requires_grad], **kwargs)
+
+    def save(self, path: str) -> None:
+        """Write the program as a .pt2 archive (bmc.load and bmc-opt read it back)."""
+        from bmc.serialize import save_pt2
+        save_pt2(self.graph_module, path, pipeline=self.pipeline)
+
+    def __repr__(self) -> str:
+        info = trace_info(self.graph_module)
+        name = info.model_name if info else "graph"
+        return f"Program({name}, backend={self.backend!r}, pipeline={self.pipeline!r})"
+
+
+def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
+    if isinstance(model, Program):
+        return model.graph_module
+    if isinstance(model, fx.GraphModule) and trace_info(model) is not None:
+        return model
+    if isinstance(model, str):
+        from bmc.serialize import load_graph
+        return load_graph(model, example_inputs=example_inputs)[0]
+    return trace(model, example_inputs, dynamic=dynamic)
+
+
+def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
+            *, world_size: int = 1, dynamic: Any = None, verify: bool = True,
+            instruments: Sequence[Instrument] = (), **backend_options) -> Program:
+    """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path), run the
+    pipeline `passes` on it, and lower the result with `backend`."""
+    from bmc.backends import get_backend
+    lower = get_backend(backend)  # fail on a bad backend name before tracing
+    if world_size < 1:
+        raise BmcError(f"world_size must be >= 1, got {world_size}")
+    gm = _as_graph(model, example_inputs, dynamic)
+    context = PassContext(world_size=world_size)
+    manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
+                          verify=verify, instruments=instruments)
+    if len(manager.pipeline):
+        gm = manager.run(gm).graph_module
+    program = lower(gm, context, **backend_options)
+    program.pipeline, program.records = str(manager.pipeline), list(manager.records)
+    return program
+
+
+def load(path: str) -> Program:
+    """Read a program written by `Program.save` or `bmc-opt -o` (a .pt2 archive)."""
+    from bmc.serialize import load_pt2
+    gm, meta = load_pt2(path)
+    return Program(gm, backend="torch", context=PassContext(), pipeline=meta.get("pipeline", ""))

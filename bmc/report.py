@@ -1,0 +1,95 @@
+"""`bmc-opt --report`: where the memory goes on one rank, from the cost model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch.fx as fx
+
+from bmc import cost, ir
+from bmc.trace import trace_info
+
+GB = 1e9  # decimal gigabytes, the unit of the ZeRO paper's table
+ZERO_COLUMNS = (("plain DP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
+PSI = sympy.Symbol("Psi")
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """Per-rank bytes by ZeRO stage (0 = plain data parallel) and the saved activations."""
+
+    params: list[cost.ParamInfo]
+    states: dict[int, cost.ModelStates]  # symbolic, by ZeRO stage
+    activations: sympy.Expr
+    forward_flops: sympy.Expr
+    subs: dict
+
+    def bytes(self, zero_stage: int, part: str = "total") -> float:
+        return cost.evaluate(getattr(self.states[zero_stage], part), self.subs)
+
+    def activation_bytes(self) -> float | None:
+        try:
+            return cost.evaluate(self.activations, self.subs)
+        except ValueError:
+            return None
+
+
+def memory_table(gm: fx.GraphModule, setting: cost.Setting, stage: int | None = None) -> MemoryTable:
+    params = cost.parameters(gm)
+    states = {z: cost.model_states(params, zero_stage=z, stage=stage) for _, z in ZERO_COLUMNS}
+    return MemoryTable(params, states, cost.activation_bytes(gm, stage=stage), cost.forward_flops(gm),
+                       setting.substitutions(params))
+
+
+def _gb(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "?"
+    return f"{nbytes / GB:.4g} GB"
+
+
+def _formula(expr: sympy.Expr, psi: int) -> str:
+    """The per-rank expression with the parameter count written as Psi (when it factors out)."""
+    factored = sympy.factor(expr)
+    return str(factored.xreplace({sympy.Integer(psi): PSI})) if psi else str(factored)
+
+
+def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int, plan_zero_stage: int = 0) -> str:
+    table = memory_table(gm, setting)
+    info = trace_info(gm)
+    total = sum(p.numel for p in table.params if not p.is_buffer)
+    buffers = sum(p.numel for p in table.params if p.is_buffer)
+    trainable = sum(p.numel for p in table.params if p.trainable)
+    dtypes = sorted({ir.DTYPE_SHORT.get(p.dtype, str(p.dtype)) for p in table.params})
+    seq = setting.seq if setting.seq is not None else "traced"
+    k = table.subs[cost.K]
+    lines = [
+        f"where the memory goes, per rank: {info.model_name if info else 'model'}, world size {world_size} "
+        f"(dp={setting.dp} tp={setting.tp} pp={setting.pp}), batch {setting.batch} x seq {seq} per rank",
+        f"  parameters {total:,} ({'/'.join(dtypes)}), trainable {trainable:,}, buffers {buffers:,}; "
+        f"optimizer {setting.setup.optimizer}: "
+        f"K = {k} bytes of optimizer state per trainable parameter",
+        "",
+        f"  {'model states':<18}" + "".join(f"{name + ('*' if z == plan_zero_stage else ''):>13}"
+                                            for name, z in ZERO_COLUMNS),
+    ]
+    for label, part in (("parameters", "params"), ("gradients", "grads"), ("optimizer states", "optimizer"),
+                        ("total", "total")):
+        lines.append(f"  {label:<18}" + "".join(f"{_gb(table.bytes(z, part)):>13}" for _, z in ZERO_COLUMNS))
+    plan = table.states[plan_zero_stage].total
+    lines.append(f"  {'formula (* plan)':<18} {_formula(plan, total)}")
+    lines.append(f"  {'buffers (kept)':<18}{_gb(cost.evaluate(table.states[0].buffers, table.subs)):>13}")
+    act = table.activation_bytes()
+    lines += [
+        "",
+        f"  activations saved for backward: {_gb(act)}   = {sympy.factor(table.activations)} bytes",
+    ]
+    if act is not None:
+        held = table.bytes(plan_zero_stage) + table.bytes(plan_zero_stage, "buffers") + act
+        lines.append(f"  peak per rank under the plan (model states + buffers + activations): {_gb(held)}")
+    try:
+        fwd = cost.evaluate(table.forward_flops, table.subs)
+        lines.append(f"  matmul FLOPs per step: forward {fwd:.4g}, forward+backward ~{3 * fwd:.4g}")
+    except ValueError:
+        lines.append(f"  matmul FLOPs per forward: {table.forward_flops}")
+    lines.append("  (GB = 1e9 bytes; '*' marks the plan's column)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,183 @@
+"""Reading and writing models: `.pt2` (torch.export archives) both ways, pickled `.pt` modules
+(only with an explicit trust flag), and `zoo:NAME`.
+
+A `.pt2` that bmc writes is an ordinary torch.export archive: other tools read it. bmc's own
+annotations ride along: those of computing nodes in `node.meta["custom"]` (which export keeps),
+those of parameters (lifted to inputs by export, where custom meta is dropped) and the pipeline
+that produced the graph in an extra file `bmc.json` inside the archive.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from bmc import ir
+from bmc.errors import ModelLoadError, ModelSaveError, TraceError
+from bmc.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
+
+log = logging.getLogger(__name__)
+
+EXTRA_FILE = "bmc.json"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through a temporary file in the same directory, then rename: a crash or an error
+    never leaves a half-written file under `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+# ------------------------------------------------------------------ saving
+
+def _has_meta_weights(gm: fx.GraphModule) -> bool:
+    return any(t.device.type == "meta" for t in (*gm.parameters(), *gm.buffers()))
+
+
+def to_exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
+    """Re-export a bmc graph (after passes) so torch.export can save or lower it."""
+    info = trace_info(gm)
+    if info is None:
+        raise ModelSaveError("this graph has no example inputs recorded: trace it with bmc.trace first")
+    for node in gm.graph.nodes:
+        text = ir.annotations_to_json(node)
+        if text and node.op == "call_function":
+            node.meta.setdefault("custom", {})[ir.CUSTOM_KEY] = text
+    spec = dynamic_shapes_spec(gm, info.args, info.kwargs, True) if info.symbols else None
+    try:
+        return torch.export.export(gm, info.args, info.kwargs, dynamic_shapes=spec, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSaveError(f"cannot re-export the transformed graph: {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
+
+
+def _param_annotations(gm: fx.GraphModule) -> dict[str, str]:
+    return {name: text for name, node in ir.parameter_nodes(gm).items()
+            if (text := ir.annotations_to_json(node))}
+
+
+def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "") -> None:
+    """Write the graph as a torch.export archive that bmc-opt and bmc.load read back."""
+    if _has_meta_weights(gm):
+        raise ModelSaveError(f"cannot write {path}: the model's weights are on the meta device "
+                             f"(nothing to save); build it on cpu to write it")
+    ep = to_exported_program(gm)
+    info = trace_info(gm)
+    extra = json.dumps({"format": FORMAT_VERSION, "model_name": info.model_name, "pipeline": pipeline,
+                        "params": _param_annotations(gm), "torch": torch.__version__})
+    atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files={EXTRA_FILE: extra}))
+    log.info("wrote %s", path)
+
+
+# ------------------------------------------------------------------ loading
+
+def _example_value(val: Any) -> Any:
+    """A concrete input like the one a placeholder was traced with (zeros: valid token ids)."""
+    if not isinstance(val, torch.Tensor):
+        return val
+    shape = [s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+    return torch.zeros(shape, dtype=val.dtype)
+
+
+def _restore_example_inputs(ep: torch.export.ExportedProgram, gm: fx.GraphModule) -> tuple[tuple, dict]:
+    placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    values = [_example_value(v) for v in placeholders]
+    in_spec = ep.call_spec.in_spec
+    if in_spec is None:
+        return tuple(values), {}
+    args, kwargs = torch.utils._pytree.tree_unflatten(values, in_spec)
+    return tuple(args), dict(kwargs)
+
+
+def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
+    """Read a torch.export archive as a bmc graph; returns (graph, bmc metadata)."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file '{path}' not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"'{path}' is not a torch.export archive (not a zip file); "
+                             f"write one with torch.export.save or bmc-opt -o")
+    extra = {EXTRA_FILE: ""}
+    try:
+        ep = torch.export.load(path, extra_files=extra)
+        gm = ep.module()
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways
+        raise ModelLoadError(f"cannot read '{path}' as a torch.export archive: {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:160]}") from None
+    meta = json.loads(extra[EXTRA_FILE]) if extra[EXTRA_FILE] else {}
+    for node in gm.graph.nodes:
+        text = node.meta.get("custom", {}).get(ir.CUSTOM_KEY)
+        if text:
+            ir.annotations_from_json(node, text)
+    params = ir.parameter_nodes(gm)
+    for name, text in meta.get("params", {}).items():
+        if name in params:
+            ir.annotations_from_json(params[name], text)
+    args, kwargs = _restore_example_inputs(ep, gm)
+    model_name = meta.get("model_name") or os.path.splitext(os.path.basename(path))[0]
+    gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
+    return gm, meta
+
+
+def load_pickled_module(path: str, trust_pickle: bool) -> torch.nn.Module:
+    """A whole nn.Module saved with torch.save. Unpickling runs code from the file, so it is
+    refused unless the caller says it trusts the file."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file '{path}' not found")
+    if not trust_pickle:
+        raise ModelLoadError(f"refusing to unpickle '{path}': loading a pickled module runs code from "
+                             f"the file; pass --trust-pickle (trust_pickle=True) if you trust its source, "
+                             f"or save it with torch.export.save as a .pt2")
+    try:
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot unpickle '{path}': {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:160]}") from None
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"'{path}' holds a {type(obj).__name__}, not an nn.Module; save the whole "
+                             f"module (torch.save(model, path)) or a torch.export archive (.pt2)")
+    return obj
+
+
+def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = None, dynamic: Any = True,
+               device: str | None = None, dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, dict]:
+    """MODEL as bmc-opt takes it: `zoo:NAME`, a `.pt2` archive, or a pickled `.pt` module."""
+    if spec.startswith("zoo:"):
+        from bmc import zoo
+        model = zoo.build(spec[4:], device=device, dtype=dtype)
+        return trace(model, example_inputs, dynamic=dynamic), {}
+    if spec.endswith(".pt2"):
+        return load_pt2(spec)
+    if spec.endswith(PICKLE_SUFFIXES):
+        model = load_pickled_module(spec, trust_pickle)
+        if dtype is not None:
+            model = model.to(dtype)
+        try:
+            return trace(model, example_inputs, dynamic=dynamic), {}
+        except TraceError:
+            raise
+    raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, a .pt2 archive "
+                         f"(torch.export.save) or a pickled module ({', '.join(PICKLE_SUFFIXES)})")
