@@ -13,6 +13,7 @@ parameters must stay whole because they are tied).
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -131,6 +132,7 @@ _MATMUL = {"matmul", "bmm", "mm"}
 _NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
              "native_group_norm", "batch_norm", "native_batch_norm"}
 _EMBEDDING = {"embedding"}
+_ATTENTION_OPS = _SDPA | _SOFTMAX | _MATMUL
 
 # Data movement that keeps a value "the same tensor" for tracing producers and consumers.
 _RESHAPE = {"view", "reshape", "_unsafe_view", "transpose", "permute", "t", "contiguous", "clone",
@@ -226,11 +228,12 @@ class _Graph:
         self.aliases = _alias_groups(gm)
         self.module_class = _module_classes(self.nodes)
         self.linears: dict[fx.Node, Linear] = {}
-        self.linear_input: dict[fx.Node, fx.Node] = {}
+        self.linear_input: dict[fx.Node, fx.Node] = {}   # the activation x
+        self.linear_weight: dict[fx.Node, fx.Node] = {}  # the weight's get_attr
         for node in self.nodes:
             found = self._as_linear(node)
             if found is not None:
-                self.linears[node], self.linear_input[node] = found
+                self.linears[node], self.linear_input[node], self.linear_weight[node] = found
 
     # --- parameters
 
@@ -266,7 +269,7 @@ class _Graph:
 
     # --- linears
 
-    def _as_linear(self, node: fx.Node) -> tuple[Linear, fx.Node] | None:
+    def _as_linear(self, node: fx.Node) -> tuple[Linear, fx.Node, fx.Node] | None:
         """A projection by a parameter: aten.linear, aten.addmm (Conv1D) or mm/matmul."""
         op = _op(node)
         if op == "linear":
@@ -280,7 +283,7 @@ class _Graph:
             return self._linear(node, x, w, self._bias_after(node), transposed=True)
         return None
 
-    def _linear(self, node, x, w, b, transposed: bool) -> tuple[Linear, fx.Node] | None:
+    def _linear(self, node, x, w, b, transposed: bool) -> tuple[Linear, fx.Node, fx.Node] | None:
         if not isinstance(w, fx.Node) or not isinstance(x, fx.Node):
             return None
         if _op(w) in ("t", "transpose", "permute") and w.args[0].op == "get_attr":
@@ -295,7 +298,7 @@ class _Graph:
         bias = None
         if isinstance(b, fx.Node) and b.op == "get_attr":
             bias = self.own_name(str(b.target), module)
-        return Linear(module, self.own_name(target, module), bias, in_f, out_f, transposed), x
+        return Linear(module, self.own_name(target, module), bias, in_f, out_f, transposed), x, w
 
     def _bias_after(self, node: fx.Node) -> fx.Node | None:
         """mm/matmul + add of a 1-D parameter: the add's parameter is the bias."""
@@ -331,7 +334,8 @@ def _alias_groups(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """name -> every name of the same tensor object (identity: data_ptr means nothing on
     meta or fake tensors)."""
     by_id: dict[int, list[str]] = {}
-    for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
         by_id.setdefault(id(tensor), []).append(name)
     return {name: tuple(names) for names in by_id.values() if len(names) > 1 for name in names}
 
@@ -346,7 +350,8 @@ def _module_classes(nodes: Iterable[fx.Node]) -> dict[str, str]:
 
 
 def _looks_like_norm(class_name: str) -> bool:
-    return "Norm" in class_name.rsplit(".", 1)[-1]
+    # LayerNorm, LlamaRMSNorm, T5LayerNorm, BatchNorm1d, ...; not NormalizedAttention
+    return re.search(r"Norm(\d+d)?$", class_name.rsplit(".", 1)[-1]) is not None
 
 
 def _is_rms_core(node: fx.Node) -> bool:
@@ -599,7 +604,7 @@ def _mlp(g: _Graph, block: str, candidates: list[fx.Node]) -> MLP | None:
     if best is None:
         return None
     down, feeders, region = best
-    activated = _activated(g, block, region, feeders)
+    activated = _activated(region, feeders)
     if len(feeders) == 1:
         up, gate = feeders[0], None
     else:
@@ -613,7 +618,8 @@ def _mlp(g: _Graph, block: str, candidates: list[fx.Node]) -> MLP | None:
                activation=_activation_name(region))
 
 
-def _feeders(g: _Graph, block: str, linear: fx.Node, candidates: list[fx.Node]):
+def _feeders(g: _Graph, block: str, linear: fx.Node, candidates: list[fx.Node],
+             ) -> tuple[list[fx.Node], list[fx.Node]]:
     """The candidate linears whose outputs reach `linear`'s input without crossing a norm, an
     attention op or the block's edge; and the nodes walked on the way."""
     def stop(n: fx.Node) -> bool:
@@ -621,14 +627,15 @@ def _feeders(g: _Graph, block: str, linear: fx.Node, candidates: list[fx.Node]):
 
     def through(n: fx.Node) -> bool:
         return (n.op == "call_function" and _within(module_path(n), block) and g.norm_path(n) is None
-                and _op(n) not in _SDPA | _SOFTMAX | _MATMUL)
+                and _op(n) not in _ATTENTION_OPS)
 
     found, toward = _walk_back(g.linear_input[linear], through, stop)
     region = [n for n in toward if n not in g.linears and through(n)]
     return [n for n in found if n in candidates], region
 
 
-def _activated(g: _Graph, block: str, region: list[fx.Node], feeders: list[fx.Node]) -> set[fx.Node]:
+def _activated(region: list[fx.Node], feeders: list[fx.Node]) -> set[fx.Node]:
+    """The feeders whose way to the down projection passes an activation function."""
     inside = set(region)
     result: set[fx.Node] = set()
     for node in region:
@@ -752,8 +759,9 @@ def _head(g: _Graph, blocks: _Blocks, vocab: set[int]) -> fx.Node | None:
 def _tied(g: _Graph, uses: list[tuple[str, str]]) -> tuple[tuple[str, ...], ...]:
     """Groups of names of one tensor: object identity among the parameters, plus the names
     export folded together (one get_attr target read under several modules' names)."""
+    params = set(g.param_names)
     groups: list[set[str]] = [set(names) for names in {tuple(sorted(v)) for v in g.aliases.values()}
-                              if any(n in g.param_names for n in names)]
+                              if params.intersection(names)]
     by_target: dict[str, set[str]] = {}
     for target, name in uses:
         by_target.setdefault(target, {target}).add(name)
@@ -798,14 +806,9 @@ def analyze(gm: fx.GraphModule) -> ModelStructure:
     head = g.linears[head_node] if head_node is not None else None
     uses = [(emb_targets[e.module], e.weight) for e in embeddings]
     if head_node is not None:
-        uses.append((str(_weight_node(head_node).target), head.weight))
+        uses.append((str(g.linear_weight[head_node].target), head.weight))
     return ModelStructure(blocks_path=blocks.path, blocks=tuple(built), embeddings=tuple(embeddings),
                           head=head, final_norm=_final_norm(g, node_block, norm_of), tied=_tied(g, uses))
-
-
-def _weight_node(linear: fx.Node) -> fx.Node:
-    w = linear.args[2] if _op(linear) == "addmm" else linear.args[1]
-    return w.args[0] if _op(w) in ("t", "transpose", "permute") else w
 
 
 def _block(g: _Graph, name: str, index: int, attention: Attention | None, norms: tuple[str, ...]) -> Block:

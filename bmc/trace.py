@@ -8,8 +8,11 @@ allocating its weights.
 from __future__ import annotations
 
 import logging
+import contextlib
 import inspect
+import io
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +149,29 @@ def trace_error(model_name: str, exc: BaseException) -> TraceError:
                       f"hint: {_hint(exc)}")
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """When export fails, torch logs and prints (to stderr) the partial graph; bmc reports
+    one line instead. What torch writes is kept: replayed on success, logged at DEBUG on
+    failure. With bmc's logging at DEBUG nothing is muted."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        log.debug("torch.export wrote:\n%s", captured.getvalue())
+        raise
+    else:
+        sys.stderr.write(captured.getvalue())
+    finally:
+        logging.disable(previous)
+
+
 def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = None) -> torch.fx.GraphModule:
     """Capture `model` as bmc IR: a GraphModule from non-strict torch.export.
 
@@ -160,8 +186,9 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
         example_inputs = _default_example_inputs(model)
     args, kwargs = normalize_example_inputs(example_inputs)
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes_spec(model, args, kwargs, dynamic),
-                                 strict=False)
+        with _quiet_torch_logs():
+            ep = torch.export.export(model, args, kwargs,
+                                     dynamic_shapes=dynamic_shapes_spec(model, args, kwargs, dynamic), strict=False)
         gm = ep.module()
     except TraceError:
         raise

@@ -1,0 +1,44 @@
+"""Shared test helpers: run a graph and its original the same way, and compare."""
+import copy
+
+import torch
+
+import bmc
+from bmc.trace import normalize_example_inputs
+
+
+def first_tensor(out):
+    """The main output of a model: a tensor, the first of a tuple, or HF's first field."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]
+
+
+def run(model, example_inputs):
+    args, kwargs = normalize_example_inputs(example_inputs)
+    return first_tensor(model(*args, **kwargs))
+
+
+def assert_same_outputs_and_grads(model, transformed, example_inputs, atol=1e-5):
+    """Forward and backward of `transformed` (a graph/program with its own parameters) equal
+    the original model's: outputs within atol, and each parameter's gradient too."""
+    ref_out = run(model, example_inputs)
+    out = run(transformed, example_inputs)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=atol)
+    ref_out.float().square().mean().backward()
+    out.float().square().mean().backward()
+    ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got = dict(transformed.named_parameters())
+    assert ref_grads, "the reference produced no gradients"
+    for name, grad in ref_grads.items():
+        assert name in got, f"parameter {name} missing from the transformed program"
+        torch.testing.assert_close(got[name].grad, grad, atol=atol, rtol=atol, msg=name)
+
+
+def traced_copy(model, example_inputs, dynamic=None):
+    """Trace a deep copy, so the graph's parameters (and gradients) are its own."""
+    return bmc.trace(copy.deepcopy(model), example_inputs, dynamic=dynamic)
