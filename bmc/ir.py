@@ -316,7 +316,7 @@ def format_node(node: fx.Node, symbols: dict | None = None) -> str:
         body = f"{target_str(node)}({', '.join(args)})"
     notes = [f"{key}={value}" for key, value in annotations(node) if key != Cost.key]
     where = module_path(node)
-    line = f"%{node.name} : {ty} = {body}"
+    line = f"%{node.name} : {ty} = {body}" if node.meta.get("val") is not None else f"%{node.name} = {body}"
     if notes:
         line += "  {" + "; ".join(notes) + "}"
     if where and node.op == "call_function":

@@ -10,7 +10,7 @@ from bmc.passmgr import Pass, PassResult, register_pass
 
 @dataclass(frozen=True)
 class DceOptions:
-    # Unused parameters (get_attr nodes) are kept by default: dropping one changes the
+    # Parameters the graph no longer reads are kept by default: dropping one changes the
     # module's state dict, which checkpoints and optimizers see.
     drop_unused_params: bool = False
 
@@ -23,15 +23,19 @@ class DeadCodeElimination(Pass):
         before = len(gm.graph.nodes)
         # fx's own DCE knows which ops are impure (asserts, in-place, random with side effects)
         gm.graph.eliminate_dead_code()
-        removed_params = self._drop_unused_attrs(gm) if self.options.drop_unused_params else 0
-        removed = before - len(gm.graph.nodes)
-        return PassResult(gm, removed > 0, {"nodes-removed": removed - removed_params,
-                                            "params-removed": removed_params})
+        removed_nodes = before - len(gm.graph.nodes)
+        removed_params = self._drop_unread_parameters(gm) if self.options.drop_unused_params else 0
+        return PassResult(gm, removed_nodes + removed_params > 0,
+                          {"nodes-removed": removed_nodes, "params-removed": removed_params})
 
     @staticmethod
-    def _drop_unused_attrs(gm: fx.GraphModule) -> int:
-        unused = [n for n in gm.graph.find_nodes(op="get_attr") if not n.users]
-        for node in unused:
-            gm.graph.erase_node(node)
-        gm.delete_all_unused_submodules()
-        return len(unused)
+    def _drop_unread_parameters(gm: fx.GraphModule) -> int:
+        read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+        read_tensors = {id(gm.get_parameter(n)) for n in read if n in dict(gm.named_parameters())}
+        # A tied weight appears under several names while the graph reads one: keep its aliases.
+        unread = [name for name, p in gm.named_parameters(remove_duplicate=False)
+                  if name not in read and id(p) not in read_tensors]
+        for name in unread:
+            owner_name, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner_name) if owner_name else gm, leaf)
+        return len(unread)

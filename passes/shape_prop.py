@@ -34,6 +34,9 @@ class ShapeProp(Pass):
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
         finally:
             mode.allow_non_fake_inputs = previous
+        output = gm.graph.output_node()
+        output.meta["val"] = torch.utils._pytree.tree_map(
+            lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, output.args[0])
         changed = sum(1 for n in gm.graph.nodes
                       if n.op != "output" and not _same_type(before.get(n), n.meta.get("val")))
         for node in gm.graph.nodes:  # keep tensor_meta in step where export had written it
