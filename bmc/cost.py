@@ -239,6 +239,13 @@ class ParamInfo:
     is_buffer: bool = False  # buffers (e.g. RoPE tables) are held but are not model states
 
 
+def _attr(gm: fx.GraphModule, dotted: str):
+    owner = gm
+    for part in dotted.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     """How model states are kept: the optimizer and the dtype of the master copy."""
@@ -257,10 +264,15 @@ def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
     """Every distinct parameter and buffer the graph reads, with its sharding and stage."""
     found: dict[str, ParamInfo] = {}
     param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-    for name, node in ir.parameter_nodes(gm).items():
+    seen_tensors: set[int] = set()
+    # Tied weights are one tensor under several names: count the name the graph reads.
+    nodes = sorted(ir.parameter_nodes(gm).items(), key=lambda item: not item[1].users)
+    for name, node in nodes:
         val = ir.tensor_val(node)
-        if val is None:
+        tensor = _attr(gm, name)
+        if val is None or id(tensor) in seen_tensors:
             continue
+        seen_tensors.add(id(tensor))
         shard = ir.get(node, ir.Shard)
         divisor = sympy.Integer(1)
         for placement in (shard.placements if shard else ()):
