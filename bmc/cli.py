@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Sequence
 
 import torch
@@ -132,6 +133,21 @@ def _load(args):
                       dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
 
 
+def _with_status(what: str, work):
+    """Say what is happening on a terminal while slow work runs (tracing a 7B model takes
+    ~20 s); say nothing when stderr is a file or a pipe."""
+    show = sys.stderr.isatty()
+    if show:
+        sys.stderr.write(f"bmc-opt: {what} ...")
+        sys.stderr.flush()
+    start = time.perf_counter()
+    try:
+        return work()
+    finally:
+        if show:
+            sys.stderr.write(f" {time.perf_counter() - start:.1f}s\n")
+
+
 def _traced_seq(gm) -> int | None:
     """The sequence length of the example the graph was traced with (dim 1 of the first input)."""
     from bmc.trace import trace_info
@@ -169,8 +185,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     instruments, timing, stats = _instruments(args, out)
     manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
     manager.check()
-    log.info("loading %s", args.model)
-    gm, _ = _load(args)
+    gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
     out.write(f"pipeline: {pipeline}\n")
     gm = manager.run(gm).graph_module
     for index, record in enumerate(manager.records, start=1):

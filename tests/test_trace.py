@@ -36,6 +36,17 @@ def test_large_zoo_models_trace_on_meta(name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in LARGE_ZOO if zoo.param_count(n) <= 2e9])
+def test_large_zoo_models_trace_equal_to_eager_on_cpu(name):
+    """Real weights for every config that fits this machine (up to 1.5e9 parameters, fp32)."""
+    model = zoo.build(name).eval()
+    inputs = model.example_inputs(batch=1, seq=16)
+    gm = bmc.trace(model, inputs)  # shares the model's weights: no second copy in memory
+    with torch.no_grad():
+        torch.testing.assert_close(run(gm, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LARGE_ZOO if zoo.param_count(n) > 2e9])
 def test_huge_zoo_models_trace_on_meta(name):
     model = zoo.build(name, device="meta")
