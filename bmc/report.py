@@ -42,9 +42,13 @@ def memory_table(gm: fx.GraphModule, setting: cost.Setting, stage: int | None = 
 
 
 def _gb(nbytes: float | None) -> str:
+    """Decimal units, GB down to 0.1 GB (the ZeRO paper's unit), then MB and kB."""
     if nbytes is None:
         return "?"
-    return f"{nbytes / GB:.4g} GB"
+    for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= size / 10:
+            return f"{nbytes / size:.4g} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def _formula(expr: sympy.Expr, psi: int) -> str:
