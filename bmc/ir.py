@@ -94,6 +94,22 @@ class Quant:
 
 
 @dataclass(frozen=True)
+class Zero:
+    """`bmc.zero`: how data parallelism keeps this parameter's states. Stage 0 replicates
+    weights, gradients and optimizer states (plain data parallel); ZeRO-1 shards optimizer
+    states over `axis`, ZeRO-2 also gradients, ZeRO-3 also the weights. Gradients and
+    optimizer states are not graph values, so their sharding is recorded here, on the
+    parameter, where the cost model and the backend read it."""
+
+    key: ClassVar[str] = "bmc.zero"
+    stage: int
+    axis: str = "dp"
+
+    def __str__(self):
+        return f"stage{self.stage}@{self.axis}"
+
+
+@dataclass(frozen=True)
 class Origin:
     """`bmc.origin`: the pass that created this node and the node it came from."""
 
@@ -119,7 +135,7 @@ class Cost:
         return f"flops={self.flops} saved={self.saved_bytes}"
 
 
-SCHEMA: dict[str, type] = {cls.key: cls for cls in (Shard, Stage, Remat, Quant, Origin, Cost)}
+SCHEMA: dict[str, type] = {cls.key: cls for cls in (Shard, Stage, Remat, Quant, Zero, Origin, Cost)}
 
 T = TypeVar("T")
 

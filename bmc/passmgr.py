@@ -338,6 +338,7 @@ def parse_pipeline(text: str | Pipeline | Sequence[str]) -> Pipeline:
     name, option name and option type. Raises PipelineError pointing at the column."""
     if isinstance(text, Pipeline):
         return text
+    load_builtin_passes()
     if not isinstance(text, str):
         return Pipeline(tuple(spec for part in text for spec in parse_pipeline(part).passes))
     specs: list[PassSpec] = []

@@ -42,6 +42,10 @@ class Program:
     def named_parameters(self):
         return self.graph_module.named_parameters()
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter at its full (unsharded) size, by dotted name, on every rank."""
+        return {name: p.detach().clone() for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
+
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs) -> torch.optim.Optimizer:
         return optimizer_cls([p for p in self.parameters() if p.requires_grad], **kwargs)
 

@@ -54,6 +54,24 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                      f"got {type(example_inputs).__name__}")
 
 
+def _unalias(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Give every example input its own storage. torch.export treats one tensor passed twice
+    (`(x, x)` as inputs and targets) as one input, and the graph then reads the first
+    argument for both, whatever is passed later."""
+    seen: set[int] = set()
+
+    def own(value):
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            key = value.untyped_storage().data_ptr()
+            if key in seen and value.numel():
+                log.info("an example input shares storage with another; tracing it as a separate input")
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+        return value
+
+    return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
+
+
 def _default_example_inputs(model: torch.nn.Module) -> Any:
     make = getattr(model, "example_inputs", None)
     if callable(make):
@@ -184,7 +202,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
     model_name = type(model).__name__
     if example_inputs is None:
         example_inputs = _default_example_inputs(model)
-    args, kwargs = normalize_example_inputs(example_inputs)
+    args, kwargs = _unalias(*normalize_example_inputs(example_inputs))
     try:
         with _quiet_torch_logs():
             ep = torch.export.export(model, args, kwargs,

@@ -127,3 +127,12 @@ def test_untraceable_model_names_the_line_and_hints(capfd):
 def test_not_a_module_is_refused():
     with pytest.raises(bmc.TraceError, match="nn.Module"):
         bmc.trace(lambda x: x, (torch.ones(1),))
+
+
+def test_one_tensor_passed_twice_is_traced_as_two_inputs():
+    """torch.export would read the first argument for both; bmc unaliases example inputs."""
+    model = zoo.build("gpt-tiny")
+    x = torch.zeros(2, 16, dtype=torch.long)
+    gm = bmc.trace(model, (x, x))
+    batch = torch.randint(0, 256, (2, 17))
+    torch.testing.assert_close(gm(batch[:, :-1], batch[:, 1:]), model(batch[:, :-1], batch[:, 1:]))

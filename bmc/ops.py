@@ -1,0 +1,193 @@
+"""bmc:: torch.library ops: collectives with the autograd a parallel program needs.
+
+They are real custom ops with fake kernels, so graphs that contain them stay printable,
+exportable and safe from dead-code elimination. A collective names its process group by a
+string (`"dp"`, `"tp"`): ops cannot take ProcessGroup objects, and a plan made without
+processes (bmc-opt --world-size 64) still needs the group's size for shapes.
+
+Autograd follows the meaning, not torch's functional collectives' global-math semantics:
+- `copy_to_group` (Megatron's f): identity forward, all-reduce backward;
+- `reduce_from_group` (Megatron's g): all-reduce forward, identity backward;
+- `all_gather`: gather forward, reduce-scatter (sum) backward; `reduce_scatter` the reverse.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bmc.errors import BackendError
+
+
+@dataclass(frozen=True)
+class Group:
+    size: int
+    process_group: object = None  # None: a planned group, no processes behind it
+
+
+GROUPS: dict[str, Group] = {}
+
+
+def register_group(name: str, size: int, process_group=None) -> None:
+    """Make a group known to the ops: its size (for shapes) and, when running, its processes."""
+    GROUPS[name] = Group(size, process_group)
+
+
+def group_size(name: str) -> int:
+    return GROUPS[name].size if name in GROUPS else 1
+
+
+def _process_group(name: str):
+    group = GROUPS.get(name)
+    if group is None or group.size == 1:
+        return None
+    if group.process_group is None or not dist.is_initialized():
+        raise BackendError(f"collective on group '{name}' (size {group.size}) needs torch.distributed: "
+                           f"launch with torchrun so the backend can create the group")
+    return group.process_group
+
+
+# ------------------------------------------------------------------ all_gather / reduce_scatter
+
+@torch.library.custom_op("bmc::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`."""
+    pg = _process_group(group)
+    if pg is None:
+        return x.clone()
+    size = dist.get_world_size(pg)
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] * size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(out, moved, group=pg)
+    return out.movedim(0, dim).contiguous()
+
+
+@all_gather.register_fake
+def _(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size(group)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("bmc::reduce_scatter", mutates_args=())
+def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sum `x` over the ranks and keep this rank's slice of `dim`."""
+    pg = _process_group(group)
+    if pg is None:
+        return x.clone()
+    size = dist.get_world_size(pg)
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=pg)
+    return out.movedim(0, dim).contiguous()
+
+
+@reduce_scatter.register_fake
+def _(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size(group)
+    return x.new_empty(shape)
+
+
+def _setup(ctx, inputs, output):
+    _, ctx.dim, ctx.group = inputs
+
+
+def _all_gather_backward(ctx, grad):
+    return torch.ops.bmc.reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+def _reduce_scatter_backward(ctx, grad):
+    return torch.ops.bmc.all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+torch.library.register_autograd("bmc::all_gather", _all_gather_backward, setup_context=_setup)
+torch.library.register_autograd("bmc::reduce_scatter", _reduce_scatter_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------ Megatron's f and g
+
+def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    out = x.clone()
+    pg = _process_group(group)
+    if pg is not None:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
+    return out
+
+
+@torch.library.custom_op("bmc::reduce_from_group", mutates_args=())
+def reduce_from_group(x: torch.Tensor, group: str) -> torch.Tensor:
+    """g: all-reduce (sum) forward, identity backward (after a row-parallel region)."""
+    return _all_reduce(x, group)
+
+
+@torch.library.custom_op("bmc::copy_to_group", mutates_args=())
+def copy_to_group(x: torch.Tensor, group: str) -> torch.Tensor:
+    """f: identity forward, all-reduce (sum) backward (before a column-parallel region)."""
+    return x.clone()
+
+
+for _op in (reduce_from_group, copy_to_group):
+    _op.register_fake(lambda x, group: torch.empty_like(x))
+
+
+def _group_setup(ctx, inputs, output):
+    ctx.group = inputs[1]
+
+
+torch.library.register_autograd("bmc::reduce_from_group", lambda ctx, grad: (grad, None),
+                                setup_context=_group_setup)
+torch.library.register_autograd("bmc::copy_to_group",
+                                lambda ctx, grad: (torch.ops.bmc.reduce_from_group(grad, ctx.group), None),
+                                setup_context=_group_setup)
+
+# ------------------------------------------------------------------ ZeRO-3 parameters
+
+def shard_numel(numel: int, size: int) -> int:
+    """Elements of one rank's flat shard: the parameter flattened and padded to divide evenly."""
+    return -(-numel // size)
+
+
+@torch.library.custom_op("bmc::gather_param", mutates_args=())
+def gather_param(shard: torch.Tensor, shape: list[int], group: str) -> torch.Tensor:
+    """Rebuild a ZeRO-3 parameter from every rank's flat shard (all-gather, drop the padding,
+    view as `shape`). Backward reduce-scatters (sums) the gradient into this rank's shard."""
+    numel = math.prod(shape)
+    pg = _process_group(group)
+    if pg is None:  # one rank: the "shard" is the whole parameter
+        return shard.reshape(-1)[:numel].reshape(shape).clone()
+    out = torch.empty(shard.numel() * dist.get_world_size(pg), dtype=shard.dtype, device=shard.device)
+    dist.all_gather_single(out, shard.contiguous().reshape(-1), group=pg)
+    return out[:numel].view(shape)
+
+
+@gather_param.register_fake
+def _(shard, shape, group):
+    return shard.new_empty(shape)
+
+
+def _gather_param_setup(ctx, inputs, output):
+    shard, _, ctx.group = inputs
+    ctx.shard_shape = shard.shape
+
+
+def _gather_param_backward(ctx, grad):
+    pg = _process_group(ctx.group)
+    flat = grad.reshape(-1)
+    if pg is None:
+        return flat.reshape(ctx.shard_shape), None, None
+    size = dist.get_world_size(pg)
+    local = math.prod(ctx.shard_shape)
+    padded = torch.zeros(local * size, dtype=grad.dtype, device=grad.device)
+    padded[:flat.numel()] = flat
+    out = torch.empty(local, dtype=grad.dtype, device=grad.device)
+    dist.reduce_scatter_single(out, padded, op=dist.ReduceOp.SUM, group=pg)
+    return out.reshape(ctx.shard_shape), None, None
+
+
+torch.library.register_autograd("bmc::gather_param", _gather_param_backward, setup_context=_gather_param_setup)
+
+COLLECTIVES = {torch.ops.bmc.gather_param.default, torch.ops.bmc.all_gather.default, torch.ops.bmc.reduce_scatter.default,
+               torch.ops.bmc.reduce_from_group.default, torch.ops.bmc.copy_to_group.default}
