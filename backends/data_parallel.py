@@ -87,6 +87,11 @@ class DataParallelRuntime:
         for entry in self.entries:
             dist.broadcast(entry.param.data, src=source, group=self.pg)
 
+    def owned_range(self, entry: Entry) -> tuple[int, int]:
+        """[start, end) of the flat parameter this rank owns (shorter at the end, maybe empty)."""
+        start = min(self.rank * entry.local, entry.numel)
+        return start, min(start + entry.local, entry.numel)
+
     def my_slice(self, entry: Entry, flat: torch.Tensor) -> torch.Tensor:
         """This rank's part of a flat full-size tensor (zero-padded at the end)."""
         start = self.rank * entry.local
@@ -176,7 +181,9 @@ class ShardedOptimizer:
         self.runtime = runtime
         for e in runtime.entries:
             if e.stage in (1, 2):
-                e.shard = torch.nn.Parameter(runtime.my_slice(e, e.param.detach().reshape(-1)).clone())
+                # a view into the full weight: the optimizer updates it in place, no copy is held
+                start, end = runtime.owned_range(e)
+                e.shard = torch.nn.Parameter(e.param.detach().view(-1)[start:end])
         stepped = [e.shard if e.stage in (1, 2) else e.param for e in runtime.entries]
         self.optimizer = optimizer_cls(stepped + list(other_params), **kwargs)
 
@@ -200,26 +207,47 @@ class ShardedOptimizer:
         runtime = self.runtime
         runtime.finish_gradient_sync()
         for e in runtime.entries:
+            start, end = runtime.owned_range(e)
             if e.stage == 1 and e.param.grad is not None:
-                e.shard.grad = runtime.my_slice(e, e.param.grad.reshape(-1)).clone()
-            elif e.stage == 2:
-                e.shard.grad = e.shard_grad
+                e.shard.grad = e.param.grad.view(-1)[start:end]
+            elif e.stage == 2 and e.shard_grad is not None:
+                e.shard.grad = e.shard_grad[:end - start]
         result = self.optimizer.step(closure)
         self._gather_updated_shards()
         return result
 
     def _gather_updated_shards(self) -> None:
+        """Every rank's updated slice into every rank's full weight (padded for the collective)."""
         runtime = self.runtime
         for e in runtime.entries:
             if e.stage not in (1, 2):
                 continue
-            full = torch.empty(e.local * runtime.size, dtype=e.shard.dtype)
-            dist.all_gather_single(full, e.shard.detach(), group=runtime.pg)
+            send = _padded(e.shard.detach(), e.local)
+            full = torch.empty(e.local * runtime.size, dtype=send.dtype)
+            dist.all_gather_single(full, send, group=runtime.pg)
             with torch.no_grad():
-                e.param.copy_(full[:e.numel].view(e.shape))
+                e.param.view(-1).copy_(full[:e.numel])
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds now: weights, gradients and optimizer states (each storage once)."""
+        runtime = self.runtime
+        params = list(runtime.gm.parameters())
+        grads = [p.grad for p in params if p.grad is not None] + \
+                [e.shard_grad for e in runtime.entries if e.shard_grad is not None]
+        states = [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return {"params": storage_bytes(params), "grads": storage_bytes(grads), "optimizer": storage_bytes(states)}
 
     def state_dict(self):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

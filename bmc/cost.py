@@ -237,6 +237,7 @@ class ParamInfo:
     divisor: sympy.Expr  # product of the degrees of the mesh axes that shard it
     stage: int
     is_buffer: bool = False  # buffers (e.g. RoPE tables) are held but are not model states
+    zero: int | None = None  # the data-parallel plan's ZeRO stage (bmc.zero), None if none
 
 
 def _attr(gm: fx.GraphModule, dotted: str):
@@ -276,13 +277,15 @@ def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
         shard = ir.get(node, ir.Shard)
         divisor = sympy.Integer(1)
         for placement in (shard.placements if shard else ()):
-            if placement.kind == "shard":
+            # dp sharding is ZeRO's, applied per part (weights/grads/states) by model_states
+            if placement.kind == "shard" and placement.axis != "dp":
                 divisor *= AXIS_DEGREE.get(placement.axis, sympy.Symbol(f"N_{placement.axis}"))
         stage = ir.get(node, ir.Stage)
         is_param = name in param_names
         trainable = is_param and gm.get_parameter(name).requires_grad and val.dtype.is_floating_point
+        zero = ir.get(node, ir.Zero)
         found[name] = ParamInfo(name, val.numel(), val.dtype, trainable, divisor, stage.index if stage else 0,
-                                is_buffer=not is_param)
+                                is_buffer=not is_param, zero=zero.stage if zero else None)
     return list(found.values())
 
 
@@ -301,11 +304,13 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def model_states(params: Iterable[ParamInfo], zero_stage: int = 0, stage: int | None = None) -> ModelStates:
+def model_states(params: Iterable[ParamInfo], zero_stage: int | None = None,
+                 stage: int | None = None) -> ModelStates:
     """Model-state bytes held by one rank (of pipeline stage `stage`, or all stages).
 
     Weights cost b_<dtype> each, gradients the same for trainable ones, optimizer states K
-    each; ZeRO-1/2/3 divide the optimizer / gradient / weight parts by N_d."""
+    each; ZeRO-1/2/3 divide the optimizer / gradient / weight parts by N_d. `zero_stage`
+    asks "what if every parameter were at this stage"; None reads each one's bmc.zero."""
     p_sum = g_sum = k_sum = buf_sum = sympy.Integer(0)
     for p in params:
         if stage is not None and p.stage != stage:
@@ -314,13 +319,18 @@ def model_states(params: Iterable[ParamInfo], zero_stage: int = 0, stage: int | 
         if p.is_buffer:
             buf_sum += local * dtype_symbol(p.dtype)
             continue
-        p_sum += local * dtype_symbol(p.dtype)
+        zero = zero_stage if zero_stage is not None else (p.zero or 0)
+        p_sum += local * dtype_symbol(p.dtype) / (N_d if zero >= 3 else 1)
         if p.trainable:
-            g_sum += local * dtype_symbol(p.dtype)
-            k_sum += local * K
-    return ModelStates(p_sum / (N_d if zero_stage >= 3 else 1),
-                       g_sum / (N_d if zero_stage >= 2 else 1),
-                       k_sum / (N_d if zero_stage >= 1 else 1), buf_sum)
+            g_sum += local * dtype_symbol(p.dtype) / (N_d if zero >= 2 else 1)
+            k_sum += local * K / (N_d if zero >= 1 else 1)
+    return ModelStates(p_sum, g_sum, k_sum, buf_sum)
+
+
+def plan_zero_stage(params: Iterable[ParamInfo]) -> int | None:
+    """The ZeRO stage the plan gives every trainable parameter (None: no data-parallel plan)."""
+    stages = {p.zero for p in params if p.trainable}
+    return stages.pop() if len(stages) == 1 else None
 
 
 def activation_bytes(gm: fx.GraphModule, stage: int | None = None) -> sympy.Expr:

@@ -27,6 +27,10 @@ class MemoryTable:
     def bytes(self, zero_stage: int, part: str = "total") -> float:
         return cost.evaluate(getattr(self.states[zero_stage], part), self.subs)
 
+    def states_for_plan(self) -> cost.ModelStates:
+        """Model states under the ZeRO stage each parameter's bmc.zero gives (0 if none)."""
+        return cost.model_states(self.params)
+
     def activation_bytes(self) -> float | None:
         try:
             return cost.evaluate(self.activations, self.subs)
@@ -57,8 +61,10 @@ def _formula(expr: sympy.Expr, psi: int) -> str:
     return str(factored.xreplace({sympy.Integer(psi): PSI})) if psi else str(factored)
 
 
-def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int, plan_zero_stage: int = 0) -> str:
+def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int) -> str:
     table = memory_table(gm, setting)
+    planned = cost.plan_zero_stage(table.params)
+    plan_zero_stage = planned or 0
     info = trace_info(gm)
     total = sum(p.numel for p in table.params if not p.is_buffer)
     buffers = sum(p.numel for p in table.params if p.is_buffer)
@@ -95,5 +101,7 @@ def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int, pl
         lines.append(f"  matmul FLOPs per step: forward {fwd:.4g}, forward+backward ~{3 * fwd:.4g}")
     except ValueError:
         lines.append(f"  matmul FLOPs per forward: {table.forward_flops}")
-    lines.append("  (GB = 1e9 bytes; '*' marks the plan's column)")
+    plan = "no data-parallel pass in the pipeline: plain DP assumed" if planned is None else \
+        f"the pipeline's plan is {'plain DP' if planned == 0 else f'ZeRO-{planned}'}"
+    lines.append(f"  (GB = 1e9 bytes; '*' marks the plan's column: {plan})")
     return "\n".join(lines) + "\n"

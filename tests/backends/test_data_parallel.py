@@ -80,3 +80,25 @@ def test_data_parallel_training_equals_single_process(pipeline, world_size, dtyp
             assert abs(got - want) <= 1e-5 * abs(want), f"step {step}: {got} vs {want}"
         assert set(params) == set(ref_params)
         assert _max_diff(params, ref_params) <= WEIGHT_TOLERANCE[dtype, world_size]
+
+
+def _measure(rank, world_size, pipeline):
+    from bmc import cost, report
+    model = zoo.build("gpt-mini")
+    x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
+    prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x.clone()), world_size=world_size)
+    opt = prog.optimizer(torch.optim.AdamW, lr=LR)
+    batch = _batches(world_size)[0]
+    prog(*_local(batch, rank)).backward()
+    opt.step()  # states exist, gradients are still held: the peak of model states
+    table = report.memory_table(prog.graph_module, cost.Setting(dp=world_size))
+    predicted = {part: cost.evaluate(getattr(table.states_for_plan(), part), table.subs)
+                 for part in ("params", "grads", "optimizer")}
+    return opt.memory(), predicted
+
+
+@pytest.mark.parametrize("pipeline", ["dp", "zero1", "zero2", "zero3"])
+def test_measured_model_state_bytes_match_the_cost_model(pipeline):
+    for measured, predicted in run_ranks(2, _measure, pipeline):
+        for part, want in predicted.items():
+            assert abs(measured[part] - want) <= 0.02 * want, (part, measured[part], want)
