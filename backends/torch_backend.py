@@ -13,6 +13,7 @@ import torch.fx as fx
 from bmc import ir, ops
 from bmc.backends import register_backend
 from bmc.backends.data_parallel import DataParallelRuntime, ShardedOptimizer
+from bmc.backends.regather import GatherTracker
 from bmc.errors import BackendError
 from bmc.passmgr import PassContext
 from bmc.program import Program
@@ -66,6 +67,15 @@ class DistributedProgram(Program):
         super().__init__(gm, backend="torch", context=context)
         self.runtime = runtime
         self.mesh = mesh
+        self.gathers = GatherTracker() if any(e.stage == 3 for e in runtime.entries) else None
+
+    def __call__(self, *args, **kwargs):
+        if self.gathers is None:
+            return self.graph_module(*args, **kwargs)
+        # backward unpacks saved tensors outside this call: the watcher stays registered
+        # through the tracker's hooks only for forward; unpack re-gathers by itself
+        with self.gathers.active():
+            return self.graph_module(*args, **kwargs)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         full = super().full_state_dict()

@@ -145,6 +145,11 @@ torch.library.register_autograd("bmc::copy_to_group",
 
 # ------------------------------------------------------------------ ZeRO-3 parameters
 
+# Callbacks told of every gathered parameter (the runtime uses them to gather again in
+# backward instead of keeping the full weight, and to measure what is alive).
+GATHER_WATCHERS: list = []
+
+
 def shard_numel(numel: int, size: int) -> int:
     """Elements of one rank's flat shard: the parameter flattened and padded to divide evenly."""
     return -(-numel // size)
@@ -160,7 +165,10 @@ def gather_param(shard: torch.Tensor, shape: list[int], group: str) -> torch.Ten
         return shard.reshape(-1)[:numel].reshape(shape).clone()
     out = torch.empty(shard.numel() * dist.get_world_size(pg), dtype=shard.dtype, device=shard.device)
     dist.all_gather_single(out, shard.contiguous().reshape(-1), group=pg)
-    return out[:numel].view(shape)
+    full = out[:numel].view(shape)
+    for watch in GATHER_WATCHERS:
+        watch(full, shard, shape, group)
+    return full
 
 
 @gather_param.register_fake

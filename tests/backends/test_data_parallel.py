@@ -102,3 +102,24 @@ def test_measured_model_state_bytes_match_the_cost_model(pipeline):
     for measured, predicted in run_ranks(2, _measure, pipeline):
         for part, want in predicted.items():
             assert abs(measured[part] - want) <= 0.02 * want, (part, measured[part], want)
+
+
+def _gathered_peak(rank, world_size):
+    model = zoo.build("gpt-mini")
+    x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
+    prog = bmc.compile(model, passes="zero3", example_inputs=(x, x.clone()), world_size=world_size)
+    batch = _batches(world_size)[0]
+    prog(*_local(batch, rank)).backward()
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in model.transformer.h[0].parameters())
+    outside_blocks = full_bytes - block_bytes * len(model.transformer.h)
+    return prog.gathers.peak_bytes, prog.gathers.regathered, full_bytes, block_bytes, outside_blocks
+
+
+def test_zero3_keeps_only_the_block_in_flight_gathered():
+    """Forward and backward never hold the whole model: at most the weights outside the
+    blocks (embeddings, final norm) plus one block, re-gathered in backward."""
+    for peak, regathered, full, block, outside in run_ranks(2, _gathered_peak):
+        assert regathered > 0, "backward kept the gathered weights instead of gathering again"
+        assert peak <= outside + block, (peak, outside, block)
+        assert peak < 0.5 * full
