@@ -97,6 +97,8 @@ SAVED_RULES = {
     "aten.mul.Tensor": "inputs", "aten.div.Tensor": "inputs",
     "aten.dropout": "mask", "aten.embedding": "indices",
     "aten.cross_entropy_loss": "input0", "aten.nll_loss_forward": "input0",
+    # torch.utils.checkpoint keeps only the region's inputs; the rest is recomputed
+    "checkpoint": "region-inputs",
 }
 
 # Ops whose output shares storage with their first input: saving the view keeps the base alive.
@@ -148,6 +150,8 @@ def _saved_inputs(rule: str, args: list[fx.Node], needs: set[fx.Node]) -> list[f
         return [args[1]] if len(args) > 2 and args[2] in needs and _is_activation(args[1]) else []
     if rule == "indices":
         return [args[1]] if args[0] in needs else []
+    if rule == "region-inputs":
+        return [a for a in args if _is_activation(a)]
     return []
 
 
@@ -195,8 +199,17 @@ def _root_val(node: fx.Node) -> torch.Tensor:
 
 
 def node_flops(node: fx.Node, symbols: Mapping[str, str]) -> sympy.Expr:
+    if ir.target_str(node) == "checkpoint":  # a recomputed region: the FLOPs of its graph
+        region = _region(node)
+        return sum((node_flops(n, symbols) for n in _calls(region)), sympy.Integer(0))
     rule = FLOP_RULES.get(ir.target_str(node))
     return rule(node, symbols) if rule else sympy.Integer(0)
+
+
+def _region(node: fx.Node) -> fx.GraphModule:
+    """The submodule a torch.utils.checkpoint call runs (its first argument, a get_attr)."""
+    owner = node.graph.owning_module
+    return owner.get_submodule(str(node.args[0].target))
 
 
 def node_cost(node: fx.Node, symbols: Mapping[str, str], needs: set[fx.Node]) -> ir.Cost:

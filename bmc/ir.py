@@ -324,7 +324,7 @@ def format_node(node: fx.Node, symbols: dict | None = None) -> str:
     if node.op == "placeholder":
         body = "input"
     elif node.op == "get_attr":
-        body = f"param {node.target}"
+        body = f"param {node.target}" if node.meta.get("val") is not None else f"module {node.target}"
     elif node.op == "output":
         return "return " + _arg_str(node.args[0])
     else:

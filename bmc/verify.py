@@ -3,6 +3,7 @@ every pass by default; the `verify` pass runs it on demand."""
 from __future__ import annotations
 
 
+import torch
 import torch.fx as fx
 
 from bmc import ir
@@ -19,8 +20,17 @@ def _produces_value(node: fx.Node) -> bool:
         and not any(name in str(node.target) for name in _NO_VALUE_OPS)
 
 
-def _check_shapes(node: fx.Node) -> None:
-    if _produces_value(node) and "val" not in node.meta:
+def _is_submodule(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "get_attr":
+        return False
+    try:
+        return isinstance(gm.get_submodule(str(node.target)), torch.nn.Module)
+    except AttributeError:
+        return False
+
+
+def _check_shapes(gm: fx.GraphModule, node: fx.Node) -> None:
+    if _produces_value(node) and "val" not in node.meta and not _is_submodule(gm, node):
         raise VerificationError(f"node %{node.name} ({ir.target_str(node)}) has no meta['val']: "
                                 f"a pass created it without copying meta (use ir.replace_node / ir.copy_meta)")
 
@@ -65,7 +75,7 @@ def verify_graph(gm: fx.GraphModule, after: str | None = None) -> None:
         gm.graph.lint()
         for node in gm.graph.nodes:
             ir.check_annotations(node)
-            _check_shapes(node)
+            _check_shapes(gm, node)
             _check_shard(node)
             _check_attr(gm, node)
         _check_stages(gm)
