@@ -173,3 +173,32 @@ def test_hugging_face_llama_trains_the_same_distributed(pipeline):
         for got, want in zip(losses, ref_losses):
             assert abs(got - want) <= 1e-5 * abs(want), (got, want)
         assert _max_diff(params, ref_params) <= 1e-5
+
+
+def _fsdp2_train(rank, world_size):
+    """torch's own FSDP2 (fully_shard per block, then the root) on the same model and data."""
+    from torch.distributed.fsdp import fully_shard
+    model = zoo.build(CONFIG)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for batch in _batches(world_size):
+        opt.zero_grad()
+        loss = model(*_local(batch, rank))
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+    return losses, {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def test_fsdp2_is_a_second_oracle_for_zero3():
+    """bmc's zero3 and FSDP2 train to the same losses and weights on 2 gloo ranks."""
+    fsdp = run_ranks(2, _fsdp2_train)[0]
+    ours = run_ranks(2, _train, "zero3", "fp32")[0]
+    for got, want in zip(ours[0], fsdp[0]):
+        assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+    assert _max_diff(ours[1], fsdp[1]) <= 1e-5
