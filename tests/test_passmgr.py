@@ -24,7 +24,7 @@ def _non_default(field, hints):
     default = field.default
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return [c for c in typing.get_args(tp) if c != default][-1]
+        return ([c for c in typing.get_args(tp) if c != default] or [default])[-1]
     if tp is bool:
         return not default
     if tp is int:
