@@ -61,6 +61,8 @@ class DataParallelRuntime:
         self.entries = self._collect()
         self._bucket = Bucket()
         self._pending: list[tuple[object, torch.Tensor, list[Entry], int]] = []
+        self.synced = True  # no gradients waiting to be reduced
+        self.synced_stage3 = False
         self._broadcast_initial_weights()
         for entry in self.entries:
             if entry.stage == 3:
@@ -113,6 +115,7 @@ class DataParallelRuntime:
 
     def _make_hook(self, entry: Entry):
         def hook(param: torch.Tensor) -> None:
+            self.synced = False
             self._bucket.entries.append(entry)
             self._bucket.nbytes += param.grad.numel() * param.grad.element_size()
             if self._bucket.nbytes >= self.bucket_bytes:
@@ -147,7 +150,10 @@ class DataParallelRuntime:
             self._pending.append((work, flat, members, 0))
 
     def finish_gradient_sync(self) -> None:
-        """Wait for every reduction; leave averaged gradients where the optimizer reads them."""
+        """Wait for every reduction; leave averaged gradients where the optimizer reads them.
+        Idempotent until the next backward."""
+        if self.synced and not any(e.stage == 3 and e.param.grad is not None for e in self.entries):
+            return
         self._flush()
         for work, flat, members, kind in self._pending:
             work.wait()
@@ -163,8 +169,28 @@ class DataParallelRuntime:
                     e.param.grad.copy_(piece.view(e.shape))
         self._pending.clear()
         for e in self.entries:
-            if e.stage == 3 and e.param.grad is not None:
+            if e.stage == 3 and e.param.grad is not None and not self.synced_stage3:
                 e.param.grad.div_(self.size)  # gather_param's backward summed over ranks
+        self.synced = True
+        self.synced_stage3 = True
+
+    def new_backward(self) -> None:
+        """Gradients were cleared: the next ones need reducing (and ZeRO-3's averaging)."""
+        self.synced = True
+        self.synced_stage3 = False
+
+    def owned_gradients(self) -> list[torch.Tensor]:
+        """The gradients this rank owns after sync; together the ranks own each element once."""
+        owned = []
+        for e in self.entries:
+            if e.stage == 3 and e.param.grad is not None:
+                owned.append(e.param.grad)
+            elif e.stage == 2 and e.shard_grad is not None:
+                owned.append(e.shard_grad)
+            elif e.stage in (0, 1) and e.param.grad is not None:
+                start, end = self.owned_range(e)
+                owned.append(e.param.grad.view(-1)[start:end])
+        return owned
 
 
 def _padded(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -195,7 +221,24 @@ class ShardedOptimizer:
     def state(self):
         return self.optimizer.state
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients so their global norm (over every rank's shards) is at most
+        `max_norm`, as torch.nn.utils.clip_grad_norm_ does for one process; returns the norm."""
+        runtime = self.runtime
+        runtime.finish_gradient_sync()
+        owned = runtime.owned_gradients()
+        squares = torch.stack([g.float().square().sum() for g in owned]).sum() if owned else torch.zeros(())
+        dist.all_reduce(squares, group=runtime.pg)
+        norm = squares.sqrt()
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for e in runtime.entries:
+            for grad in (e.param.grad, e.shard_grad):
+                if grad is not None:
+                    grad.mul_(scale)
+        return norm
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.runtime.new_backward()
         for e in self.runtime.entries:
             e.param.grad = None
             e.shard_grad = None

@@ -31,7 +31,7 @@ def _local(batch, rank):
     return local[:, :-1], local[:, 1:]
 
 
-def _reference(world_size, dtype):
+def _reference(world_size, dtype, clip=None):
     """One process, plain AdamW, the global batch: the losses and weights to match. The loss is
     the mean of the per-rank means, each rank's slice backpropagated in turn."""
     model = zoo.build(CONFIG, dtype=DTYPES[dtype])
@@ -44,12 +44,14 @@ def _reference(world_size, dtype):
             loss = model(*_local(batch, rank)) / world_size
             loss.backward()
             total += loss.item()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(total)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _train(rank, world_size, pipeline, dtype):
+def _train(rank, world_size, pipeline, dtype, clip=None):
     model = zoo.build(CONFIG, dtype=DTYPES[dtype])
     x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
     prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x), world_size=world_size)
@@ -59,6 +61,8 @@ def _train(rank, world_size, pipeline, dtype):
         opt.zero_grad()
         loss = prog(*_local(batch, rank))
         loss.backward()
+        if clip is not None:
+            opt.clip_grad_norm_(clip)
         opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
@@ -202,3 +206,14 @@ def test_fsdp2_is_a_second_oracle_for_zero3():
     for got, want in zip(ours[0], fsdp[0]):
         assert abs(got - want) <= 1e-5 * abs(want), (got, want)
     assert _max_diff(ours[1], fsdp[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("pipeline", ["dp", "zero2", "zero3"])
+def test_gradient_clipping_by_global_norm_across_shards(pipeline):
+    ref_losses, ref_params = _reference(2, "fp32", clip=0.5)
+    unclipped = _reference(2, "fp32")[1]
+    assert _max_diff(unclipped, ref_params) > 1e-3, "clipping must change the run for this test to mean anything"
+    for losses, params in run_ranks(2, _train, pipeline, "fp32", 0.5):
+        for got, want in zip(losses, ref_losses):
+            assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+        assert _max_diff(params, ref_params) <= 1e-5
