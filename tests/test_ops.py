@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from bmc import ops
-from dist_utils import run_ranks
+from bmc.local_ranks import run_ranks
 
 
 def _collectives(rank, world_size):

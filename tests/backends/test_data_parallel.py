@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import bmc
 from bmc import zoo
-from dist_utils import run_ranks
+from bmc.local_ranks import run_ranks
 
 STEPS, LOCAL_BATCH, SEQ, LR = 20, 2, 16, 1e-2
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}

@@ -1,4 +1,5 @@
-"""Run a function on N real processes over gloo (torch.multiprocessing), for tests."""
+"""Run a function on N local processes over gloo (torch.multiprocessing): the multi-process
+harness of the tests and benchmarks. Production runs use torchrun; this is for one machine."""
 import io
 import os
 import tempfile
