@@ -1,7 +1,6 @@
 """dce: removes dead nodes, keeps outputs and gradients equal to the original."""
 import torch
 
-import bmc
 from bmc import ir
 from bmc.passmgr import PassManager
 from bmc import zoo

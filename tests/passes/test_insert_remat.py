@@ -7,7 +7,7 @@ import torch
 import bmc
 import hf_models
 from bmc import cost, zoo
-from bmc.errors import PassFailure, PipelineError
+from bmc.errors import PipelineError
 from helpers import assert_same_outputs_and_grads, run
 
 

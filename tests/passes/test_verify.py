@@ -1,6 +1,5 @@
 """verify: passes a good graph unchanged and rejects a broken one."""
 import pytest
-import torch
 
 from bmc import ir, zoo
 from bmc.errors import VerificationError

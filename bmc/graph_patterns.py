@@ -1,0 +1,150 @@
+"""Graph patterns shared by analyses and rewrites: ATen op tables matched by packet name, and
+walks backwards and forwards through data movement (views, head splits, RoPE) between ops."""
+from __future__ import annotations
+
+import operator
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+# ---------------------------------------------------------------------------- op tables
+# Ops are matched by their ATen packet name ("linear" for aten.linear.default), so every
+# overload (to.dtype, to.dtype_layout, ...) counts alike.
+
+_SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+         "_scaled_dot_product_cudnn_attention"}
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+_MATMUL = {"matmul", "bmm", "mm"}
+_NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
+             "native_group_norm", "batch_norm", "native_batch_norm"}
+_EMBEDDING = {"embedding"}
+_ATTENTION_OPS = _SDPA | _SOFTMAX | _MATMUL
+
+# Data movement that keeps a value "the same tensor" for tracing producers and consumers.
+_RESHAPE = {"view", "reshape", "_unsafe_view", "transpose", "permute", "t", "contiguous", "clone",
+            "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "alias", "to",
+            "_to_copy", "type_as", "dropout", "native_dropout", "detach", "getitem", "repeat",
+            "repeat_interleave"}
+# ... plus what lies between a projection and the attention op: head splits, RoPE
+# (mul/add/neg/cat of halves), scaling, per-head norms.
+_TO_ATTENTION = _RESHAPE | {"split", "split_with_sizes", "chunk", "unbind", "slice", "select",
+                            "narrow", "mul", "div", "add", "sub", "neg", "cat", "stack"}
+# What lies between q @ k^T and softmax: scale, mask, casts.
+_SCORES = _RESHAPE | {"mul", "div", "add", "sub", "where", "masked_fill", "tanh"}
+# Comparisons of two position tensors (q_idx >= kv_idx) or triangles make a mask causal.
+_CAUSAL_MASK_OPS = {"le", "lt", "ge", "gt", "tril", "triu"}
+
+_ACTIVATIONS = {"gelu", "silu", "relu", "sigmoid", "tanh", "erf", "leaky_relu", "elu", "selu",
+                "celu", "hardswish", "hardsigmoid", "mish", "softplus", "relu6", "hardtanh"}
+
+
+def _op(node: fx.Node) -> str:
+    """"linear" for aten.linear.<any overload>, "getitem" for operator.getitem, "" otherwise."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.__name__
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", "")
+
+
+def _named_args(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name (so sdpa variants with other orders read alike)."""
+    named = dict(node.kwargs)
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for arg, value in zip(schema.arguments, node.args):
+            named[arg.name] = value
+    return named
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    # Only tensor-valued inputs: sym_size nodes under dynamic shapes lead back to the inputs
+    # without carrying any data dependence worth following.
+    return [n for n in node.all_input_nodes if n.op == "get_attr" or isinstance(n.meta.get("val"), torch.Tensor)
+            or (n.op == "call_function" and isinstance(n.meta.get("val"), (tuple, list)))]
+
+
+def _int(size: Any) -> int | None:
+    if isinstance(size, int):
+        return size
+    try:
+        return int(size)  # a SymInt that is a known constant
+    except Exception:  # noqa: BLE001 - a truly symbolic size
+        return None
+
+
+def _walk_back(start: fx.Node, through: Callable[[fx.Node], bool], stop: Callable[[fx.Node], bool],
+               ) -> tuple[list[fx.Node], dict[fx.Node, fx.Node | None]]:
+    """Breadth-first producers of `start`: nodes for which `stop` holds are collected (and not
+    passed), nodes for which `through` holds are passed. Returns the stops in the order met
+    and each visited node's successor towards `start` (to rebuild paths)."""
+    found: list[fx.Node] = []
+    toward: dict[fx.Node, fx.Node | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if stop(node):
+            found.append(node)
+            continue
+        if node is not start and not through(node):
+            continue
+        for inp in _tensor_inputs(node):
+            if inp not in toward:
+                toward[inp] = node
+                queue.append(inp)
+    return found, toward
+
+
+def _path(toward: dict[fx.Node, fx.Node | None], node: fx.Node) -> list[fx.Node]:
+    """From `node` (a stop) forward to the walk's start."""
+    path = [node]
+    while toward.get(path[-1]) is not None:
+        path.append(toward[path[-1]])
+    return path
+
+
+def _walk_forward(start: fx.Node, through: Callable[[fx.Node], bool], stop: Callable[[fx.Node, fx.Node], bool],
+                  ) -> fx.Node | None:
+    """The first consumer (breadth-first) of `start` for which stop(consumer, its input) holds."""
+    seen = {start}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            if stop(user, node):
+                return user
+            if user not in seen and through(user):
+                seen.add(user)
+                queue.append(user)
+    return None
+
+
+def _ancestor_ops(node: fx.Node, limit: int = 2000) -> tuple[set[str], bool]:
+    """The op names among `node`'s tensor ancestors, and whether any is a graph input or a
+    parameter/buffer (a mask that the graph does not construct)."""
+    ops: set[str] = set()
+    external = False
+    seen = {node}
+    queue = deque([node])
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if n.op in ("placeholder", "get_attr"):
+            external = True
+            continue
+        name = _op(n)
+        if name in ("le", "lt", "ge", "gt") and getattr(n.target, "_overloadname", "") != "Tensor":
+            name += ".Scalar"  # x >= 0 is a padding test, not an ordering of positions
+        ops.add(name)
+        for inp in _tensor_inputs(n):
+            if inp not in seen:
+                seen.add(inp)
+                queue.append(inp)
+    return ops, external
