@@ -7,7 +7,7 @@ well on a graph loaded from a `.pt2` file. Passes use it to derive default polic
 parameters must stay whole because they are tied).
 
     s = structure_of(gm)          # cached in gm.meta["bmc.structure"]
-    print(format_structure(s))
+    text = format_structure(s)    # the table bmc-opt --analyze prints
     s.blocks[0].attention.num_kv_heads
 """
 from __future__ import annotations

@@ -42,3 +42,18 @@ def assert_same_outputs_and_grads(model, transformed, example_inputs, atol=1e-5)
 def traced_copy(model, example_inputs, dynamic=None):
     """Trace a deep copy, so the graph's parameters (and gradients) are its own."""
     return bmc.trace(copy.deepcopy(model), example_inputs, dynamic=dynamic)
+
+
+def saved_activation_bytes(model, example_inputs) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(model, example_inputs)
+    return sum(seen.values())

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import hf_models
 from bmc import cost, ir, zoo
 from bmc.passmgr import PassManager
-from helpers import assert_same_outputs_and_grads, run, traced_copy
+from helpers import assert_same_outputs_and_grads, run, saved_activation_bytes, traced_copy
 
 CASES = [("gpt-tiny", None), ("llama-tiny", None), ("bert-tiny", None)] + [(n, "hf") for n in hf_models.NAMES]
 
@@ -18,22 +18,6 @@ def _model(name, kind):
         return hf_models.build(name), hf_models.example_inputs()
     model = zoo.build(name)
     return model, model.example_inputs()
-
-
-def measured_saved_bytes(model, inputs) -> int:
-    """Bytes of distinct non-parameter storages autograd saves for backward."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(model, inputs)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("name, kind", CASES)
@@ -54,7 +38,7 @@ def test_cost_annotations_match_torch_counters(name, kind):
     if counted and not counter.get_flop_counts().get("Global", {}).get(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu):
         assert int((cost.forward_flops(gm) - sdpa).subs(subs)) == counted
     predicted = int(cost.activation_bytes(gm).subs(subs))
-    measured = measured_saved_bytes(model, inputs)
+    measured = saved_activation_bytes(model, inputs)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 

@@ -8,21 +8,7 @@ import bmc
 import hf_models
 from bmc import cost, zoo
 from bmc.errors import PipelineError
-from helpers import assert_same_outputs_and_grads, run
-
-
-def _saved_bytes(model, inputs) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(model, inputs)
-    return sum(seen.values())
+from helpers import assert_same_outputs_and_grads, saved_activation_bytes
 
 
 @pytest.mark.parametrize("name", ["gpt-mini", "llama-mini", "bert-tiny"])
@@ -46,7 +32,7 @@ def test_saved_activations_drop_at_least_3x_on_an_8_block_model():
     inputs = model.example_inputs(batch=4, seq=64)
     plain = bmc.compile(copy.deepcopy(model), passes="dce", example_inputs=inputs, dynamic=True)
     remat = bmc.compile(copy.deepcopy(model), passes="dce,ckpt", example_inputs=inputs, dynamic=True)
-    measured_plain, measured_remat = _saved_bytes(plain, inputs), _saved_bytes(remat, inputs)
+    measured_plain, measured_remat = saved_activation_bytes(plain, inputs), saved_activation_bytes(remat, inputs)
     assert measured_plain >= 3 * measured_remat, (measured_plain, measured_remat)
     subs = {cost.B: 4, cost.S: 64}
     predicted_plain = int(cost.activation_bytes(plain.graph_module).subs(subs))
