@@ -53,7 +53,7 @@ def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
 class DataParallelRuntime:
     """Holds this rank's view of the data-parallel plan and does its communication."""
 
-    def __init__(self, gm: fx.GraphModule, process_group, bucket_mb: float = 25.0):
+    def __init__(self, gm: fx.GraphModule, process_group, bucket_mb: float = 25.0, prefetch: int = 0):
         self.gm = gm
         self.pg = process_group
         self.rank, self.size = dist.get_rank(process_group), dist.get_world_size(process_group)
@@ -69,6 +69,15 @@ class DataParallelRuntime:
                 self._shard_in_place(entry)
             else:
                 entry.param.register_post_accumulate_grad_hook(self._make_hook(entry))
+        self.prefetcher = self._prefetcher(prefetch)
+
+    def _prefetcher(self, depth: int) -> "Prefetcher | None":
+        """Weights in the order the graph gathers them, for ZeRO-3's prefetch."""
+        if depth <= 0 or not any(e.stage == 3 for e in self.entries):
+            return None
+        gathers = self.gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default)
+        shards = [self.gm.get_parameter(str(n.args[0].target)) for n in gathers]
+        return Prefetcher(shards, self.pg, depth)
 
     # ---------------------------------------------------------------- setup
 
@@ -248,6 +257,8 @@ class ShardedOptimizer:
 
     def step(self, closure=None):
         runtime = self.runtime
+        if runtime.prefetcher is not None:
+            runtime.prefetcher.drop()  # gathers of the old weights
         runtime.finish_gradient_sync()
         for e in runtime.entries:
             start, end = runtime.owned_range(e)
@@ -294,3 +305,53 @@ def storage_bytes(tensors) -> int:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+class Prefetcher:
+    """Starts the all-gathers of the next `depth` ZeRO-3 weights (in forward order, or in
+    reverse during backward's re-gathers) as soon as one is gathered, so communication
+    overlaps the compute that uses the current one. At most `depth` gathers are in flight;
+    what is still in flight when the weights change (an optimizer step) is dropped."""
+
+    def __init__(self, shards: list[torch.Tensor], process_group, depth: int):
+        self.order = {id(s): i for i, s in enumerate(shards)}
+        self.shards = shards
+        self.pg, self.depth = process_group, depth
+        self.size = dist.get_world_size(process_group)
+        self.in_flight: dict[int, tuple[object, torch.Tensor]] = {}
+        self.last = -1
+        self.hits = 0  # gathers served by a prefetch
+
+    def take(self, shard: torch.Tensor) -> torch.Tensor | None:
+        entry = self.in_flight.pop(id(shard), None)
+        if entry is None:
+            return None
+        work, out = entry
+        work.wait()
+        self.hits += 1
+        return out
+
+    def gathered(self, shard: torch.Tensor) -> None:
+        index = self.order.get(id(shard))
+        if index is None:
+            return
+        step = 1 if index >= self.last else -1
+        self.last = index
+        for ahead in range(1, self.depth + 1):
+            j = index + step * ahead
+            if 0 <= j < len(self.shards) and id(self.shards[j]) not in self.in_flight:
+                self._start(self.shards[j])
+
+    def _start(self, shard: torch.Tensor) -> None:
+        out = torch.empty(shard.numel() * self.size, dtype=shard.dtype, device=shard.device)
+        work = dist.all_gather_single(out, shard.detach().contiguous().reshape(-1), group=self.pg, async_op=True)
+        self.in_flight[id(shard)] = (work, out)
+
+    def in_flight_bytes(self) -> int:
+        return sum(out.numel() * out.element_size() for _, out in self.in_flight.values())
+
+    def drop(self) -> None:
+        for work, _ in self.in_flight.values():
+            work.wait()
+        self.in_flight.clear()
+        self.last = -1

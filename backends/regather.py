@@ -33,7 +33,9 @@ class _Regather:
 class GatherTracker:
     """Knows the gathered parameters alive now and the most bytes ever alive at once."""
 
-    def __init__(self):
+    def __init__(self, in_flight_bytes=lambda: 0):
+        # gathers started ahead (prefetch) hold memory before they are used: count them too
+        self.in_flight_bytes = in_flight_bytes
         self._live: dict[int, tuple] = {}  # storage address -> (weakref to tensor, shard, shape, group)
         self.alive_bytes = 0
         self.peak_bytes = 0
@@ -48,7 +50,7 @@ class GatherTracker:
 
     def _add(self, nbytes: int) -> None:
         self.alive_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.alive_bytes)
+        self.peak_bytes = max(self.peak_bytes, self.alive_bytes + self.in_flight_bytes())
 
     def _release(self, address: int, nbytes: int) -> None:
         self.alive_bytes -= nbytes

@@ -6,6 +6,8 @@ torch.distributed (gloo on CPU, NCCL on GPU) with a DeviceMesh; the dp and zero 
 annotations are carried out by the data-parallel runtime (backends/data_parallel.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.fx as fx
@@ -56,7 +58,8 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
     mesh = _device_mesh(world)
     pg = mesh.get_group("dp")
     ops.register_group("dp", world, pg)
-    runtime = DataParallelRuntime(gm, pg, bucket_mb=gm.meta.get("bmc.bucket_mb", 25.0))
+    runtime = DataParallelRuntime(gm, pg, bucket_mb=gm.meta.get("bmc.bucket_mb", 25.0),
+                                  prefetch=gm.meta.get("bmc.prefetch", 0))
     return DistributedProgram(gm, runtime, context=context, mesh=mesh)
 
 
@@ -67,15 +70,23 @@ class DistributedProgram(Program):
         super().__init__(gm, backend="torch", context=context)
         self.runtime = runtime
         self.mesh = mesh
-        self.gathers = GatherTracker() if any(e.stage == 3 for e in runtime.entries) else None
+        in_flight = runtime.prefetcher.in_flight_bytes if runtime.prefetcher else (lambda: 0)
+        self.gathers = GatherTracker(in_flight) if any(e.stage == 3 for e in runtime.entries) else None
 
     def __call__(self, *args, **kwargs):
         if self.gathers is None:
             return self.graph_module(*args, **kwargs)
         # backward unpacks saved tensors outside this call: the watcher stays registered
         # through the tracker's hooks only for forward; unpack re-gathers by itself
-        with self.gathers.active():
+        with self.gathers.active(), self._prefetching():
             return self.graph_module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _prefetching(self):
+        """Backward's re-gathers run after this call returns, so the prefetcher stays installed
+        for the program's lifetime once it has one."""
+        ops.PREFETCHER = self.runtime.prefetcher
+        yield
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         full = super().full_state_dict()

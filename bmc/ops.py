@@ -148,6 +148,9 @@ torch.library.register_autograd("bmc::copy_to_group",
 # Callbacks told of every gathered parameter (the runtime uses them to gather again in
 # backward instead of keeping the full weight, and to measure what is alive).
 GATHER_WATCHERS: list = []
+# The runtime's prefetcher (backends/data_parallel.py), if any: it starts the all-gathers of
+# the weights that come next while the current one is in use.
+PREFETCHER = None
 
 
 def shard_numel(numel: int, size: int) -> int:
@@ -163,8 +166,12 @@ def gather_param(shard: torch.Tensor, shape: list[int], group: str) -> torch.Ten
     pg = _process_group(group)
     if pg is None:  # one rank: the "shard" is the whole parameter
         return shard.reshape(-1)[:numel].reshape(shape).clone()
-    out = torch.empty(shard.numel() * dist.get_world_size(pg), dtype=shard.dtype, device=shard.device)
-    dist.all_gather_single(out, shard.contiguous().reshape(-1), group=pg)
+    out = PREFETCHER.take(shard) if PREFETCHER is not None else None
+    if out is None:
+        out = torch.empty(shard.numel() * dist.get_world_size(pg), dtype=shard.dtype, device=shard.device)
+        dist.all_gather_single(out, shard.contiguous().reshape(-1), group=pg)
+    if PREFETCHER is not None:
+        PREFETCHER.gathered(shard)
     full = out[:numel].view(shape)
     for watch in GATHER_WATCHERS:
         watch(full, shard, shape, group)

@@ -19,10 +19,15 @@ class ZeroOptions:
     stage: Literal[1, 2, 3] = 1
     # gradients are reduced in buckets of about this size (stages 1 and 2)
     bucket_mb: float = 25.0
+    # stage 3: how many weights ahead are all-gathered while the current one is in use
+    # (a bound on the extra gathered memory); 0 turns prefetch off
+    prefetch: int = 4
 
     def __post_init__(self):
         if self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
 
 
 def gather_before_use(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -53,6 +58,7 @@ class Zero(Pass):
         stage = self.options.stage
         count = mark_data_parallel(gm, stage=stage, sharded=stage == 3)
         gm.meta["bmc.bucket_mb"] = self.options.bucket_mb
+        gm.meta["bmc.prefetch"] = self.options.prefetch if stage == 3 else 0
         gathers = 0
         if stage == 3:
             for node in trainable_parameter_nodes(gm).values():

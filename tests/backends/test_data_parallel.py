@@ -120,14 +120,17 @@ def _gathered_peak(rank, world_size):
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in model.transformer.h[0].parameters())
     outside_blocks = full_bytes - block_bytes * len(model.transformer.h)
-    return prog.gathers.peak_bytes, prog.gathers.regathered, full_bytes, block_bytes, outside_blocks
+    hits = prog.runtime.prefetcher.hits
+    return prog.gathers.peak_bytes, prog.gathers.regathered, full_bytes, block_bytes, outside_blocks, hits
 
 
 def test_zero3_keeps_only_the_block_in_flight_gathered():
     """Forward and backward never hold the whole model: at most the weights outside the
-    blocks (embeddings, final norm) plus one block, re-gathered in backward."""
-    for peak, regathered, full, block, outside in run_ranks(2, _gathered_peak):
+    blocks (embeddings, final norm) plus one block's worth (current + prefetched weights),
+    re-gathered in backward."""
+    for peak, regathered, full, block, outside, hits in run_ranks(2, _gathered_peak):
         assert regathered > 0, "backward kept the gathered weights instead of gathering again"
+        assert hits > 0, "no gather was served by the prefetch"
         assert peak <= outside + block, (peak, outside, block)
         assert peak < 0.5 * full
 
