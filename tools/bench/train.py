@@ -120,6 +120,7 @@ def main() -> int:
     runs = {
         "fsdp2 (fully_shard per block)": (run_fsdp2, ()),
         "bmc zero3": (run_bmc, ("zero3",)),
+        "bmc zero3, no prefetch": (run_bmc, ("zero{stage=3,prefetch=0}",)),
         "bmc zero3,ckpt": (run_bmc, ("zero3,ckpt",)),
         "bmc dp": (run_bmc, ("dp",)),
         "bmc dp,ckpt": (run_bmc, ("dp,ckpt",)),
