@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from bmc import ir
-from bmc.errors import ModelLoadError, ModelSaveError, TraceError
+from bmc.errors import ModelLoadError, ModelSaveError
 from bmc.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,6 @@ def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = N
         model = load_pickled_module(spec, trust_pickle)
         if dtype is not None:
             model = model.to(dtype)
-        try:
-            return trace(model, example_inputs, dynamic=dynamic), {}
-        except TraceError:
-            raise
+        return trace(model, example_inputs, dynamic=dynamic), {}
     raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, a .pt2 archive "
                          f"(torch.export.save) or a pickled module ({', '.join(PICKLE_SUFFIXES)})")

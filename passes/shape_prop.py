@@ -39,7 +39,7 @@ class ShapeProp(Pass):
             lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, output.args[0])
         changed = sum(1 for n in gm.graph.nodes
                       if n.op != "output" and not _same_type(before.get(n), n.meta.get("val")))
-        for node in gm.graph.nodes:  # keep tensor_meta in step where export had written it
+        for node in gm.graph.nodes:  # export's tensor_meta is stale now; val is what holds
             if "tensor_meta" in node.meta and isinstance(ir.tensor_val(node), torch.Tensor):
                 node.meta.pop("tensor_meta")
         # Refreshing meta leaves the code as it was: not a modification of the program.

@@ -30,24 +30,16 @@ class ZeroOptions:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
 
 
-def gather_before_use(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+def gather_before_use(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> fx.Node:
     """Route every use of parameter `node` through a bmc::gather_param of its shard."""
     shape = [int(s) for s in node.meta["val"].shape]
-    first_user = min(node.users, key=lambda n: _position(gm, n))
+    first_user = min(node.users, key=order.__getitem__)
     with gm.graph.inserting_before(first_user):
         gathered = gm.graph.call_function(torch.ops.bmc.gather_param.default, (node, shape, "dp"))
     node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
     ir.copy_meta(node, gathered, "zero")
     gathered.meta["nn_module_stack"] = first_user.meta.get("nn_module_stack", {})
     return gathered
-
-
-def _position(gm: fx.GraphModule, node: fx.Node) -> int:
-    order = gm.meta.setdefault("_bmc_order", {})
-    if node not in order:
-        order.clear()
-        order.update({n: i for i, n in enumerate(gm.graph.nodes)})
-    return order[node]
 
 
 @register_pass("zero", options=ZeroOptions, provides=("data-parallel",), invalidates=("cost",))
@@ -61,10 +53,11 @@ class Zero(Pass):
         gm.meta["bmc.prefetch"] = self.options.prefetch if stage == 3 else 0
         gathers = 0
         if stage == 3:
+            # program order of the original nodes; inserted gathers never become first users
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
             for node in trainable_parameter_nodes(gm).values():
-                gather_before_use(gm, node)
+                gather_before_use(gm, node, order)
                 gathers += 1
-            gm.meta.pop("_bmc_order", None)
         return PassResult(gm, True, {"params": count, "gathers-inserted": gathers})
 
 
