@@ -51,7 +51,8 @@ def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
 
 
 class DataParallelRuntime:
-    """Holds this rank's view of the data-parallel plan and does its communication."""
+    """Holds this rank's view of the data-parallel plan and does its communication (the
+    optimizer's side is backends/optimizer.py)."""
 
     def __init__(self, gm: fx.GraphModule, process_group, bucket_mb: float = 25.0, prefetch: int = 0):
         self.gm = gm
@@ -206,105 +207,6 @@ def _padded(flat: torch.Tensor, size: int) -> torch.Tensor:
     if flat.numel() == size:
         return flat
     return torch.cat([flat, flat.new_zeros(size - flat.numel())])
-
-
-class ShardedOptimizer:
-    """A torch optimizer over what this rank owns: full parameters at stage 0, its flat
-    shards from stage 1 on; after the step, stages 1-2 all-gather the updated shards."""
-
-    def __init__(self, runtime: DataParallelRuntime, optimizer_cls, other_params, **kwargs):
-        self.runtime = runtime
-        for e in runtime.entries:
-            if e.stage in (1, 2):
-                # a view into the full weight: the optimizer updates it in place, no copy is held
-                start, end = runtime.owned_range(e)
-                e.shard = torch.nn.Parameter(e.param.detach().view(-1)[start:end])
-        stepped = [e.shard if e.stage in (1, 2) else e.param for e in runtime.entries]
-        self.optimizer = optimizer_cls(stepped + list(other_params), **kwargs)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale gradients so their global norm (over every rank's shards) is at most
-        `max_norm`, as torch.nn.utils.clip_grad_norm_ does for one process; returns the norm."""
-        runtime = self.runtime
-        runtime.finish_gradient_sync()
-        owned = runtime.owned_gradients()
-        squares = torch.stack([g.float().square().sum() for g in owned]).sum() if owned else torch.zeros(())
-        dist.all_reduce(squares, group=runtime.pg)
-        norm = squares.sqrt()
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for e in runtime.entries:
-            for grad in (e.param.grad, e.shard_grad):
-                if grad is not None:
-                    grad.mul_(scale)
-        return norm
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.runtime.new_backward()
-        for e in self.runtime.entries:
-            e.param.grad = None
-            e.shard_grad = None
-            if e.shard is not None:
-                e.shard.grad = None
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure=None):
-        runtime = self.runtime
-        if runtime.prefetcher is not None:
-            runtime.prefetcher.drop()  # gathers of the old weights
-        runtime.finish_gradient_sync()
-        for e in runtime.entries:
-            start, end = runtime.owned_range(e)
-            if e.stage == 1 and e.param.grad is not None:
-                e.shard.grad = e.param.grad.view(-1)[start:end]
-            elif e.stage == 2 and e.shard_grad is not None:
-                e.shard.grad = e.shard_grad[:end - start]
-        result = self.optimizer.step(closure)
-        self._gather_updated_shards()
-        return result
-
-    def _gather_updated_shards(self) -> None:
-        """Every rank's updated slice into every rank's full weight (padded for the collective)."""
-        runtime = self.runtime
-        for e in runtime.entries:
-            if e.stage not in (1, 2):
-                continue
-            send = _padded(e.shard.detach(), e.local)
-            full = torch.empty(e.local * runtime.size, dtype=send.dtype)
-            dist.all_gather_single(full, send, group=runtime.pg)
-            with torch.no_grad():
-                e.param.view(-1).copy_(full[:e.numel])
-
-    def memory(self) -> dict[str, int]:
-        """Bytes this rank holds now: weights, gradients and optimizer states (each storage once)."""
-        runtime = self.runtime
-        params = list(runtime.gm.parameters())
-        grads = [p.grad for p in params if p.grad is not None] + \
-                [e.shard_grad for e in runtime.entries if e.shard_grad is not None]
-        states = [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-        return {"params": storage_bytes(params), "grads": storage_bytes(grads), "optimizer": storage_bytes(states)}
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state)
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
-    seen = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 class Prefetcher:

@@ -14,7 +14,8 @@ import torch.fx as fx
 
 from bmc import ir, ops
 from bmc.backends import register_backend
-from bmc.backends.data_parallel import DataParallelRuntime, ShardedOptimizer
+from bmc.backends.data_parallel import DataParallelRuntime
+from bmc.backends.optimizer import ProgramOptimizer
 from bmc.backends.regather import GatherTracker
 from bmc.errors import BackendError
 from bmc.passmgr import PassContext
@@ -99,6 +100,4 @@ class DistributedProgram(Program):
         return full
 
     def optimizer(self, optimizer_cls, **kwargs):
-        planned = {id(e.param) for e in self.runtime.entries}
-        others = [p for p in self.graph_module.parameters() if p.requires_grad and id(p) not in planned]
-        return ShardedOptimizer(self.runtime, optimizer_cls, others, **kwargs)
+        return ProgramOptimizer(self.graph_module, optimizer_cls, self.runtime, **kwargs)

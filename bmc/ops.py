@@ -204,5 +204,34 @@ def _gather_param_backward(ctx, grad):
 
 torch.library.register_autograd("bmc::gather_param", _gather_param_backward, setup_context=_gather_param_setup)
 
+# ------------------------------------------------------------------ fp16 loss scaling
+
+
+@torch.library.custom_op("bmc::scale_grad", mutates_args=())
+def scale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by `scale` (the loss scale).
+
+    The amp pass puts it on the program's outputs, so fp16 gradients are scaled without the
+    training script scaling its loss; `scale` is a buffer the optimizer updates."""
+    return x.clone()
+
+
+@scale_grad.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+def _scale_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _scale_grad_backward(ctx, grad):
+    scale, = ctx.saved_tensors
+    return grad * scale.to(grad.dtype), None
+
+
+torch.library.register_autograd("bmc::scale_grad", _scale_grad_backward, setup_context=_scale_grad_setup)
+
+
 COLLECTIVES = {torch.ops.bmc.gather_param.default, torch.ops.bmc.all_gather.default, torch.ops.bmc.reduce_scatter.default,
                torch.ops.bmc.reduce_from_group.default, torch.ops.bmc.copy_to_group.default}

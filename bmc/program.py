@@ -46,8 +46,11 @@ class Program:
         """Every parameter at its full (unsharded) size, by dotted name, on every rank."""
         return {name: p.detach().clone() for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
 
-    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs) -> torch.optim.Optimizer:
-        return optimizer_cls([p for p in self.parameters() if p.requires_grad], **kwargs)
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs):
+        """`optimizer_cls` over this program's trainable parameters, with the fp32 masters,
+        loss scaling and offload its passes asked for (backends/optimizer.py)."""
+        from bmc.backends.optimizer import ProgramOptimizer
+        return ProgramOptimizer(self.graph_module, optimizer_cls, None, **kwargs)
 
     def save(self, path: str) -> None:
         """Write the program as a .pt2 archive (bmc.load and bmc-opt read it back)."""

@@ -19,28 +19,35 @@ def _same_type(old, new) -> bool:
     return type(old) is type(new)
 
 
+def propagate_shapes(gm: fx.GraphModule) -> int:
+    """Recompute every node's meta['val'] by fake-tensor propagation; returns how many
+    nodes' shape or dtype changed."""
+    inputs = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    # Reuse the graph's own fake mode so symbolic dims (B, S) keep their symbols.
+    mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    before = {n: n.meta.get("val") for n in gm.graph.nodes}
+    previous = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # parameters are real (or meta) tensors
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        mode.allow_non_fake_inputs = previous
+    output = gm.graph.output_node()
+    output.meta["val"] = torch.utils._pytree.tree_map(
+        lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, output.args[0])
+    changed = sum(1 for n in gm.graph.nodes
+                  if n.op != "output" and not _same_type(before.get(n), n.meta.get("val")))
+    for node in gm.graph.nodes:  # export's tensor_meta is stale now; val is what holds
+        if "tensor_meta" in node.meta and isinstance(ir.tensor_val(node), torch.Tensor):
+            node.meta.pop("tensor_meta")
+    return changed
+
+
 @register_pass("shape-prop", provides=("shapes",))
 class ShapeProp(Pass):
     """Recompute shapes and dtypes of every node by fake-tensor propagation (after rewrites)."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        inputs = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-        # Reuse the graph's own fake mode so symbolic dims (B, S) keep their symbols.
-        mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
-        before = {n: n.meta.get("val") for n in gm.graph.nodes}
-        previous = mode.allow_non_fake_inputs
-        mode.allow_non_fake_inputs = True  # parameters are real (or meta) tensors
-        try:
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-        finally:
-            mode.allow_non_fake_inputs = previous
-        output = gm.graph.output_node()
-        output.meta["val"] = torch.utils._pytree.tree_map(
-            lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, output.args[0])
-        changed = sum(1 for n in gm.graph.nodes
-                      if n.op != "output" and not _same_type(before.get(n), n.meta.get("val")))
-        for node in gm.graph.nodes:  # export's tensor_meta is stale now; val is what holds
-            if "tensor_meta" in node.meta and isinstance(ir.tensor_val(node), torch.Tensor):
-                node.meta.pop("tensor_meta")
+        changed = propagate_shapes(gm)
         # Refreshing meta leaves the code as it was: not a modification of the program.
         return PassResult(gm, False, {"nodes": len(gm.graph.nodes), "shapes-changed": changed})

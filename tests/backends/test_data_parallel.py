@@ -104,7 +104,7 @@ def _measure(rank, world_size, pipeline):
     return opt.memory(), predicted
 
 
-@pytest.mark.parametrize("pipeline", ["dp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("pipeline", ["dp", "zero1", "zero2", "zero3", "amp{dtype=fp16},zero1", "amp{dtype=bf16},zero3"])
 def test_measured_model_state_bytes_match_the_cost_model(pipeline):
     for measured, predicted in run_ranks(2, _measure, pipeline):
         for part, want in predicted.items():
