@@ -1,0 +1,94 @@
+"""tools/train.py: trains, logs, checkpoints, survives a killed rank under torchrun, and
+refuses bad input in one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
+SMALL = ["--model", "gpt-tiny", "--batch", "4", "--seq", "32", "--no-progress"]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _torchrun(args, out, restarts=0):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               f"--max-restarts={restarts}", str(ROOT / "tools" / "train.py"), *SMALL, "--out", str(out), *args]
+    # torch issue #135712: restarted workers may read the dead attempt's addresses otherwise
+    return subprocess.run(command, env=_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _losses(out):
+    return [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_rank_resumes_from_the_last_checkpoint_and_ends_at_the_same_loss(tmp_path):
+    common = ["--pass", "zero2", "--steps", "9", "--ckpt-every", "3"]
+    plain = _torchrun(common, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    faulty = _torchrun([*common, "--simulate-failure", "5", "--failure-rank", "1"], tmp_path / "faulty", restarts=1)
+    assert faulty.returncode == 0, faulty.stderr[-2000:]
+    assert "rank 1 kills itself at step 5" in faulty.stderr
+    assert "resumed from" in faulty.stderr and "step-00000003" in faulty.stderr
+    want, got = _losses(tmp_path / "plain"), _losses(tmp_path / "faulty")
+    assert [r["step"] for r in got] == list(range(9)), "every step logged exactly once"
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
+    assert summary["final_loss"] == json.loads((tmp_path / "plain" / "summary.json").read_text())["final_loss"]
+
+
+def test_one_process_trains_and_resumes(tmp_path):
+    args = [*TRAIN, *SMALL, "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path)]
+    first = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "measured" in first.stderr and "predicted" in first.stderr
+    more = subprocess.run([*args[:-4], "--steps", "6", "--out", str(tmp_path)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "resumed at step 4" in more.stderr
+    assert [r["step"] for r in _losses(tmp_path)] == list(range(6))
+
+
+def test_hugging_face_model_from_a_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=64, intermediate_size=128, vocab_size=256,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config.save_pretrained(tmp_path / "cfg")
+    run = subprocess.run([*TRAIN, "--hf-config", str(tmp_path / "cfg"), "--batch", "2", "--seq", "16",
+                          "--steps", "3", "--pass", "amp{dtype=bf16},ckpt", "--no-progress", "--out", str(tmp_path)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(_losses(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--batch", "3"], {"WORLD_SIZE": "2"}, "--batch 3 does not divide over 2 ranks"),
+    (["--pass", "zero{stage=4}"], {}, "'stage' of pass 'zero' expects one of 1|2|3"),
+    (["--steps", "0"], {}, "--steps must be >= 1"),
+    (["--text", "/no/such/file"], {}, "cannot read the text file /no/such/file"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, message):
+    run = subprocess.run([*TRAIN, *SMALL, "--out", str(tmp_path), *args], env={**_env(), **env},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    base = [*TRAIN, "--batch", "2", "--seq", "16", "--no-progress", "--out", str(tmp_path), "--steps", "2"]
+    assert subprocess.run([*base, "--model", "gpt-tiny"], env=_env(), capture_output=True, timeout=300).returncode == 0
+    run = subprocess.run([*base, "--model", "llama-tiny"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "written for another model" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Train a model with any pipeline of bmc's training passes, on real text that ships with
+Python (the standard library's sources, one token per byte).
+
+    python tools/train.py --model gpt-mini --steps 200                      # one process
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node=2 tools/train.py \\
+        --pass amp{dtype=bf16},zero3,ckpt --steps 200 --ckpt-dir runs/a     # 2 ranks
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=1 ...      # survive a dead rank
+
+It shows a progress bar, prints measured per-rank memory beside the cost model's prediction
+after the first step, writes the loss of every step to <out>/loss.jsonl, checkpoints every
+--ckpt-every steps (sharded, torch.distributed.checkpoint) and resumes from the latest
+checkpoint in --ckpt-dir when started again; under `torchrun --max-restarts=N` a run whose
+rank died carries on from there. Bad input is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import bmc.passes  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a checkout without installing: map the package as pyproject.toml does
+    sys.path.insert(0, str(ROOT))
+    import bmc
+    bmc.__path__.append(str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import bmc  # noqa: E402
+from bmc import data, zoo  # noqa: E402
+from bmc.backends import checkpoint  # noqa: E402
+from bmc.errors import BmcError  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt-mini", help=f"a zoo model ({', '.join(zoo.names())}); default gpt-mini")
+    p.add_argument("--hf-config", help="train a Hugging Face causal LM built from this config.json instead")
+    p.add_argument("--pass", dest="pipeline", default=None,
+                   help="pipeline string, e.g. 'amp{dtype=bf16},zero3,ckpt' (default: dce on one process, dp on several)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step over all ranks)")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
+    p.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", help="train on this text file (default: the standard library's sources)")
+    p.add_argument("--out", default="runs/train", help="where loss.jsonl goes (default runs/train)")
+    p.add_argument("--ckpt-dir", help="checkpoint directory (default <out>/checkpoints)")
+    p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--simulate-failure", type=int, metavar="STEP",
+                   help="for testing fault tolerance: --failure-rank kills itself at STEP on the first attempt")
+    p.add_argument("--failure-rank", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "seq"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    return args
+
+
+# ------------------------------------------------------------------ setup
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, or one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and os.environ.get("RANK") == "0":
+        # torchrun shares its rendezvous store with the workers, and restarted workers can read
+        # the dead attempt's addresses from it (pytorch/pytorch#135712)
+        log.warning("torchrun --max-restarts=%d: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                    "environment, or a restarted run may fail to connect", restarts)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
+class Task:
+    """How one kind of model is called: zoo models take (inputs, targets) and return the
+    loss; Hugging Face causal LMs take input_ids and labels (they shift the labels)."""
+
+    def __init__(self, args):
+        self.hf = args.hf_config is not None
+        self.args = args
+
+    def build(self) -> torch.nn.Module:
+        torch.manual_seed(self.args.seed)
+        if not self.hf:
+            return zoo.build(self.args.model)
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise BmcError("--hf-config needs transformers: pip install transformers") from None
+        try:
+            config = AutoConfig.from_pretrained(self.args.hf_config)
+        except (OSError, ValueError) as exc:
+            raise BmcError(f"cannot read the Hugging Face config {self.args.hf_config}: {exc}") from None
+        if getattr(config, "vocab_size", data.VOCAB) < data.VOCAB:
+            raise BmcError(f"the config's vocab_size {config.vocab_size} is smaller than the {data.VOCAB} byte tokens")
+        config.use_cache = False
+        return AutoModelForCausalLM.from_config(config)
+
+    def example(self, local_batch: int):
+        x = torch.zeros(local_batch, self.args.seq, dtype=torch.long)
+        return ((), {"input_ids": x, "labels": x.clone()}) if self.hf else (x, x.clone())
+
+    def loss(self, prog, x, y) -> torch.Tensor:
+        if self.hf:
+            return prog(input_ids=x, labels=x).loss
+        return prog(x, y)
+
+
+def learning_rate(args, step: int) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def memory_lines(prog, opt, world: int, local_batch: int, seq: int, saved_bytes: int) -> list[str]:
+    """Measured bytes on this rank beside the cost model's prediction."""
+    from bmc import cost, report
+    table = report.memory_table(prog.graph_module, cost.Setting(dp=world, batch=local_batch, seq=seq))
+    states = table.states_for_plan()
+    measured = opt.memory()
+    lines = [f"{'per-rank bytes':<16}{'measured':>14}{'predicted':>14}{'ratio':>8}"]
+    rows = [(part, measured[part], cost.evaluate(getattr(states, part), table.subs))
+            for part in ("params", "grads", "optimizer")]
+    rows.append(("activations", saved_bytes, cost.evaluate(cost.activation_bytes(prog.graph_module), table.subs)))
+    for part, got, want in rows:
+        lines.append(f"{part:<16}{got:>14,}{int(want):>14,}{got / want if want else float('nan'):>8.3f}")
+    return lines
+
+
+class SavedBytes:
+    """Bytes of distinct non-parameter storages autograd saves for backward (one forward)."""
+
+    def __init__(self, prog):
+        self.params = {p.untyped_storage().data_ptr() for p in prog.parameters()}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t):
+        address = t.untyped_storage().data_ptr()
+        if address not in self.params and t.device.type != "meta":
+            self.seen[address] = t.untyped_storage().nbytes()
+        return t
+
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class LossLog:
+    """One JSON line per step, written by rank 0; a resumed run drops the lines of steps it
+    will redo, so the log ends with exactly one line per step."""
+
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+        from bmc.serialize import atomic_write_text
+        atomic_write_text(str(path), "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    value = value.detach().float().clone()
+    if world > 1:
+        dist.all_reduce(value)
+    return value.item() / world
+
+
+def held_out_loss(task, prog, text, rank: int, world: int, batches: int = 4) -> float:
+    with torch.no_grad():
+        losses = [mean_over_ranks(task.loss(prog, *text.local(i, rank, world)), world) for i in range(batches)]
+    return sum(losses) / len(losses)
+
+
+def maybe_fail(args, step: int, rank: int) -> None:
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if args.simulate_failure == step and rank == args.failure_rank and first_attempt:
+        log.warning("simulated failure: rank %d kills itself at step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check(args) -> None:
+    """What can be refused before any process group or model exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch % world:
+        raise BmcError(f"--batch {args.batch} does not divide over {world} ranks: use a multiple of {world}")
+    if args.pipeline:
+        bmc.parse_pipeline(args.pipeline)
+
+
+def train(args) -> dict:
+    check(args)
+    rank, world = init_distributed()
+    local_batch = args.batch // world
+    task = Task(args)
+    tokens = data.split(data.text_tokens(args.text))
+    train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
+    eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
+    pipeline = args.pipeline or ("dce" if world == 1 else "dp")
+    prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch), world_size=world)
+    opt = prog.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
+    out = Path(args.out)
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
+    start = 0
+    if not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
+        start = checkpoint.load(ckpt_dir, prog, opt)["step"]
+        if rank == 0:
+            log.info("resumed at step %d from %s", start, checkpoint.latest(ckpt_dir))
+    losses = LossLog(out / "loss.jsonl", start, enabled=rank == 0)
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in range(start, args.steps):
+        maybe_fail(args, step, rank)
+        began = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step)
+        opt.zero_grad()
+        x, y = train_text.local(step, rank, world)
+        saved = SavedBytes(prog) if step == start else None
+        if saved is not None:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                loss = task.loss(prog, x, y)
+        else:
+            loss = task.loss(prog, x, y)
+        loss.backward()
+        norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else None
+        opt.step()
+        loss_value = mean_over_ranks(loss, world)
+        record = {"step": step, "loss": round(loss_value, 6), "lr": learning_rate(args, step),
+                  "seconds": round(time.perf_counter() - began, 4)}
+        if norm is not None:
+            record["grad_norm"] = round(float(norm), 6)
+        if opt.loss_scale is not None:
+            record["loss_scale"] = opt.loss_scale
+        losses.write(record)
+        if saved is not None and rank == 0:
+            for line in memory_lines(prog, opt, world, local_batch, args.seq, saved.total()):
+                log.info(line)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if args.eval_every and done % args.eval_every == 0:  # every rank takes part
+            evaluation = held_out_loss(task, prog, eval_text, rank, world)
+            if rank == 0:
+                log.info("step %d: held-out loss %.4f", done, evaluation)
+        if (args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps:
+            checkpoint.save(ckpt_dir, prog, opt, step=done, extra={"loss": loss_value})
+    if progress is not None:
+        progress.close()
+    evaluation = held_out_loss(task, prog, eval_text, rank, world)
+    summary = {"steps": args.steps, "final_loss": loss_value, "held_out_loss": evaluation,
+               "world_size": world, "pipeline": pipeline}
+    if rank == 0:
+        log.info("done: %s", json.dumps(summary))
+        from bmc.serialize import atomic_write_text
+        atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=1))
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    try:
+        with logging_redirect_tqdm():  # log lines go above the progress bar, not through it
+            train(args)
+    except BmcError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
