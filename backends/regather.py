@@ -61,6 +61,10 @@ class GatherTracker:
             return tensor
         entry = self._live.get(tensor.untyped_storage().data_ptr())
         if entry is None or entry[0]() is None:
+            # autograd uses only the innermost saved-tensor hooks: tell outer observers
+            # (bmc.measure.SavedBytes) about what stays saved
+            for observe in ops.SAVED_OBSERVERS:
+                observe(tensor)
             return tensor
         _, shard, shape, group = entry
         return _Regather(shard, shape, group, tensor.size(), tensor.stride(), tensor.storage_offset())

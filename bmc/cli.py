@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled .pt module (unpickling runs code from the file)")
     p.add_argument("--report", action="store_true", help="print where the memory goes per rank")
+    p.add_argument("--measure", action="store_true",
+                   help="run one AdamW training step on real weights (N local gloo processes for --world-size N) "
+                        "and print the bytes each part really held beside the prediction")
     p.add_argument("--analyze", action="store_true", help="print the model's structure (blocks, attention, MLP)")
     p.add_argument("--list-passes", action="store_true", help="list passes and presets and exit")
     p.add_argument("--dump-dir", metavar="DIR", help="write the graph after each pass to DIR (txt, dot, svg)")
@@ -106,6 +109,10 @@ def _check_args(args) -> None:
         raise UsageError(f"-o {args.output}: the output is a torch.export archive and must end in .pt2")
     if args.output and args.device == "meta":
         raise UsageError("-o needs real weights: drop --device meta (or use --device cpu)")
+    if args.measure and args.device == "meta":
+        raise UsageError("--measure runs the model and needs real weights: drop --device meta (or use --device cpu)")
+    if args.measure and (args.tp > 1 or args.pp > 1):
+        raise UsageError("--measure runs data-parallel plans only for now: drop --tp/--pp")
 
 
 def _instruments(args, out):
@@ -127,7 +134,7 @@ def _instruments(args, out):
 
 def _load(args):
     from bmc.serialize import load_graph
-    device = args.device or ("cpu" if args.output else "meta")
+    device = args.device or ("cpu" if args.output or args.measure else "meta")
     example = parse_example_inputs(args.example_inputs) if args.example_inputs else None
     return load_graph(args.model, trust_pickle=args.trust_pickle, example_inputs=example,
                       dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
@@ -154,6 +161,36 @@ def _traced_seq(gm) -> int | None:
     info = trace_info(gm)
     tensors = [t for t in (*info.args, *info.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 2]
     return int(tensors[0].shape[1]) if tensors else None
+
+
+def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
+    """One rank of --measure: load, compile for the world size, one training step."""
+    import bmc
+    from bmc import measure
+    try:
+        gm = _load(args)[0]
+        prog = bmc.compile(gm, passes=pipeline, world_size=world_size)
+        return measure.measure_step(prog, measure.example_batch(gm, args.batch, args.seq or _traced_seq(gm)))
+    except BmcError as exc:
+        return {"error": str(exc)}
+
+
+def _measure(args, gm, pipeline: str, dp: int) -> str:
+    import bmc
+    from bmc import cost, measure
+    seq = args.seq or _traced_seq(gm)
+    if args.world_size == 1:
+        prog = bmc.compile(gm, world_size=1)
+        measured = measure.measure_step(prog, measure.example_batch(gm, args.batch, seq))
+    else:
+        from bmc.local_ranks import run_ranks
+        measured = _with_status(f"measuring on {args.world_size} local ranks",
+                                lambda: run_ranks(args.world_size, _measure_rank, args, pipeline))[0]
+        if "error" in measured:
+            raise BmcError(measured["error"])
+    setting = cost.Setting(batch=args.batch, seq=seq, dp=dp, setup=cost.TrainingSetup(optimizer="adamw"))
+    return measure.format_comparison(measured, measure.predicted(gm, setting),
+                                     title=f"rank 0 of {args.world_size}")
 
 
 def _apply_reproducer(args) -> None:
@@ -199,6 +236,8 @@ def run(argv: Sequence[str] | None, out) -> int:
         setting = cost.Setting(batch=args.batch, seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
                                setup=cost.TrainingSetup(optimizer=args.optimizer))
         out.write("\n" + report.format_report(gm, setting, args.world_size))
+    if args.measure:
+        out.write("\n" + _measure(args, gm, str(pipeline), dp))
     for instrument in (timing, stats):
         if instrument:
             out.write("\n" + instrument.format())

@@ -96,9 +96,13 @@ SAVED_RULES = {
     "aten._log_softmax": "output", "aten.pow.Tensor_Scalar": "input0",
     "aten.mul.Tensor": "inputs", "aten.div.Tensor": "inputs",
     "aten.dropout": "mask", "aten.embedding": "indices",
-    "aten.cross_entropy_loss": "input0", "aten.nll_loss_forward": "input0",
+    # cross-entropy is log_softmax + nll_loss underneath: it keeps the log-probabilities
+    # (the logits' size) and the targets
+    "aten.cross_entropy_loss": "log-softmax-loss", "aten.nll_loss_forward": "input0",
     # torch.utils.checkpoint keeps only the region's inputs; the rest is recomputed
     "checkpoint": "region-inputs",
+    # insert-offload keeps what its region saves in host memory: nothing stays on the device
+    "offload_saved": "nothing",
 }
 
 # Ops whose output shares storage with their first input: saving the view keeps the base alive.
@@ -108,7 +112,7 @@ VIEW_OPS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose.in
             "aten.unflatten.int", "aten.flatten.using_ints", "aten.view.dtype", "aten.detach"}
 
 
-def _storage_root(node: fx.Node) -> fx.Node:
+def storage_root(node: fx.Node) -> fx.Node:
     """The node that owns the storage this node's value lives in. (A reshape of a
     non-contiguous tensor copies; treating it as a view undercounts by a few percent on
     grouped-query attention, which tests bound.)"""
@@ -163,7 +167,7 @@ def saved_tensors(node: fx.Node, symbols, needs: set[fx.Node]) -> list[tuple[obj
     if rule is None or node not in needs:
         return []
     args = [a for a in node.args if isinstance(a, fx.Node)]
-    saved = [(_storage_root(a), tensor_bytes(_root_val(a), symbols)) for a in _saved_inputs(rule, args, needs)]
+    saved = [(storage_root(a), tensor_bytes(root_val(a), symbols)) for a in _saved_inputs(rule, args, needs)]
     val = node.meta.get("val")
     out = val[0] if isinstance(val, (tuple, list)) else val
     if rule == "output":
@@ -173,12 +177,16 @@ def saved_tensors(node: fx.Node, symbols, needs: set[fx.Node]) -> list[tuple[obj
     elif rule == "norm":
         x = ir.tensor_val(args[0])
         rows = numel(x, symbols) / _sym(x.shape[-1], symbols)
-        saved.append((_storage_root(args[0]), tensor_bytes(_root_val(args[0]), symbols)))
+        saved.append((storage_root(args[0]), tensor_bytes(root_val(args[0]), symbols)))
         saved.append(((node, "stats"), 2 * rows * 4))  # fp32 mean and rstd per row
+    elif rule == "log-softmax-loss":
+        saved.append(((node, "log-probabilities"), tensor_bytes(ir.tensor_val(args[0]), symbols)))
+        if len(args) > 1 and _is_activation(args[1]):
+            saved.append((storage_root(args[1]), tensor_bytes(root_val(args[1]), symbols)))
     elif rule == "attention":
         q = ir.tensor_val(args[0])
         for arg in args[:3]:
-            saved.append((_storage_root(arg), tensor_bytes(_root_val(arg), symbols)))
+            saved.append((storage_root(arg), tensor_bytes(root_val(arg), symbols)))
         saved.append((node, tensor_bytes(q, symbols)))  # output
         saved.append(((node, "lse"), numel(q, symbols) / _sym(q.shape[-1], symbols) * 4))
     return saved
@@ -190,16 +198,20 @@ def _dropout_active(node: fx.Node) -> bool:
     return bool(train) and p > 0
 
 
-def _root_val(node: fx.Node) -> torch.Tensor:
-    root = _storage_root(node)
+def root_val(node: fx.Node) -> torch.Tensor:
+    root = storage_root(node)
     val = root.meta.get("val")
     if isinstance(val, (tuple, list)):  # split's tuple: fall back to the view itself
         return ir.tensor_val(node)
     return val if isinstance(val, torch.Tensor) else ir.tensor_val(node)
 
 
+# calls that run a fused region (insert-remat, insert-offload): their cost is their graph's
+REGION_CALLS = {"checkpoint", "offload_saved"}
+
+
 def node_flops(node: fx.Node, symbols: Mapping[str, str]) -> sympy.Expr:
-    if ir.target_str(node) == "checkpoint":  # a recomputed region: the FLOPs of its graph
+    if ir.target_str(node) in REGION_CALLS:  # a fused region: the FLOPs of its graph
         region = _region(node)
         return sum((node_flops(n, symbols) for n in _calls(region)), sympy.Integer(0))
     rule = FLOP_RULES.get(ir.target_str(node))
@@ -207,7 +219,7 @@ def node_flops(node: fx.Node, symbols: Mapping[str, str]) -> sympy.Expr:
 
 
 def _region(node: fx.Node) -> fx.GraphModule:
-    """The submodule a torch.utils.checkpoint call runs (its first argument, a get_attr)."""
+    """The submodule a region call runs (its first argument, a get_attr)."""
     owner = node.graph.owning_module
     return owner.get_submodule(str(node.args[0].target))
 

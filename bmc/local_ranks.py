@@ -2,7 +2,9 @@
 harness of the tests and benchmarks. Production runs use torchrun; this is for one machine."""
 import io
 import os
+import queue
 import tempfile
+import time
 import traceback
 
 import torch
@@ -26,6 +28,16 @@ def _worker(rank, world_size, init_file, fn, args, results):
         dist.destroy_process_group()
 
 
+def _check_alive(procs, got, deadline: float, timeout: float) -> None:
+    """A rank that died without reporting (killed, or failed while starting) fails the run
+    now rather than at the timeout."""
+    for rank, p in enumerate(procs):
+        if rank not in got and p.exitcode not in (None, 0):
+            raise AssertionError(f"rank {rank} died with exit code {p.exitcode} before reporting a result")
+    if time.monotonic() > deadline:
+        raise AssertionError(f"ranks {sorted(set(range(len(procs))) - set(got))} gave no result in {timeout:.0f}s")
+
+
 def run_ranks(world_size: int, fn, *args, timeout: float = 300):
     """fn(rank, world_size, *args) on every rank; returns the results ordered by rank."""
     ctx = mp.get_context("spawn")
@@ -38,8 +50,13 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 300):
             p.start()
         got = {}
         try:
-            for _ in procs:
-                rank, value, error = results.get(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while len(got) < world_size:
+                try:
+                    rank, value, error = results.get(timeout=1)
+                except queue.Empty:
+                    _check_alive(procs, got, deadline, timeout)
+                    continue
                 if error:
                     raise AssertionError(f"rank {rank} failed:\n{error}")
                 got[rank] = torch.load(io.BytesIO(value), weights_only=True)

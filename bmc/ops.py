@@ -148,6 +148,9 @@ torch.library.register_autograd("bmc::copy_to_group",
 # Callbacks told of every gathered parameter (the runtime uses them to gather again in
 # backward instead of keeping the full weight, and to measure what is alive).
 GATHER_WATCHERS: list = []
+# Callbacks told of every tensor saved for backward by hooks that replace the caller's
+# (saved-tensor hooks do not nest: only the innermost pair runs), for measurement.
+SAVED_OBSERVERS: list = []
 # The runtime's prefetcher (backends/data_parallel.py), if any: it starts the all-gathers of
 # the weights that come next while the current one is in use.
 PREFETCHER = None

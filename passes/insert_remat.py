@@ -1,29 +1,70 @@
 """insert-remat: recompute activations in backward instead of saving them (activation
-checkpointing), on the graph: each repeated block becomes a submodule called through
-torch.utils.checkpoint, so only the block's inputs are saved."""
+checkpointing), on the graph: a region becomes a submodule called through
+torch.utils.checkpoint, so only the region's inputs are saved.
+
+Policies:
+- block: every repeated block is one region.
+- selective: Megatron's selective activation recompute (Korthikanti et al. 2022): in each
+  block only the attention core, from the q/k/v projections' outputs through the attention
+  op to the input of the output projection, is recomputed. It drops what the core saves
+  beyond its inputs and output, for few FLOPs (no weight matmul): with attention written
+  out, the [B, heads, S, S] probabilities (and dropout mask); with a fused sdpa kernel,
+  which never saves those, only its log-sum-exp and the RoPE / repeat_kv copies.
+- budget: the fewest whole blocks, best bytes saved per recomputed FLOP first, such that
+  the cost model's saved-activation bytes, at the batch and sequence sizes of the traced
+  example inputs, fit `budget`.
+
+The block-fusing helpers here are shared with insert-offload.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
+import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-from bmc import ir
+from bmc import cost, ir
 from bmc.errors import PipelineError
+from bmc.graph_patterns import _ATTENTION_OPS, _op
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
-from bmc.structure import structure_of
+from bmc.structure import Attention, Linear, _Graph, structure_of
+from bmc.trace import trace_info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RematOptions:
-    # block: checkpoint every repeated block (the structure analysis finds them). Other
-    # policies (selective, budget) are not implemented yet and are refused when parsed.
-    policy: Literal["block"] = "block"
+    # block: checkpoint every repeated block; selective: only each block's attention core;
+    # budget: the fewest blocks that make the predicted saved activations fit `budget`.
+    policy: Literal["block", "selective", "budget"] = "block"
+    # bytes of saved activations allowed (cost model, at the traced batch and sequence);
+    # giving it selects policy=budget
+    budget: int | None = None
+
+    def __post_init__(self):
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise ValueError(f"budget must be > 0 bytes, got {self.budget}")
+            if self.policy == "selective":
+                raise ValueError("budget applies to policy=budget, not policy=selective: drop one of them")
+            # `insert-remat{budget=N}` reads as the budget policy; the default policy gives way
+            object.__setattr__(self, "policy", "budget")
+        # policy=budget without a budget still parses (the pass manager round-trips every
+        # option spelled out alone); InsertRemat.check refuses it before anything runs
 
 
-def _block_nodes(gm: fx.GraphModule, block: str) -> dict[fx.Node, None]:
+# ------------------------------------------------------------------ regions (shared with insert-offload)
+
+Nodes = dict[fx.Node, None]  # an ordered set of nodes
+
+
+def block_nodes(gm: fx.GraphModule, block: str) -> Nodes:
     """The computing nodes of one block, found by the module that produced them."""
     inside = {}
     for node in gm.graph.nodes:
@@ -35,16 +76,56 @@ def _block_nodes(gm: fx.GraphModule, block: str) -> dict[fx.Node, None]:
     return inside
 
 
-def _checkpoint_call(gm: fx.GraphModule, fused: fx.Node, block: str) -> fx.Node:
-    """Replace `call_module(fused_N)` by `checkpoint(fused_N, *inputs, use_reentrant=False)`."""
+def repeated_blocks(gm: fx.GraphModule, pass_name: str) -> list[tuple[str, Nodes]]:
+    """Each repeated block (structure analysis) with its computing nodes."""
+    found = [(b.name, block_nodes(gm, b.name)) for b in structure_of(gm).blocks]
+    found = [(name, nodes) for name, nodes in found if nodes]
+    if not found:
+        raise PipelineError(f"{pass_name} found no repeated blocks in this model "
+                            f"(bmc-opt --analyze shows what the structure analysis sees)")
+    return found
+
+
+def refuse_fused_regions(gm: fx.GraphModule, pass_name: str) -> None:
+    """insert-remat and insert-offload each fuse whole regions into submodules; a second such
+    pass would see a block split around the first one's call and could not fuse it again."""
+    for node in gm.graph.nodes:
+        origin = ir.get(node, ir.Origin)
+        if node.op != "call_function" or origin is None or origin.pass_name not in ("insert-remat", "insert-offload"):
+            continue
+        if pass_name.startswith(origin.pass_name):
+            raise PipelineError(f"{origin.pass_name} appears twice in the pipeline (it already fused {origin.source}): "
+                                f"keep one {origin.pass_name}")
+        raise PipelineError(f"{pass_name} cannot run after {origin.pass_name}, which already fused "
+                            f"{origin.source}: keep one of insert-remat / insert-offload{{what=activations}} "
+                            f"in the pipeline")
+
+
+def fuse_regions(gm: fx.GraphModule, regions: list[Nodes], prefix: str) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Fuse each region into a submodule `{prefix}{i}`; returns the graph and the
+    call_module node of each region, in the order given."""
+    gm = fuse_by_partitions(gm, regions, prefix=prefix, always_return_tuple=True)
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    calls = []
+    for index in range(len(regions)):
+        node = by_target[f"{prefix}{index}"]  # fuse_by_partitions names the i-th one so
+        node.meta["val"] = _output_val(gm.get_submodule(str(node.target)))
+        node.meta["nn_module_stack"] = {}
+        calls.append(node)
+    return gm, calls
+
+
+def call_through(gm: fx.GraphModule, fused: fx.Node, fn: Callable, kwargs: dict,
+                 notes: tuple) -> fx.Node:
+    """Replace `call_module(sub)(*inputs)` by `fn(sub, *inputs, **kwargs)`, so the dumped graph
+    shows what runs the region; `notes` are the bmc annotations of the new call."""
     graph = gm.graph
     with graph.inserting_before(fused):
         submodule = graph.get_attr(str(fused.target))
-        call = graph.call_function(torch.utils.checkpoint.checkpoint, (submodule, *fused.args),
-                                   {"use_reentrant": False})
+        call = graph.call_function(fn, (submodule, *fused.args), kwargs)
     call.meta.update({k: v for k, v in fused.meta.items() if k in ir.CARRIED_META})
-    ir.annotate(call, ir.Remat("block", block))
-    ir.annotate(call, ir.Origin("insert-remat", block))
+    for note in notes:
+        ir.annotate(call, note)
     fused.replace_all_uses_with(call)
     graph.erase_node(fused)
     return call
@@ -53,33 +134,211 @@ def _checkpoint_call(gm: fx.GraphModule, fused: fx.Node, block: str) -> fx.Node:
 def _output_val(sub: fx.GraphModule):
     """What the fused submodule returns, from the meta of the nodes it returns."""
     out = sub.graph.output_node().args[0]
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in out]
-    return tuple(vals)
+    return tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in out)
+
+
+# ------------------------------------------------------------------ selective: the attention core
+
+def _projection_nodes(gm: fx.GraphModule) -> dict[fx.Node, Linear]:
+    """Every projection node of the graph and its Linear, matched as the structure analysis
+    matches them (linear, addmm, mm + bias; weights stored either way round)."""
+    return _Graph(gm).linears
+
+
+def attention_core(gm: fx.GraphModule, attention: Attention, linears: dict[fx.Node, Linear]) -> Nodes:
+    """The nodes on every path from the q/k/v (or fused qkv) projections' outputs to the output
+    projection's input, both projections excluded: head splits, RoPE, repeat_kv, the
+    attention op (sdpa, or matmul/softmax/matmul) and the merge of heads. Empty if the
+    projections are not found or no attention op lies between them."""
+    wanted = {p for p in (attention.q, attention.k, attention.v, attention.qkv) if p is not None}
+    starts = {n for n, lin in linears.items() if lin in wanted}
+    ends = [n for n, lin in linears.items() if lin == attention.o]
+    if not starts or len(ends) != 1:
+        return {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[s] for s in starts)
+    o_input = next(a for a in ends[0].args if isinstance(a, fx.Node) and a.op != "get_attr")
+    # ancestors of the o projection's input that lie after the first projection ...
+    back: set[fx.Node] = set()
+    stack = [o_input]
+    while stack:
+        node = stack.pop()
+        if node in back or node in starts or node.op != "call_function" or order[node] < first:
+            continue
+        back.add(node)
+        stack.extend(node.all_input_nodes)
+    # ... that are also descendants of a q/k/v projection: the paths between them
+    core: set[fx.Node] = set()
+    stack = [u for s in starts for u in s.users]
+    while stack:
+        node = stack.pop()
+        if node in back and node not in core:
+            core.add(node)
+            stack.extend(node.users)
+    if not any(_op(n) in _ATTENTION_OPS for n in core):
+        return {}
+    return {n: None for n in gm.graph.nodes if n in core}
+
+
+def attention_cores(gm: fx.GraphModule) -> list[tuple[str, Nodes]]:
+    """(attention module, its core nodes) for every block whose attention the analysis found."""
+    linears = _projection_nodes(gm)
+    found = []
+    for block in structure_of(gm).blocks:
+        if block.attention is None:
+            continue
+        core = attention_core(gm, block.attention, linears)
+        if core:
+            found.append((block.attention.module, core))
+    if not found:
+        raise PipelineError("insert-remat{policy=selective} found no attention core (q/k/v projections -> "
+                            "attention -> output projection) in the blocks; use insert-remat{policy=block}")
+    return found
+
+
+# ------------------------------------------------------------------ budget: the cost model's ledger
+
+def trace_substitutions(gm: fx.GraphModule) -> dict:
+    """Values of the cost model's symbols at the traced example inputs: batch = dim 0 and
+    sequence = dim 1 of the first tensor input (how trace.py names B and S)."""
+    info = trace_info(gm)
+    tensors = [t for t in (*info.args, *info.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 1] \
+        if info is not None else []
+    if not tensors:
+        return {}
+    seq = int(tensors[0].shape[1]) if tensors[0].dim() >= 2 else None
+    return cost.Setting(batch=int(tensors[0].shape[0]), seq=seq).substitutions(cost.parameters(gm))
+
+
+def _number(expr: sympy.Expr, subs: dict, what: str) -> float:
+    try:
+        return cost.evaluate(expr, subs)
+    except ValueError:
+        raise PipelineError(f"cannot size {what}: the graph has symbolic sizes but no traced example inputs; "
+                            f"trace it with bmc.trace(model, example_inputs)") from None
+
+
+@dataclass
+class Ledger:
+    """Predicted saved-activation bytes, by tensor identity (a tensor saved twice counts once):
+    what the nodes outside every block save, what each block saves when it runs plainly,
+    what it saves when checkpointed (its inputs), and its forward FLOPs."""
+
+    outside: dict[object, float] = field(default_factory=dict)
+    plain: dict[str, dict[object, float]] = field(default_factory=dict)
+    inputs: dict[str, dict[object, float]] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)
+
+    def total(self, checkpointed=(), dropped=()) -> float:
+        """Saved bytes with the blocks in `checkpointed` recomputed and those in `dropped`
+        saving nothing on the device (offloaded)."""
+        seen = dict(self.outside)
+        for name, saved in self.plain.items():
+            if name in dropped:
+                continue
+            seen.update(self.inputs[name] if name in checkpointed else saved)
+        return sum(seen.values())
+
+
+def ledger(gm: fx.GraphModule, blocks: list[tuple[str, Nodes]], subs: dict) -> Ledger:
+    """The cost model's saved tensors and FLOPs of the unfused graph, split by block and
+    evaluated at `subs`, so that any choice of blocks is priced without rewriting."""
+    symbols, needs = cost.graph_symbols(gm), cost.nodes_needing_grad(gm)
+    owner = {n: name for name, nodes in blocks for n in nodes}
+    book = Ledger(plain={name: {} for name, _ in blocks}, inputs={name: {} for name, _ in blocks},
+                  flops={name: 0.0 for name, _ in blocks})
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = owner.get(node)
+        into = book.outside if name is None else book.plain[name]
+        for identity, nbytes in cost.saved_tensors(node, symbols, needs):
+            into.setdefault(identity, _number(nbytes, subs, "saved activations"))
+        if name is None:
+            continue
+        book.flops[name] += _number(cost.node_flops(node, symbols), subs, "recompute FLOPs")
+        for arg in node.all_input_nodes:
+            if owner.get(arg) != name and arg.op != "get_attr" and ir.tensor_val(arg) is not None:
+                # a checkpoint saves its region's inputs, each kept with the storage it views:
+                # the cost model's "region-inputs" rule, with its own view-following helpers
+                root = cost.storage_root(arg)
+                book.inputs[name].setdefault(root, _number(cost.tensor_bytes(cost.root_val(arg), symbols),
+                                                           subs, "checkpoint inputs"))
+    return book
+
+
+def choose_blocks(book: Ledger, budget: int) -> list[str]:
+    """The blocks to checkpoint, in program order: the ones that remove the most saved bytes
+    per FLOP they recompute first (the earlier block on a tie), until the prediction fits."""
+    least = book.total(checkpointed=book.plain)
+    if least > budget:
+        raise PipelineError(f"insert-remat{{budget={budget}}}: even with all {len(book.plain)} blocks checkpointed "
+                            f"{int(least)} bytes of activations stay saved; raise the budget to at least "
+                            f"{int(least)}, lower the batch or sequence, or add insert-offload")
+    full = book.total()
+    per_flop = {name: (full - book.total(checkpointed=[name])) / max(book.flops[name], 1.0) for name in book.plain}
+    chosen: list[str] = []
+    for name in sorted(book.plain, key=lambda n: -per_flop[n]):  # a stable sort: ties keep program order
+        if book.total(checkpointed=chosen) <= budget:
+            break
+        chosen.append(name)
+    return [name for name in book.plain if name in chosen]
+
+
+# ------------------------------------------------------------------ the pass
+
+def _checkpoint(gm: fx.GraphModule, fused: fx.Node, policy: str, region: str) -> fx.Node:
+    return call_through(gm, fused, torch.utils.checkpoint.checkpoint, {"use_reentrant": False},
+                        (ir.Remat(policy, region), ir.Origin("insert-remat", region)))
+
+
+def _saved_bytes(gm: fx.GraphModule, subs: dict) -> int | None:
+    """The cost model's saved-activation bytes at the traced sizes (None if it cannot say)."""
+    try:
+        return int(cost.evaluate(cost.activation_bytes(gm), subs))
+    except ValueError:
+        return None
 
 
 @register_pass("insert-remat", options=RematOptions, invalidates=("cost",))
 class InsertRemat(Pass):
-    """Recompute activations in backward: checkpoint each repeated block (policy=block)."""
+    """Recompute activations in backward: checkpoint blocks, attention cores, or blocks to a byte budget."""
+
+    def check(self) -> None:
+        if self.options.policy == "budget" and self.options.budget is None:
+            raise PipelineError("insert-remat{policy=budget} needs budget=BYTES, e.g. insert-remat{budget=200000000}")
+
+    def _regions(self, gm: fx.GraphModule, subs: dict) -> list[tuple[str, Nodes]]:
+        """(region name, nodes) of what the policy recomputes."""
+        if self.options.policy == "selective":
+            return attention_cores(gm)
+        blocks = repeated_blocks(gm, "insert-remat")
+        if self.options.policy == "block":
+            return blocks
+        chosen = choose_blocks(ledger(gm, blocks, subs), self.options.budget)
+        return [(name, nodes) for name, nodes in blocks if name in chosen]
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        blocks = structure_of(gm).blocks
-        if not blocks:
-            raise PipelineError("insert-remat found no repeated blocks to checkpoint in this model "
-                                "(bmc-opt --analyze shows what the structure analysis sees)")
-        found = [(b.name, _block_nodes(gm, b.name)) for b in blocks]
-        found = [(name, nodes) for name, nodes in found if nodes]
-        # fuse_by_partitions names the i-th partition's submodule f"{prefix}{i}"
-        gm = fuse_by_partitions(gm, [nodes for _, nodes in found], prefix="remat_block_", always_return_tuple=True)
-        by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-        for index, (name, _) in enumerate(found):
-            node = by_target[f"remat_block_{index}"]
-            node.meta["val"] = _output_val(gm.get_submodule(str(node.target)))
-            node.meta["nn_module_stack"] = {}
-            _checkpoint_call(gm, node, name)
-        fused = found
-        gm.graph.lint()
-        gm.recompile()
-        return PassResult(gm, True, {"blocks-checkpointed": len(fused)})
+        self.check()
+        refuse_fused_regions(gm, "insert-remat")
+        policy = self.options.policy
+        subs = trace_substitutions(gm)
+        before = _saved_bytes(gm, subs)
+        regions = self._regions(gm, subs)
+        if regions:
+            gm, calls = fuse_regions(gm, [nodes for _, nodes in regions], prefix=f"remat_{policy}_")
+            for (name, _), fused in zip(regions, calls):
+                _checkpoint(gm, fused, policy, name)
+            gm.graph.lint()
+            gm.recompile()
+        after = _saved_bytes(gm, subs)
+        key = "attention-cores-checkpointed" if policy == "selective" else "blocks-checkpointed"
+        stats = {key: len(regions)}
+        if before is not None and after is not None:
+            stats.update({"saved-bytes-before": before, "saved-bytes-after": after})
+        log.info("insert-remat{policy=%s}: %d regions checkpointed; predicted saved bytes %s -> %s",
+                 policy, len(regions), before, after)
+        return PassResult(gm, bool(regions), stats)
 
 
 register_preset("ckpt", "insert-remat{policy=block}", "checkpoint every repeated block (recompute in backward)")

@@ -46,14 +46,7 @@ def traced_copy(model, example_inputs, dynamic=None):
 
 def saved_activation_bytes(model, example_inputs) -> int:
     """Bytes of the distinct non-parameter storages autograd saves for backward in one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    from bmc.measure import SavedBytes
+    with SavedBytes(model.parameters()) as saved:
         run(model, example_inputs)
-    return sum(seen.values())
+    return saved.total

@@ -130,3 +130,19 @@ def test_planning_llama_7b_on_meta_stays_small():
     assert "parameters 6,738,415,616" in result.stdout
     assert peak_gib < 3, f"peak RSS {peak_gib:.2f} GiB"
     assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+@pytest.mark.parametrize("pipeline, world", [("amp{dtype=bf16},ckpt", "1"), ("zero3", "2")])
+def test_measure_prints_measured_bytes_beside_the_prediction(pipeline, world):
+    run = bmc_opt("zoo:gpt-tiny", f"--pass={pipeline}", "--world-size", world, "--batch", "2", "--seq", "32",
+                  "--measure")
+    assert run.returncode == 0, run.stderr
+    table = run.stdout[run.stdout.index(f"rank 0 of {world}"):].splitlines()[1:5]
+    for line in table:
+        part, measured, predicted, ratio = line.split()
+        assert abs(float(ratio) - 1) <= 0.02, line  # model states exact up to a few scalars
+
+
+def test_measure_needs_real_weights():
+    run = bmc_opt("zoo:gpt-tiny", "--measure", "--device", "meta")
+    assert run.returncode == 2 and "needs real weights" in run.stderr

@@ -16,6 +16,7 @@ rank died carries on from there. Bad input is one line on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import bmc  # noqa: E402
-from bmc import data, zoo  # noqa: E402
+from bmc import data, measure, zoo  # noqa: E402
 from bmc.backends import checkpoint  # noqa: E402
 from bmc.errors import BmcError  # noqa: E402
 
@@ -142,36 +143,11 @@ def learning_rate(args, step: int) -> float:
 # ------------------------------------------------------------------ measurement
 
 
-def memory_lines(prog, opt, world: int, local_batch: int, seq: int, saved_bytes: int) -> list[str]:
+def memory_report(prog, world: int, local_batch: int, seq: int, measured: dict) -> str:
     """Measured bytes on this rank beside the cost model's prediction."""
-    from bmc import cost, report
-    table = report.memory_table(prog.graph_module, cost.Setting(dp=world, batch=local_batch, seq=seq))
-    states = table.states_for_plan()
-    measured = opt.memory()
-    lines = [f"{'per-rank bytes':<16}{'measured':>14}{'predicted':>14}{'ratio':>8}"]
-    rows = [(part, measured[part], cost.evaluate(getattr(states, part), table.subs))
-            for part in ("params", "grads", "optimizer")]
-    rows.append(("activations", saved_bytes, cost.evaluate(cost.activation_bytes(prog.graph_module), table.subs)))
-    for part, got, want in rows:
-        lines.append(f"{part:<16}{got:>14,}{int(want):>14,}{got / want if want else float('nan'):>8.3f}")
-    return lines
-
-
-class SavedBytes:
-    """Bytes of distinct non-parameter storages autograd saves for backward (one forward)."""
-
-    def __init__(self, prog):
-        self.params = {p.untyped_storage().data_ptr() for p in prog.parameters()}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t):
-        address = t.untyped_storage().data_ptr()
-        if address not in self.params and t.device.type != "meta":
-            self.seen[address] = t.untyped_storage().nbytes()
-        return t
-
-    def total(self) -> int:
-        return sum(self.seen.values())
+    from bmc import cost, measure
+    setting = cost.Setting(dp=world, batch=local_batch, seq=seq)
+    return measure.format_comparison(measured, measure.predicted(prog.graph_module, setting))
 
 
 # ------------------------------------------------------------------ the loop
@@ -258,11 +234,8 @@ def train(args) -> dict:
             group["lr"] = learning_rate(args, step)
         opt.zero_grad()
         x, y = train_text.local(step, rank, world)
-        saved = SavedBytes(prog) if step == start else None
-        if saved is not None:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                loss = task.loss(prog, x, y)
-        else:
+        first = step == start
+        with measure.SavedBytes(prog.parameters()) if first else contextlib.nullcontext() as saved:
             loss = task.loss(prog, x, y)
         loss.backward()
         norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else None
@@ -275,9 +248,9 @@ def train(args) -> dict:
         if opt.loss_scale is not None:
             record["loss_scale"] = opt.loss_scale
         losses.write(record)
-        if saved is not None and rank == 0:
-            for line in memory_lines(prog, opt, world, local_batch, args.seq, saved.total()):
-                log.info(line)
+        if first and rank == 0:
+            measured = {**opt.memory(), "activations": saved.total}
+            log.info("%s", memory_report(prog, world, local_batch, args.seq, measured).rstrip())
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")

@@ -1,0 +1,130 @@
+"""insert-offload: keep what backward needs in CPU memory instead of the accelerator's.
+
+what=activations: each repeated block becomes a submodule called through `offload_saved`,
+under which every tensor autograd saves for backward is copied to CPU memory during forward
+(pinned, asynchronously, when CUDA is available) and copied back when backward unpacks it,
+as torch.autograd.graph.save_on_cpu does, except that tensors already on the CPU and leaves
+that require grad (parameters, which stay resident anyway) are kept as they are, and a
+tensor saved by several ops of the block is copied once.
+
+what=optimizer: ZeRO-Offload's optimizer side (Ren et al. 2021): optimizer states and the
+optimizer step live on the CPU. It is a runtime decision, not a graph rewrite: the pass only
+records `gm.meta["bmc.offload_optimizer"] = True`, for the torch backend's optimizer to act on
+(that runtime part lives in backends/, not here).
+
+The offloaded calls carry bmc.origin = insert-offload(<block>), and the graph's meta lists the
+offloaded blocks under "bmc.offload_activations".
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from bmc.passes.insert_remat import (
+    Ledger,
+    call_through,
+    fuse_regions,
+    ledger,
+    refuse_fused_regions,
+    repeated_blocks,
+    trace_substitutions,
+)
+from torch import fx
+
+from bmc import ir
+from bmc.passmgr import Pass, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FLAG = "bmc.offload_optimizer"
+ACTIVATIONS_KEY = "bmc.offload_activations"  # graph meta: the blocks whose saved tensors live on the CPU
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    # activations: saved activations of each repeated block in CPU memory between forward
+    # and backward; optimizer: optimizer states and step on the CPU (set for the runtime)
+    what: Literal["activations", "optimizer"] = "activations"
+
+
+# ------------------------------------------------------------------ runtime: the call in the graph
+
+class HostSavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """saved_tensors_hooks that keep each saved tensor in CPU memory until backward."""
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        # id(tensor) -> (tensor, its host copy): one copy per tensor however many ops save it.
+        # Holding the tensor keeps its id from being reused before the region returns; the
+        # device memory is released when the region returns and this object is dropped.
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(self.pack, self.unpack)
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Left as it is: a tensor already in host memory, or a leaf that requires grad (a
+        parameter, resident anyway: copying it would cost traffic and save nothing)."""
+        return tensor.device.type == "cpu" or (tensor.requires_grad and tensor.grad_fn is None)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if self.keeps(tensor):
+            return tensor
+        key = id(tensor)
+        if key not in self.copies:
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout,
+                               pin_memory=self.pin_memory and not tensor.is_sparse)
+            host.copy_(tensor, non_blocking=self.pin_memory)
+            self.copies[key] = (tensor, host)
+        return tensor.device, self.copies[key][1]
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        # the autograd graph keeps this object (its unpack hook) until backward: drop the
+        # device tensors now, so only their host copies stay alive
+        self.copies.clear()
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=self.pin_memory)
+
+
+def offload_saved(fn, *args):
+    """Run `fn(*args)` with the tensors it saves for backward kept in CPU memory."""
+    with HostSavedTensors(pin_memory=torch.cuda.is_available()):
+        return fn(*args)
+
+
+# ------------------------------------------------------------------ the pass
+
+def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
+    refuse_fused_regions(gm, "insert-offload{what=activations}")
+    blocks = repeated_blocks(gm, "insert-offload{what=activations}")
+    book: Ledger = ledger(gm, blocks, trace_substitutions(gm))
+    gm, calls = fuse_regions(gm, [nodes for _, nodes in blocks], prefix="offload_block_")
+    for (name, _), fused in zip(blocks, calls):
+        call_through(gm, fused, offload_saved, {}, (ir.Origin("insert-offload", name),))
+    gm.meta[ACTIVATIONS_KEY] = tuple(name for name, _ in blocks)
+    gm.graph.lint()
+    gm.recompile()
+    names = list(book.plain)
+    return gm, {"blocks-offloaded": len(blocks),
+                "saved-bytes-before": int(book.total()),
+                "saved-bytes-on-device-after": int(book.total(dropped=names)),
+                "saved-bytes-to-host": int(sum(sum(book.plain[n].values()) for n in names))}
+
+
+@register_pass("insert-offload", options=OffloadOptions, invalidates=("cost",))
+class InsertOffload(Pass):
+    """Offload to CPU memory: each block's saved activations, or (flag for the runtime) the optimizer."""
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        if self.options.what == "optimizer":
+            gm.meta[OPTIMIZER_FLAG] = True
+            log.info("insert-offload{what=optimizer}: optimizer states and step marked for the CPU")
+            return PassResult(gm, True, {"optimizer-offloaded": 1})
+        gm, stats = _offload_activations(gm)
+        log.info("insert-offload{what=activations}: %s", stats)
+        return PassResult(gm, True, stats)
