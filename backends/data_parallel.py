@@ -41,7 +41,7 @@ class Entry:
 
 @dataclass
 class Bucket:
-    entries: list[Entry] = field(default_factory=list)
+    entries: list[tuple[Entry, torch.Tensor]] = field(default_factory=list)  # (entry, flat gradient)
     nbytes: int = 0
 
 
@@ -61,7 +61,7 @@ class DataParallelRuntime:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.entries = self._collect()
         self._bucket = Bucket()
-        self._pending: list[tuple[object, torch.Tensor, list[Entry], int]] = []
+        self._pending: list[tuple[object, torch.Tensor, list[Entry]]] = []
         self.synced = True  # no gradients waiting to be reduced
         self.synced_stage3 = False
         self._broadcast_initial_weights()
@@ -70,15 +70,14 @@ class DataParallelRuntime:
                 self._shard_in_place(entry)
             else:
                 entry.param.register_post_accumulate_grad_hook(self._make_hook(entry))
+        self._by_shard = {id(e.param): e for e in self.entries if e.stage == 3}
         self.prefetcher = self._prefetcher(prefetch)
 
     def _prefetcher(self, depth: int) -> "Prefetcher | None":
-        """Weights in the order the graph gathers them, for ZeRO-3's prefetch."""
+        """ZeRO-3's prefetch (it learns the order the weights are gathered in)."""
         if depth <= 0 or not any(e.stage == 3 for e in self.entries):
             return None
-        gathers = self.gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default)
-        shards = [self.gm.get_parameter(str(n.args[0].target)) for n in gathers]
-        return Prefetcher(shards, self.pg, depth)
+        return Prefetcher(self.pg, depth)
 
     # ---------------------------------------------------------------- setup
 
@@ -125,64 +124,88 @@ class DataParallelRuntime:
 
     def _make_hook(self, entry: Entry):
         def hook(param: torch.Tensor) -> None:
-            self.synced = False
-            self._bucket.entries.append(entry)
-            self._bucket.nbytes += param.grad.numel() * param.grad.element_size()
-            if self._bucket.nbytes >= self.bucket_bytes:
-                self._flush()
+            self._add_to_bucket(entry, param.grad)
         return hook
+
+    def reduce_gathered_gradient(self, shard_key: int, grad: torch.Tensor) -> bool:
+        """ZeRO-3: a gathered weight's full gradient, from bmc::gather_param's backward, joins
+        the bucket (reduce-scattered asynchronously with the rest of it) instead of being
+        reduce-scattered on its own while backward waits."""
+        entry = self._by_shard.get(shard_key)
+        if entry is None:
+            return False
+        self._add_to_bucket(entry, grad)
+        return True
+
+    def _add_to_bucket(self, entry: Entry, grad: torch.Tensor) -> None:
+        self.synced = False
+        self._bucket.entries.append((entry, grad.reshape(-1)))
+        self._bucket.nbytes += grad.numel() * grad.element_size()
+        if self._bucket.nbytes >= self.bucket_bytes:
+            self._flush()
 
     def _flush(self) -> None:
         """Launch the reduction of the filled bucket; backward goes on meanwhile."""
         bucket, self._bucket = self._bucket, Bucket()
-        if not bucket.entries:
-            return
-        for stage_group in (0, 2):
-            members = [e for e in bucket.entries if (e.stage == 2) == (stage_group == 2)]
-            if members:
-                self._launch(members, scatter=stage_group == 2)
+        reduced = [(e, g) for e, g in bucket.entries if e.stage in (0, 1)]
+        scattered = [(e, g) for e, g in bucket.entries if e.stage in (2, 3)]
+        if reduced:
+            self._all_reduce(reduced)
+        if scattered:
+            self._reduce_scatter(scattered)
 
-    def _launch(self, members: list[Entry], scatter: bool) -> None:
-        grads = [e.param.grad.reshape(-1) for e in members]
-        if scatter:
-            # lay the bucket out rank-major so rank r receives its slice of every parameter
-            pieces = [torch.cat([_padded(g, e.local * self.size)[r * e.local:(r + 1) * e.local]
-                                 for g, e in zip(grads, members)]) for r in range(self.size)]
-            send = torch.cat(pieces)
-            out = torch.empty(send.numel() // self.size, dtype=send.dtype)
-            work = dist.reduce_scatter_single(out, send, group=self.pg, async_op=True)
-            for e in members:
+    def _all_reduce(self, members: list[tuple[Entry, torch.Tensor]]) -> None:
+        flat = torch.cat([g for _, g in members])
+        work = dist.all_reduce(flat, group=self.pg, async_op=True)
+        self._pending.append((work, flat, [e for e, _ in members]))
+
+    def _reduce_scatter(self, members: list[tuple[Entry, torch.Tensor]]) -> None:
+        # lay the bucket out rank-major so rank r receives its slice of every parameter
+        pieces = [torch.cat([_padded(g, e.local * self.size)[r * e.local:(r + 1) * e.local] for e, g in members])
+                  for r in range(self.size)]
+        send = torch.cat(pieces)
+        out = torch.empty(send.numel() // self.size, dtype=send.dtype, device=send.device)
+        work = dist.reduce_scatter_single(out, send, group=self.pg, async_op=True)
+        for e, _ in members:
+            if e.stage == 2:
                 e.param.grad = None  # ZeRO-2: the full gradient is not kept
-            self._pending.append((work, out, members, 2))
-        else:
-            flat = torch.cat(grads)
-            work = dist.all_reduce(flat, group=self.pg, async_op=True)
-            self._pending.append((work, flat, members, 0))
+        self._pending.append((work, out, [e for e, _ in members]))
 
     def finish_gradient_sync(self) -> None:
         """Wait for every reduction; leave averaged gradients where the optimizer reads them.
         Idempotent until the next backward."""
-        if self.synced and not any(e.stage == 3 and e.param.grad is not None for e in self.entries):
+        unreduced = any(e.stage == 3 and e.param.grad is not None for e in self.entries) and not self.synced_stage3
+        if self.synced and not unreduced:
             return
         self._flush()
-        for work, flat, members, kind in self._pending:
+        for e in self.entries:
+            if e.stage == 3 and e.param.grad is not None and not self.synced_stage3:
+                # reduce-scattered one by one (a gradient the runtime did not bucket): summed
+                e.param.grad.div_(self.size)
+        for work, flat, members in self._pending:
             work.wait()
             flat.div_(self.size)
             offset = 0
             for e in members:
-                n = e.local if kind == 2 else e.numel
-                piece = flat[offset:offset + n]
+                n = e.numel if e.stage in (0, 1) else e.local
+                self._receive(e, flat[offset:offset + n])
                 offset += n
-                if kind == 2:
-                    e.shard_grad = piece
-                else:
-                    e.param.grad.copy_(piece.view(e.shape))
         self._pending.clear()
-        for e in self.entries:
-            if e.stage == 3 and e.param.grad is not None and not self.synced_stage3:
-                e.param.grad.div_(self.size)  # gather_param's backward summed over ranks
         self.synced = True
         self.synced_stage3 = True
+
+    @staticmethod
+    def _receive(e: Entry, piece: torch.Tensor) -> None:
+        """The averaged gradient (stages 0-1: all of it; 2-3: this rank's slice) where the
+        optimizer reads it, added to what an earlier backward left (gradient accumulation)."""
+        if e.stage in (0, 1):
+            e.param.grad.copy_(piece.view(e.shape))
+        elif e.stage == 2:
+            e.shard_grad = piece if e.shard_grad is None else e.shard_grad + piece
+        elif e.param.grad is None:
+            e.param.grad = piece.view(e.param.shape)
+        else:
+            e.param.grad.add_(piece.view(e.param.shape))
 
     def new_backward(self) -> None:
         """Gradients were cleared: the next ones need reducing (and ZeRO-3's averaging)."""
@@ -209,51 +232,110 @@ def _padded(flat: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(size - flat.numel())])
 
 
-class Prefetcher:
-    """Starts the all-gathers of the next `depth` ZeRO-3 weights (in forward order, or in
-    reverse during backward's re-gathers) as soon as one is gathered, so communication
-    overlaps the compute that uses the current one. At most `depth` gathers are in flight;
-    what is still in flight when the weights change (an optimizer step) is dropped."""
+@dataclass
+class _GatherGroup:
+    """One all-gather of several weights' shards, concatenated: fewer, larger collectives."""
 
-    def __init__(self, shards: list[torch.Tensor], process_group, depth: int):
-        self.order = {id(s): i for i, s in enumerate(shards)}
-        self.shards = shards
+    work: object
+    out: torch.Tensor  # [ranks, sum of the members' shard sizes], filled when work completes
+    offsets: dict[int, tuple[int, int]]  # _key(shard) -> (start, numel) within a rank's row
+    waited: bool = False
+
+    def full(self, key: int) -> torch.Tensor:
+        """One member's all-gathered flat shards, rank-major (what a lone all-gather gives)."""
+        if not self.waited:
+            self.work.wait()
+            self.waited = True
+        start, numel = self.offsets.pop(key)
+        # a weight of its own (never a view of the group's buffer, which is freed once every
+        # member is taken, and whose lifetime the gather tracker could not follow per weight)
+        piece = self.out[:, start:start + numel]
+        return piece.clone().view(-1) if piece.is_contiguous() else piece.reshape(-1)
+
+
+def _key(shard: torch.Tensor) -> int:
+    """A weight's identity that survives detaching and aliasing (torch.utils.checkpoint hands
+    a recomputed region new tensor objects for the same shards): its storage."""
+    return shard.untyped_storage().data_ptr()
+
+
+class Prefetcher:
+    """Starts the all-gathers of the next ZeRO-3 weights while the current one is used, so
+    communication overlaps compute. The order is recorded in the first step, for forward and
+    for backward (re-gathers of saved weights, recomputed regions) apart, and followed from
+    then on. At most `depth` weights are in flight; they are started in groups, one
+    collective for several weights, whenever half the window has been used (each collective
+    costs a synchronization). What is still in flight when the weights change (an optimizer
+    step) is dropped."""
+
+    def __init__(self, process_group, depth: int):
+        self.orders: dict[str, list[torch.Tensor] | None] = {"forward": None, "backward": None}
         self.pg, self.depth = process_group, depth
         self.size = dist.get_world_size(process_group)
-        self.in_flight: dict[int, tuple[object, torch.Tensor]] = {}
-        self.last = -1
+        self.in_flight: dict[int, _GatherGroup] = {}  # _key(shard) -> its group
+        self.phase, self.position = "forward", -1
+        self.recording: list[torch.Tensor] | None = None
         self.hits = 0  # gathers served by a prefetch
 
+    def begin(self, phase: str) -> None:
+        """A forward or a backward starts (the program calls this around its forward)."""
+        self._finish_recording()
+        self.phase, self.position = phase, -1
+        if self.orders[phase] is None:
+            self.recording = []
+
+    def _finish_recording(self) -> None:
+        if self.recording:
+            self.orders[self.phase] = self.recording
+        self.recording = None
+
     def take(self, shard: torch.Tensor) -> torch.Tensor | None:
-        entry = self.in_flight.pop(id(shard), None)
-        if entry is None:
+        key = _key(shard)
+        group = self.in_flight.pop(key, None)
+        if group is None:
             return None
-        work, out = entry
-        work.wait()
         self.hits += 1
-        return out
+        return group.full(key)
 
     def gathered(self, shard: torch.Tensor) -> None:
-        index = self.order.get(id(shard))
-        if index is None:
+        if self.recording is not None:
+            self.recording.append(shard)
             return
-        step = 1 if index >= self.last else -1
-        self.last = index
-        for ahead in range(1, self.depth + 1):
-            j = index + step * ahead
-            if 0 <= j < len(self.shards) and id(self.shards[j]) not in self.in_flight:
-                self._start(self.shards[j])
+        order = self.orders[self.phase]
+        if order is None:
+            return
+        key = _key(shard)
+        at = next((i for i in range(self.position + 1, len(order)) if _key(order[i]) == key), None)
+        if at is None:
+            return  # not where the recorded order expected it: no guess
+        self.position = at
+        wanted = order[at + 1:at + 1 + self.depth]
+        missing = list({_key(s): s for s in wanted if _key(s) not in self.in_flight and _key(s) != key}.values())
+        # refill when half the window is used (or what is left of the order fits in it)
+        if missing and (len(missing) >= max(1, self.depth // 2) or at + 1 + self.depth >= len(order)):
+            self._start(missing)
 
-    def _start(self, shard: torch.Tensor) -> None:
-        out = torch.empty(shard.numel() * self.size, dtype=shard.dtype, device=shard.device)
-        work = dist.all_gather_single(out, shard.detach().contiguous().reshape(-1), group=self.pg, async_op=True)
-        self.in_flight[id(shard)] = (work, out)
+    def _start(self, shards: list[torch.Tensor]) -> None:
+        flats = [s.detach().reshape(-1) for s in shards]
+        send = torch.cat(flats) if len(flats) > 1 else flats[0].contiguous()
+        out = torch.empty(self.size, send.numel(), dtype=send.dtype, device=send.device)
+        work = dist.all_gather_single(out.view(-1), send, group=self.pg, async_op=True)
+        offsets, start = {}, 0
+        for s, flat in zip(shards, flats):
+            offsets[_key(s)] = (start, flat.numel())
+            start += flat.numel()
+        group = _GatherGroup(work, out, offsets)
+        for s in shards:
+            self.in_flight[_key(s)] = group
 
     def in_flight_bytes(self) -> int:
-        return sum(out.numel() * out.element_size() for _, out in self.in_flight.values())
+        groups = {id(g): g for g in self.in_flight.values()}.values()
+        return sum(g.out.numel() * g.out.element_size() for g in groups)
 
     def drop(self) -> None:
-        for work, _ in self.in_flight.values():
-            work.wait()
+        for group in {id(g): g for g in self.in_flight.values()}.values():
+            if not group.waited:
+                group.work.wait()
         self.in_flight.clear()
-        self.last = -1
+        self._finish_recording()
+        self.phase, self.position = "forward", -1

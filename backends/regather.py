@@ -26,7 +26,8 @@ class _Regather:
 
     def materialize(self) -> torch.Tensor:
         with torch.no_grad():
-            full = torch.ops.bmc.gather_param(self.shard.detach(), self.shape, self.group)
+            # the parameter itself, not a detached alias: the prefetcher knows weights by identity
+            full = torch.ops.bmc.gather_param(self.shard, self.shape, self.group)
         return full.as_strided(self.size, self.stride, self.offset)
 
 

@@ -84,10 +84,18 @@ class DistributedProgram(Program):
 
     @contextlib.contextmanager
     def _prefetching(self):
-        """Backward's re-gathers run after this call returns, so the prefetcher stays installed
-        for the program's lifetime once it has one."""
-        ops.PREFETCHER = self.runtime.prefetcher
-        yield
+        """Backward's re-gathers and gradients come after this call returns, so the prefetcher
+        and the gradient reducer stay installed until another program runs."""
+        prefetcher = self.runtime.prefetcher
+        ops.PREFETCHER = prefetcher
+        ops.GRAD_REDUCER = self.runtime.reduce_gathered_gradient
+        if prefetcher is not None:
+            prefetcher.begin("forward")
+        try:
+            yield
+        finally:
+            if prefetcher is not None:
+                prefetcher.begin("backward")  # what gathers next is backward's (or recompute's)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         full = super().full_state_dict()

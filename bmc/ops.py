@@ -154,6 +154,10 @@ SAVED_OBSERVERS: list = []
 # The runtime's prefetcher (backends/data_parallel.py), if any: it starts the all-gathers of
 # the weights that come next while the current one is in use.
 PREFETCHER = None
+# The runtime's gradient reducer, if any: `reduce(shard_key, grad) -> bool` takes a gathered
+# weight's full gradient for a bucketed, asynchronous reduce-scatter (True), or declines it
+# (False) and gather_param's backward reduce-scatters it at once.
+GRAD_REDUCER = None
 
 
 def shard_numel(numel: int, size: int) -> int:
@@ -189,6 +193,7 @@ def _(shard, shape, group):
 def _gather_param_setup(ctx, inputs, output):
     shard, _, ctx.group = inputs
     ctx.shard_shape = shard.shape
+    ctx.shard_key = id(shard)
 
 
 def _gather_param_backward(ctx, grad):
@@ -196,6 +201,8 @@ def _gather_param_backward(ctx, grad):
     flat = grad.reshape(-1)
     if pg is None:
         return flat.reshape(ctx.shard_shape), None, None
+    if GRAD_REDUCER is not None and GRAD_REDUCER(ctx.shard_key, grad):
+        return None, None, None  # the runtime sets the shard's gradient when the bucket is reduced
     size = dist.get_world_size(pg)
     local = math.prod(ctx.shard_shape)
     padded = torch.zeros(local * size, dtype=grad.dtype, device=grad.device)

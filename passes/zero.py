@@ -3,7 +3,7 @@ gradients too (stage 2), and parameters too (stage 3) over the dp group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
@@ -17,14 +17,16 @@ from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 @dataclass(frozen=True)
 class ZeroOptions:
     stage: Literal[1, 2, 3] = 1
-    # gradients are reduced in buckets of about this size (stages 1 and 2)
-    bucket_mb: float = 25.0
+    # gradients are reduced in buckets of about this size, asynchronously while backward goes
+    # on; default 25 MB at stages 1-2 (as DDP), 4 MB at stage 3, whose buckets hold full
+    # gathered gradients and should be reduced about a block at a time
+    bucket_mb: Optional[float] = None
     # stage 3: how many weights ahead are all-gathered while the current one is in use
-    # (a bound on the extra gathered memory); 0 turns prefetch off
-    prefetch: int = 4
+    # (a bound on the extra gathered memory), started in groups of half as many; 0: off
+    prefetch: int = 8
 
     def __post_init__(self):
-        if self.bucket_mb <= 0:
+        if self.bucket_mb is not None and self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
@@ -49,7 +51,8 @@ class Zero(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         stage = self.options.stage
         count = mark_data_parallel(gm, stage=stage, sharded=stage == 3)
-        gm.meta["bmc.bucket_mb"] = self.options.bucket_mb
+        default_bucket = 4.0 if stage == 3 else 25.0
+        gm.meta["bmc.bucket_mb"] = self.options.bucket_mb if self.options.bucket_mb is not None else default_bucket
         gm.meta["bmc.prefetch"] = self.options.prefetch if stage == 3 else 0
         gathers = 0
         if stage == 3:

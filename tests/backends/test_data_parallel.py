@@ -75,7 +75,10 @@ def _max_diff(a, b):
 
 
 PLANS = ["dp", "zero1", "zero2", "zero3"]
-CASES = [(plan + remat, ws, "fp32") for plan in PLANS for remat in ("", ",ckpt") for ws in (2, 4)] + \
+# Every plan with and without ckpt at 2 and 4 ranks; the 4-rank fp32 runs (2 minutes on the
+# 2-core CI machine) are marked slow: CI keeps 4 ranks covered by the fp64 runs.
+CASES = [pytest.param(plan + remat, ws, "fp32", marks=[pytest.mark.slow] if ws == 4 else [])
+         for plan in PLANS for remat in ("", ",ckpt") for ws in (2, 4)] + \
         [(plan, 4, "fp64") for plan in PLANS]
 
 
@@ -115,8 +118,10 @@ def _gathered_peak(rank, world_size):
     model = zoo.build("gpt-mini")
     x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
     prog = bmc.compile(model, passes="zero3", example_inputs=(x, x.clone()), world_size=world_size)
-    batch = _batches(world_size)[0]
-    prog(*_local(batch, rank)).backward()
+    first, second = _batches(world_size)[:2]
+    prog(*_local(first, rank)).backward()  # the prefetcher records the order the weights come in
+    prog.gathers.peak_bytes = 0
+    prog(*_local(second, rank)).backward()  # ... and follows it
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in model.transformer.h[0].parameters())
     outside_blocks = full_bytes - block_bytes * len(model.transformer.h)
@@ -126,12 +131,12 @@ def _gathered_peak(rank, world_size):
 
 def test_zero3_keeps_only_the_block_in_flight_gathered():
     """Forward and backward never hold the whole model: at most the weights outside the
-    blocks (embeddings, final norm) plus one block's worth (current + prefetched weights),
-    re-gathered in backward."""
+    blocks (embeddings, final norm) plus the blocks in flight: the one computing and the
+    prefetched weights (8 by default, fewer than one block holds), re-gathered in backward."""
     for peak, regathered, full, block, outside, hits in run_ranks(2, _gathered_peak):
         assert regathered > 0, "backward kept the gathered weights instead of gathering again"
         assert hits > 0, "no gather was served by the prefetch"
-        assert peak <= outside + block, (peak, outside, block)
+        assert peak <= outside + 2 * block, (peak, outside, block)
         assert peak < 0.5 * full
 
 

@@ -66,3 +66,17 @@ def test_backend_errors_are_clear():
         bmc.compile(model, passes="zero3", world_size=2)
     with pytest.raises(bmc.PipelineError, match="unknown pass"):
         bmc.compile(model, passes=["nope"])
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("zero{stage=3,bucket_mb=0}", "bucket_mb must be > 0"),
+    ("zero{stage=3,prefetch=-1}", "prefetch must be >= 0"),
+    ("zero{stage=5}", "expects one of 1|2|3"),
+    ("dp{bucket_mb=-2}", "bucket_mb must be > 0"),
+    ("amp{growth_interval=0}", "growth_interval must be >= 1"),
+    ("insert-remat{budget=-5}", "budget must be > 0"),
+])
+def test_training_pass_options_out_of_range_are_one_line_errors(pipeline, message):
+    with pytest.raises(bmc.PipelineError, match=message) as info:
+        bmc.parse_pipeline(pipeline)
+    assert "\n" not in str(info.value)

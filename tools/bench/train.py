@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -49,19 +48,7 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def timed_steps(args, step) -> list[float]:
-    times = []
-    for i, batch in enumerate(batches(args, dist.get_world_size())):
-        dist.barrier()
-        start = time.perf_counter()
-        step(batch[:, :-1], batch[:, 1:])
-        dist.barrier()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def run_fsdp2(rank, world_size, args):
+def build_fsdp2(args):
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)
     model = zoo.build(model_config(args))
@@ -70,41 +57,73 @@ def run_fsdp2(rank, world_size, args):
     fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def step(x, y):
-        opt.zero_grad()
-        model(x, y).backward()
-        opt.step()
-
-    times = timed_steps(args, step)
-    params = list(model.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
-    states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    held = storage_bytes(params) + storage_bytes(grads) + storage_bytes(states)
-    return times, held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def memory():
+        params = list(model.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return storage_bytes(params) + storage_bytes(grads) + storage_bytes(states)
+    return model, opt, memory
 
 
-def run_bmc(rank, world_size, args, pipeline):
+def build_bmc(args, pipeline, world_size):
+    torch.manual_seed(0)
     model = zoo.build(model_config(args))
     x = torch.zeros(args.batch, args.seq, dtype=torch.long)
     prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x.clone()), world_size=world_size)
     opt = prog.optimizer(torch.optim.AdamW, lr=1e-3)
+    return prog, opt, lambda: sum(opt.memory().values())
 
-    def step(x, y):
+
+def run_interleaved(rank, world_size, args, runs):
+    """Every run's model lives in the same processes and their steps alternate (in a rotating
+    order), so the machine's drift over time affects each run alike; the time of one step
+    is the slowest rank's (barriers around it)."""
+    built = {name: (build_fsdp2(args) if pipeline == "fsdp2" else build_bmc(args, pipeline, world_size))
+             for name, pipeline in runs.items()}
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for i, batch in enumerate(batches(args, world_size)):
+        x, y = batch[:, :-1], batch[:, 1:]
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            model, opt, _ = built[name]
+            dist.barrier()
+            start = time.perf_counter()
+            opt.zero_grad()
+            model(x, y).backward()
+            opt.step()
+            dist.barrier()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: (times[name], built[name][2]()) for name in runs}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss(rank, world_size, args, pipeline):
+    """Training memory of a process that trains only this run (separate processes: RSS
+    cannot be split between runs that share one): the peak resident bytes while stepping,
+    sampled every millisecond, above the resident bytes once the model is built (so the
+    libraries each side imports and its setup do not count)."""
+    import threading
+    model, opt, _ = build_fsdp2(args) if pipeline == "fsdp2" else build_bmc(args, pipeline, world_size)
+    baseline, peak, stop = _rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for batch in batches(args, world_size)[:3]:
         opt.zero_grad()
-        prog(x, y).backward()
+        model(batch[:, :-1], batch[:, 1:]).backward()
         opt.step()
-
-    times = timed_steps(args, step)
-    held = sum(opt.memory().values())
-    return times, held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def summarize(results):
-    """Median step time of the slowest rank; model-state bytes and peak RSS of the largest rank."""
-    step = max(statistics.median(times) for times, _, _ in results)
-    held = max(h for _, h, _ in results)
-    rss = max(r for _, _, r in results) * 1024
-    return step, held, rss
+    stop.set()
+    sampler.join()
+    return peak[0] - baseline
 
 
 def main() -> int:
@@ -114,32 +133,41 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="per rank")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rss", action="store_true",
+                        help="also measure each run's training RSS (peak while stepping, above the built model) "
+                             "in its own processes")
     args = parser.parse_args()
-    runs = {
-        "fsdp2 (fully_shard per block)": (run_fsdp2, ()),
-        "bmc zero3": (run_bmc, ("zero3",)),
-        "bmc zero3, no prefetch": (run_bmc, ("zero{stage=3,prefetch=0}",)),
-        "bmc zero3,ckpt": (run_bmc, ("zero3,ckpt",)),
-        "bmc dp": (run_bmc, ("dp",)),
-        "bmc dp,ckpt": (run_bmc, ("dp,ckpt",)),
-    }
-    rows = {}
-    for name, (fn, extra) in runs.items():
-        rows[name] = summarize(run_ranks(args.ranks, fn, args, *extra, timeout=1800))
+    runs = {"fsdp2 (fully_shard per block)": "fsdp2", "bmc zero3": "zero3", "bmc zero3,ckpt": "zero3,ckpt",
+            "bmc dp": "dp", "bmc dp,ckpt": "dp,ckpt"}
+    results = run_ranks(args.ranks, run_interleaved, args, runs, timeout=3600)
+    rss = {name: max(run_ranks(args.ranks, peak_rss, args, pipeline, timeout=1800)) for name, pipeline in runs.items()} \
+        if args.rss else {}
     params = zoo.param_count(model_config(args))
     print(f"bmc training benchmark: {args.ranks} gloo ranks, GPT {args.layers}x{args.width} "
-          f"({params / 1e6:.1f}M params, no biases), batch {args.batch} x seq {args.seq} per rank, fp32 AdamW")
+          f"({params / 1e6:.1f}M params, no biases), batch {args.batch} x seq {args.seq} per rank, fp32 AdamW; "
+          f"{args.steps} timed steps per run, interleaved")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'run':<32}{'step time':>12}{'model states':>15}{'peak RSS':>12}")
-    for name, (step, held, rss) in rows.items():
-        print(f"{name:<32}{step * 1e3:>10.1f}ms{held / 1e6:>13.2f}MB{rss / 1e6:>10.0f}MB")
-    fsdp, zero3 = rows["fsdp2 (fully_shard per block)"], rows["bmc zero3"]
-    print(f"zero3 / FSDP2 step time: {zero3[0] / fsdp[0]:.2f}x   model states: {zero3[1] / fsdp[1]:.2f}x   "
-          f"peak RSS: {zero3[2] / fsdp[2]:.2f}x")
-    print(f"zero3,ckpt / zero3 step time: {rows['bmc zero3,ckpt'][0] / zero3[0]:.2f}x   "
-          f"dp,ckpt / dp step time: {rows['bmc dp,ckpt'][0] / rows['bmc dp'][0]:.2f}x")
+    print(f"{'run':<32}{'median step':>12}{'min step':>10}{'model states':>15}{'train RSS':>11}")
+    step = {}
+    for name in runs:
+        per_rank = [r[name] for r in results]
+        # the slowest rank's time of each step (they are equal up to the barrier), then the median
+        slowest = [max(ts) for ts in zip(*[times for times, _ in per_rank])]
+        step[name] = statistics.median(slowest)
+        held = max(h for _, h in per_rank)
+        rss_text = f"{rss[name] / 1e6:>9.0f}MB" if rss else f"{'-':>11}"
+        print(f"{name:<32}{step[name] * 1e3:>10.1f}ms{min(slowest) * 1e3:>8.1f}ms{held / 1e6:>13.2f}MB{rss_text}")
+        step[name, "held"] = held
+    fsdp, zero3 = "fsdp2 (fully_shard per block)", "bmc zero3"
+    line = (f"zero3 / FSDP2 step time: {step[zero3] / step[fsdp]:.2f}x   "
+            f"model states: {step[zero3, 'held'] / step[fsdp, 'held']:.2f}x")
+    if rss:
+        line += f"   training RSS: {rss[zero3] / rss[fsdp]:.2f}x"
+    print(line)
+    print(f"zero3,ckpt / zero3 step time: {step['bmc zero3,ckpt'] / step[zero3]:.2f}x   "
+          f"dp,ckpt / dp step time: {step['bmc dp,ckpt'] / step['bmc dp']:.2f}x")
     return 0
 
 
