@@ -60,6 +60,9 @@ class _Layout:
     """How this rank's tensors map onto the checkpoint's flat, full-size tensors."""
 
     def __init__(self, prog):
+        if prog.graph_module.meta.get("bmc.tp"):
+            raise CheckpointError("checkpoints of tensor-parallel (tp) programs are not supported yet: "
+                                  "save prog.full_state_dict() instead")
         self.prog = prog
         self.runtime = getattr(prog, "runtime", None) if _distributed(prog) else None
         self.entries = {id(e.param): e for e in self.runtime.entries} if self.runtime else {}

@@ -163,6 +163,20 @@ def _traced_seq(gm) -> int | None:
     return int(tensors[0].shape[1]) if tensors else None
 
 
+def _tp_from_pipeline(args, pipeline) -> None:
+    """--tp follows a tp pass in the pipeline; a different --tp is a contradiction."""
+    degrees = {spec.make_options().degree for spec in pipeline.passes if spec.name == "tp"}
+    if not degrees:
+        return
+    degree = degrees.pop()
+    if args.tp not in (1, degree):
+        raise UsageError(f"--tp {args.tp} contradicts the pipeline's tp{{degree={degree}}}: drop --tp or make them equal")
+    args.tp = degree
+    if args.world_size % (args.tp * args.pp):
+        raise UsageError(f"world size {args.world_size} is not divisible by tp*pp = {args.tp * args.pp}; "
+                         f"pick degrees whose product divides it")
+
+
 def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
     """One rank of --measure: load, compile for the world size, one training step."""
     import bmc
@@ -217,6 +231,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     _check_args(args)
     passmgr.load_builtin_passes()
     pipeline = passmgr.parse_pipeline(args.pipeline)  # bad pipelines fail before any loading
+    _tp_from_pipeline(args, pipeline)
     dp = args.world_size // (args.tp * args.pp)
     context = PassContext(world_size=args.world_size, mesh={"dp": dp, "tp": args.tp, "pp": args.pp})
     instruments, timing, stats = _instruments(args, out)

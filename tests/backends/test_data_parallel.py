@@ -79,7 +79,7 @@ PLANS = ["dp", "zero1", "zero2", "zero3"]
 # 2-core CI machine) are marked slow: CI keeps 4 ranks covered by the fp64 runs.
 CASES = [pytest.param(plan + remat, ws, "fp32", marks=[pytest.mark.slow] if ws == 4 else [])
          for plan in PLANS for remat in ("", ",ckpt") for ws in (2, 4)] + \
-        [(plan, 4, "fp64") for plan in PLANS]
+        [pytest.param(plan, 4, "fp64", marks=[] if plan in ("dp", "zero3") else [pytest.mark.slow]) for plan in PLANS]
 
 
 @pytest.mark.parametrize("pipeline, world_size, dtype", CASES)
@@ -107,7 +107,8 @@ def _measure(rank, world_size, pipeline):
     return opt.memory(), predicted
 
 
-@pytest.mark.parametrize("pipeline", ["dp", "zero1", "zero2", "zero3", "amp{dtype=fp16},zero1", "amp{dtype=bf16},zero3"])
+@pytest.mark.parametrize("pipeline", ["dp", pytest.param("zero1", marks=pytest.mark.slow), "zero2", "zero3",
+                                      "amp{dtype=fp16},zero1", "amp{dtype=bf16},zero3"])
 def test_measured_model_state_bytes_match_the_cost_model(pipeline):
     for measured, predicted in run_ranks(2, _measure, pipeline):
         for part, want in predicted.items():
@@ -216,7 +217,7 @@ def test_fsdp2_is_a_second_oracle_for_zero3():
     assert _max_diff(ours[1], fsdp[1]) <= 1e-5
 
 
-@pytest.mark.parametrize("pipeline", ["dp", "zero2", "zero3"])
+@pytest.mark.parametrize("pipeline", ["dp", pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
 def test_gradient_clipping_by_global_norm_across_shards(pipeline):
     ref_losses, ref_params = _reference(2, "fp32", clip=0.5)
     unclipped = _reference(2, "fp32")[1]

@@ -1,0 +1,393 @@
+"""tp: Megatron-style tensor parallelism (Shoeybi et al. 2019) derived from the graph.
+
+From the structure analysis, attention is split by heads (q/k/v column-parallel, a fused qkv
+weight split per head group in each of its q, k and v parts, GQA's kv heads split alike) and
+the MLP by neurons (up/gate column-parallel, down row-parallel). The graph stays SPMD: shapes
+become a rank's local shapes, and the head counts and widths baked into view / reshape /
+expand / split nodes are rewritten by propagating which dim of each tensor is split. Around
+each split region sit Megatron's f (`bmc::copy_to_group`: identity forward, all-reduce
+backward) before the column-parallel projections and g (`bmc::reduce_from_group`: all-reduce
+forward, identity backward) after the row-parallel one, whose bias is added once, after g.
+
+The module holds rank 0's slices (so shapes, the verifier and the cost model see local
+sizes); the full weights and how to slice them ride in `gm.meta["bmc.tp"]`, and the torch
+backend installs each rank's slices at load time.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inserts
+from bmc import ir
+from bmc.errors import PipelineError
+from bmc.passes.shape_prop import propagate_shapes
+from bmc.passmgr import Pass, PassResult, register_pass, register_preset
+from bmc.structure import Linear, structure_of
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+GROUP = "tp"
+
+
+@dataclass(frozen=True)
+class TpOptions:
+    degree: int = 2
+
+    def __post_init__(self):
+        if self.degree < 1:
+            raise ValueError(f"degree must be >= 1, got {self.degree}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a weight is split: along `dim`, each of its `segments` (sizes along dim; one for a
+    plain projection, q/k/v for a fused one) cut into `degree` equal pieces; rank r keeps
+    piece r of every segment."""
+
+    dim: int
+    segments: tuple[int, ...]
+
+    def local(self, full: torch.Tensor, rank: int, degree: int) -> torch.Tensor:
+        pieces = [seg.chunk(degree, self.dim)[rank] for seg in full.split(list(self.segments), self.dim)]
+        return torch.cat(pieces, self.dim) if len(pieces) > 1 else pieces[0]
+
+    def full(self, locals_: list[torch.Tensor]) -> torch.Tensor:
+        """Reassemble the full weight from every rank's slice (rank order)."""
+        degree = len(locals_)
+        per_rank = [list(t.split([s // degree for s in self.segments], self.dim)) for t in locals_]
+        return torch.cat([torch.cat([per_rank[r][i] for r in range(degree)], self.dim)
+                          for i in range(len(self.segments))], self.dim)
+
+
+# ------------------------------------------------------------------ the plan: which projections
+
+
+@dataclass
+class _Plan:
+    column: dict[str, tuple[int, ...]]  # weight name -> output segments (split by rank)
+    row: set[str]  # weight names of row-parallel projections
+    transposed: set[str]  # weights stored (in, out), used by addmm (HF GPT-2's Conv1D)
+
+
+def _segments_qkv(attention, linear: Linear) -> tuple[int, ...]:
+    hd = attention.head_dim
+    return (attention.num_heads * hd, attention.num_kv_heads * hd, attention.num_kv_heads * hd)
+
+
+def _check_divisible(what: str, count: int, degree: int, layer: str) -> None:
+    if count % degree:
+        raise PipelineError(f"tp{{degree={degree}}}: {layer} has {count} {what}, not divisible by {degree}; "
+                            f"pick a degree that divides {count}")
+
+
+def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
+    structure = structure_of(gm)
+    if not structure.blocks:
+        raise PipelineError("tp found no repeated blocks with attention or an MLP to split "
+                            "(bmc-opt --analyze shows what the structure analysis sees)")
+    plan = _Plan({}, set(), set())
+    for block in structure.blocks:
+        att = block.attention
+        if att is not None:
+            _check_divisible("attention heads", att.num_heads, degree, att.module)
+            _check_divisible("kv heads", att.num_kv_heads, degree, att.module)
+            if att.qkv is not None:
+                plan.column[att.qkv.weight] = _segments_qkv(att, att.qkv)
+            for lin in (att.q, att.k, att.v):
+                if lin is not None:
+                    plan.column[lin.weight] = (lin.out_features,)
+            plan.row.add(att.o.weight)
+        mlp = block.mlp
+        if mlp is not None:
+            _check_divisible("MLP neurons", mlp.up.out_features, degree, mlp.module)
+            for lin in (mlp.up, mlp.gate):
+                if lin is not None:
+                    plan.column[lin.weight] = (lin.out_features,)
+            plan.row.add(mlp.down.weight)
+    for name in list(plan.column) + list(plan.row):
+        users = projections(gm, name)
+        if users is None:
+            raise PipelineError(f"tp: the projection {name} is not computed by aten.linear or aten.addmm in "
+                                f"this graph, so it cannot be split")
+        if users[0].target is aten.addmm.default:
+            plan.transposed.add(name)
+    return plan
+
+
+def projections(gm: fx.GraphModule, weight: str) -> list[fx.Node] | None:
+    """The nodes computing the projection with this weight: linear(x, W[, b]), or
+    addmm(b, x, W) with W stored (in, out); None if anything else uses the weight."""
+    node = ir.parameter_nodes(gm).get(weight)
+    if node is None:
+        return None
+    users = [u for u in node.users
+             if (u.target is aten.linear.default and u.args[1] is node)
+             or (u.target is aten.addmm.default and u.args[2] is node)]
+    return users if users and len(users) == len(node.users) else None
+
+
+def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """(input, weight, bias) of a projection node."""
+    if node.target is aten.addmm.default:
+        return node.args[1], node.args[2], node.args[0]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], node.args[1], bias
+
+
+# ------------------------------------------------------------------ propagating the split dim
+
+
+def _hint(size) -> int:
+    return int(size) if isinstance(size, int) else int(size.node.hint)
+
+
+def _shape(node: fx.Node) -> list[int]:
+    return [_hint(s) for s in ir.tensor_val(node).shape]
+
+
+def _view_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source dims with runs of destination dims of equal product (how a view
+    regroups dims)."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
+        pi = src[i] if i < len(src) else 1
+        pj = dst[j] if j < len(dst) else 1
+        i, j = i + bool(gi), j + bool(gj)
+        while pi != pj:
+            if pi < pj and i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                raise ValueError("shapes do not regroup")
+        groups.append((gi, gj))
+    return groups
+
+
+class _Propagation:
+    """Walks the graph in order, knowing for each tensor which dim is split across tp ranks
+    (None: every rank holds all of it), and rewrites the nodes whose arguments bake sizes."""
+
+    def __init__(self, gm: fx.GraphModule, plan: _Plan, degree: int):
+        self.gm, self.plan, self.degree = gm, plan, degree
+        self.split: dict[fx.Node, int | tuple | None] = {}
+        self.f_of: dict[fx.Node, fx.Node] = {}
+        self.stats = {"column": 0, "row": 0, "collectives": 0, "shapes-rewritten": 0}
+
+    def run(self) -> None:
+        for node in list(self.gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            weight = _operands(node)[1] if node.target in (aten.linear.default, aten.addmm.default) else None
+            if weight is not None and str(weight.target) in self.plan.column:
+                self._column(node)
+            elif weight is not None and str(weight.target) in self.plan.row:
+                self._row(node)
+            elif any(self.split.get(a) is not None for a in node.all_input_nodes):
+                self.split[node] = self._through(node)
+
+    # -- the projections
+
+    def _column(self, node: fx.Node) -> None:
+        x, weight, _ = _operands(node)
+        if self.split.get(x) is not None:
+            raise PipelineError(f"tp: the input of {weight.target} is already split; "
+                                f"two column-parallel projections in a row are not supported")
+        if x not in self.f_of:
+            with self.gm.graph.inserting_after(x):
+                f = self.gm.graph.call_function(torch.ops.bmc.copy_to_group.default, (x, GROUP))
+            ir.copy_meta(x, f, "tp")
+            self.f_of[x] = f
+            self.stats["collectives"] += 1
+        node.replace_input_with(x, self.f_of[x])
+        self.split[node] = len(_shape(node)) - 1
+        self.stats["column"] += 1
+
+    def _row(self, node: fx.Node) -> None:
+        x, weight, bias = _operands(node)
+        if self.split.get(x) != len(_shape(x)) - 1:
+            raise PipelineError(f"tp: the input of the row-parallel {weight.target} is not split on its "
+                                f"features (found {self.split.get(x)}); the split cannot be followed here")
+        # the partial products are summed over ranks first; the bias is added once, after
+        if node.target is aten.addmm.default:
+            node.target, node.args, node.kwargs = aten.mm.default, (x, weight), {}
+        else:
+            node.args, node.kwargs = (x, weight), {}
+        with self.gm.graph.inserting_after(node):
+            g = self.gm.graph.call_function(torch.ops.bmc.reduce_from_group.default, (node, GROUP))
+        ir.copy_meta(node, g, "tp")
+        result = g
+        if bias is not None:  # added once, after the sum over ranks
+            with self.gm.graph.inserting_after(g):
+                result = self.gm.graph.call_function(aten.add.Tensor, (g, bias))
+            ir.copy_meta(node, result, "tp")
+        node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not g)
+        self.split[node] = None
+        self.stats["row"] += 1
+        self.stats["collectives"] += 1
+
+    # -- everything between them
+
+    def _input_dim(self, node: fx.Node) -> tuple[fx.Node, int]:
+        """The split input (the first, when several are split the same way, counted from
+        the right as broadcasting aligns them)."""
+        found = [(a, self.split[a]) for a in node.all_input_nodes if self.split.get(a) is not None]
+        if any(isinstance(d, tuple) for _, d in found):
+            return found[0]
+        if len({len(_shape(a)) - d for a, d in found}) > 1:
+            self._refuse(node, "its inputs are split on different dims")
+        return found[0]
+
+    def _refuse(self, node: fx.Node, why: str):
+        raise PipelineError(f"tp cannot follow the split through {ir.target_str(node)} ({node.name}): {why}")
+
+    def _through(self, node: fx.Node):
+        target = node.target
+        src, dim = self._input_dim(node)
+        if target is operator.getitem:
+            parts = self.split[src]
+            return parts[node.args[1]] if isinstance(parts, tuple) else self._refuse(node, "indexing a split tensor")
+        rank_in, out = len(_shape(src)), ir.tensor_val(node)
+        if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            return self._view(node, src, dim)
+        if target is aten.expand.default:
+            shape = list(node.args[1])
+            at = dim + len(shape) - rank_in
+            shape[at] = _divided(shape[at], self.degree, node) if shape[at] != -1 else -1
+            node.args = (node.args[0], shape)
+            self.stats["shapes-rewritten"] += 1
+            return at
+        if target is aten.transpose.int:
+            a, b = (d % rank_in for d in node.args[1:3])
+            return b if dim == a else a if dim == b else dim
+        if target is aten.permute.default:
+            return [d % rank_in for d in node.args[1]].index(dim)
+        if target is aten.unsqueeze.default:
+            k = node.args[1] % (rank_in + 1)
+            return dim + 1 if k <= dim else dim
+        if target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            return self._split(node, dim, rank_in)
+        if target is aten.cat.default:
+            if (node.args[1] if len(node.args) > 1 else 0) % rank_in == dim:
+                self._refuse(node, "concatenating along the split dim")
+            return dim
+        if target in (aten.slice.Tensor, aten.select.int, aten.softmax.int, aten._softmax.default,
+                      aten.mean.dim, aten.sum.dim_IntList):
+            axes = node.args[1] if len(node.args) > 1 else 0
+            axes = [a % rank_in for a in (axes if isinstance(axes, (list, tuple)) else [axes])]
+            if dim in axes:
+                self._refuse(node, "it works along the split dim")
+            if target is aten.select.int and axes[0] < dim:
+                return dim - 1  # select drops a dim before the split one
+            return dim
+        if target is aten.scaled_dot_product_attention.default:
+            if dim != rank_in - 3:
+                self._refuse(node, "attention's inputs must be split by heads")
+            return dim
+        if isinstance(out, torch.Tensor) and out.dim() >= rank_in:  # elementwise, broadcast from the right
+            return dim + out.dim() - rank_in
+        self._refuse(node, "no rule for this op")
+
+    def _view(self, node: fx.Node, src: fx.Node, dim: int) -> int:
+        before, after = _shape(src), _shape(node)
+        try:
+            groups = _view_groups(before, after)
+        except ValueError:
+            self._refuse(node, "the view does not regroup dims")
+        for gi, gj in groups:
+            if dim not in gi:
+                continue
+            outer = [i for i in gi if before[i] > 1]
+            targets = [j for j in gj if after[j] > 1]
+            if not outer or outer[0] != dim or not targets:
+                self._refuse(node, "the split dim is not the outermost of the dims it is viewed with")
+            at = targets[0]
+            shape = list(node.args[1])
+            if shape[at] != -1:
+                shape[at] = _divided(shape[at], self.degree, node)
+            node.args = (node.args[0], shape)
+            self.stats["shapes-rewritten"] += 1
+            return at
+        self._refuse(node, "the split dim disappears")
+
+    def _split(self, node: fx.Node, dim: int, rank_in: int):
+        along = (node.args[2] if len(node.args) > 2 else 0) % rank_in
+        val = node.meta.get("val")
+        pieces = len(val) if isinstance(val, (list, tuple)) else 1
+        if along != dim:
+            return tuple([dim] * pieces)
+        if node.target is aten.chunk.default:
+            return tuple([dim] * pieces)  # equal chunks of the local tensor: each split alike
+        sizes = node.args[1]
+        sizes = [_divided(s, self.degree, node) for s in sizes] if isinstance(sizes, (list, tuple)) \
+            else _divided(sizes, self.degree, node)
+        node.args = (node.args[0], sizes, *node.args[2:])
+        self.stats["shapes-rewritten"] += 1
+        return tuple([dim] * pieces)
+
+
+def _divided(size, degree: int, node: fx.Node):
+    if isinstance(size, int) and size % degree:
+        raise PipelineError(f"tp{{degree={degree}}}: {node.name} has size {size}, not divisible by {degree}")
+    return size // degree
+
+
+# ------------------------------------------------------------------ the weights
+
+
+def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
+    """Rank 0's slices on the module; the full weights and their layouts in gm.meta."""
+    layouts, full = {}, {}
+    nodes = ir.parameter_nodes(gm)
+    for name, segments in plan.column.items():
+        layouts[name] = Layout(1 if name in plan.transposed else 0, segments)
+        bias = _operands(projections(gm, name)[0])[2]
+        if isinstance(bias, fx.Node):
+            layouts[str(bias.target)] = Layout(0, segments)
+    for name in plan.row:
+        weight = gm.get_parameter(name)
+        dim = 0 if name in plan.transposed else 1
+        layouts[name] = Layout(dim, (weight.shape[dim],))
+    for name, layout in layouts.items():
+        param = gm.get_parameter(name)
+        full[name] = param.detach()
+        owner, _, leaf = name.rpartition(".")
+        local = torch.nn.Parameter(layout.local(param.detach(), 0, degree).clone(), requires_grad=param.requires_grad)
+        setattr(gm.get_submodule(owner) if owner else gm, leaf, local)
+        ir.annotate(nodes[name], ir.Shard((ir.Placement(GROUP, "shard", layout.dim),)))
+    return {"degree": degree, "layouts": layouts, "full": full}
+
+
+@register_pass("tp", options=TpOptions, invalidates=("cost",))
+class TensorParallel(Pass):
+    """Tensor parallelism: attention split by heads, the MLP by neurons, with f/g collectives."""
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        degree = self.options.degree
+        if gm.meta.get("bmc.tp"):
+            raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")
+        if degree == 1:
+            return PassResult(gm, False, {"degree": 1})
+        plan = _plan(gm, degree)
+        walk = _Propagation(gm, plan, degree)
+        walk.run()
+        gm.meta["bmc.tp"] = _slice_weights(gm, plan, degree)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_shapes(gm)
+        log.info("tp{degree=%d}: %s", degree, walk.stats)
+        return PassResult(gm, True, {"degree": degree, **walk.stats})
+
+
+for _degree in (2, 4, 8):
+    register_preset(f"tp{_degree}", f"tp{{degree={_degree}}}", f"tensor parallelism over {_degree} ranks")
