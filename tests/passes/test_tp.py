@@ -11,7 +11,7 @@ import hf_models
 from bmc import zoo
 from bmc.errors import PipelineError
 from bmc.local_ranks import run_ranks
-from helpers import first_tensor, run
+from helpers import run
 
 
 # GQA with 4 kv heads (8 query heads, 2 per group), so that 4 ranks can split the kv heads
