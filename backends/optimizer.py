@@ -92,6 +92,7 @@ class ProgramOptimizer:
     def __init__(self, gm: fx.GraphModule, optimizer_cls, runtime=None, **kwargs):
         self.gm, self.runtime = gm, runtime
         self.group = runtime.pg if runtime is not None else None
+        self._tp_replicated_skip = self._tp_replicas(gm)
         amp = gm.meta.get("bmc.amp")
         offload = bool(gm.meta.get("bmc.offload_optimizer"))
         self.master_dtype = torch.float32 if amp else None
@@ -104,6 +105,18 @@ class ProgramOptimizer:
         self.optimizer = optimizer_cls([t.stepped for t in self.targets], **kwargs)
         self._prepared = False  # gradients already moved into place (and unscaled) this step
         self._overflowed = False
+
+    @staticmethod
+    def _tp_replicas(gm: fx.GraphModule) -> set[int]:
+        """Parameters every tp rank holds whole (norms, embeddings): in a global norm only tp
+        rank 0 counts them. Empty without tensor parallelism, and on tp rank 0."""
+        from bmc import ops
+        plan = gm.meta.get("bmc.tp")
+        group = ops.GROUPS.get("tp")
+        if not plan or group is None or group.process_group is None or dist.get_rank(group.process_group) == 0:
+            return set()
+        split = {id(gm.get_parameter(name)) for name in plan["layouts"]}
+        return {id(p) for p in gm.parameters() if id(p) not in split}
 
     # ---------------------------------------------------------------- what is stepped
 
@@ -230,8 +243,8 @@ class ProgramOptimizer:
         self._prepare_gradients()
         owned = [g for g in (self._owned_part(t) for t in self.targets) if g is not None]
         squares = torch.stack([g.float().square().sum().cpu() for g in owned]).sum() if owned else torch.zeros(())
-        if self.group is not None:
-            dist.all_reduce(squares, group=self.group)
+        if self.group is not None or self.gm.meta.get("bmc.tp"):
+            dist.all_reduce(squares)  # every rank's owned part: the dp shards and the tp slices
         norm = squares.sqrt()
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for target in self.targets:
@@ -242,7 +255,10 @@ class ProgramOptimizer:
     def _owned_part(self, target: Target) -> torch.Tensor | None:
         """The gradient elements this rank accounts for; together the ranks cover each once."""
         grad = target.stepped.grad
-        if grad is None or self.runtime is None:
+        param = target.entry.param if target.entry is not None else target.tensor
+        if grad is None or id(param) in self._tp_replicated_skip:
+            return None
+        if self.runtime is None:
             return grad
         e = target.entry
         if e is None:  # replicated and unplanned: rank 0 counts it

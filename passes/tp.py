@@ -70,7 +70,8 @@ class Layout:
 @dataclass
 class _Plan:
     column: dict[str, tuple[int, ...]]  # weight name -> output segments (split by rank)
-    row: set[str]  # weight names of row-parallel projections
+    row: dict[str, None]  # weight names of row-parallel projections, in graph order (every rank
+    # must walk them in the same order: a set's order changes with each process's hash seed)
     transposed: set[str]  # weights stored (in, out), used by addmm (HF GPT-2's Conv1D)
 
 
@@ -90,7 +91,7 @@ def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
     if not structure.blocks:
         raise PipelineError("tp found no repeated blocks with attention or an MLP to split "
                             "(bmc-opt --analyze shows what the structure analysis sees)")
-    plan = _Plan({}, set(), set())
+    plan = _Plan({}, {}, set())
     for block in structure.blocks:
         att = block.attention
         if att is not None:
@@ -101,14 +102,14 @@ def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
             for lin in (att.q, att.k, att.v):
                 if lin is not None:
                     plan.column[lin.weight] = (lin.out_features,)
-            plan.row.add(att.o.weight)
+            plan.row[att.o.weight] = None
         mlp = block.mlp
         if mlp is not None:
             _check_divisible("MLP neurons", mlp.up.out_features, degree, mlp.module)
             for lin in (mlp.up, mlp.gate):
                 if lin is not None:
                     plan.column[lin.weight] = (lin.out_features,)
-            plan.row.add(mlp.down.weight)
+            plan.row[mlp.down.weight] = None
     for name in list(plan.column) + list(plan.row):
         users = projections(gm, name)
         if users is None:

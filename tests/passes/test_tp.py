@@ -87,3 +87,69 @@ def test_a_tp_plan_needs_its_ranks():
     gpt = zoo.build("gpt-tiny")
     with pytest.raises(bmc.BackendError, match="compile with world_size=2"):
         bmc.compile(gpt, passes="tp2", example_inputs=gpt.example_inputs())
+
+
+STEPS, LOCAL_BATCH, SEQ, LR = 5, 2, 16, 1e-2
+
+
+def _batches(dp):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (LOCAL_BATCH * dp, SEQ + 1), generator=gen) for _ in range(STEPS)]
+
+
+def _slice(batch, dp_rank):
+    rows = batch[dp_rank * LOCAL_BATCH:(dp_rank + 1) * LOCAL_BATCH]
+    return rows[:, :-1], rows[:, 1:]
+
+
+def _reference(dp, clip):
+    torch.manual_seed(0)
+    model = zoo.build("gpt-tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for batch in _batches(dp):
+        opt.zero_grad()
+        total = 0.0
+        for r in range(dp):
+            loss = model(*_slice(batch, r)) / dp
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(total)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train_tp_dp(rank, world_size, pipeline, clip):
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    model = zoo.build("gpt-tiny")
+    x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
+    prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x), world_size=world_size)
+    opt = prog.optimizer(torch.optim.AdamW, lr=LR)
+    dp_rank, dp = prog.mesh.get_local_rank("dp"), prog.mesh.size(0)
+    losses = []
+    for batch in _batches(dp):
+        opt.zero_grad()
+        loss = prog(*_slice(batch, dp_rank))
+        loss.backward()
+        opt.clip_grad_norm_(clip)
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+    return losses, prog.full_state_dict()
+
+
+@pytest.mark.parametrize("pipeline", ["tp2", "tp2,zero1"])
+def test_tp_trains_like_one_process_with_global_norm_clipping(pipeline):
+    """tp2 alone on 2 ranks, and tp2 x dp2 with ZeRO-1 on 4: 5 AdamW steps with gradient
+    clipping (which must sum the norm over tp slices, counting replicated weights once) give
+    the single-process losses and weights."""
+    world = 2 if pipeline == "tp2" else 4
+    ref_losses, ref_params = _reference(world // 2, clip=0.05)
+    for losses, params in run_ranks(world, _train_tp_dp, pipeline, 0.05):
+        for got, want in zip(losses, ref_losses):
+            assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+        worst = max((params[n] - ref_params[n]).abs().max().item() for n in ref_params)
+        assert worst <= 1e-4, worst
