@@ -146,3 +146,18 @@ def test_measure_prints_measured_bytes_beside_the_prediction(pipeline, world):
 def test_measure_needs_real_weights():
     run = bmc_opt("zoo:gpt-tiny", "--measure", "--device", "meta")
     assert run.returncode == 2 and "needs real weights" in run.stderr
+
+
+def test_tp_plan_shows_per_rank_parameters_without_processes():
+    from bmc import zoo
+    model = zoo.build("gpt-tiny")
+    split_names = ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_fc.bias", "mlp.c_proj.weight")
+    split = sum(p.numel() for n, p in model.named_parameters() if n.endswith(split_names))
+    local = sum(p.numel() for p in model.parameters()) - split // 2
+    run = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "--report", "--print-ir-after=tp")
+    assert run.returncode == 0, run.stderr
+    assert f"parameters {local:,} (f32)" in run.stdout and "(dp=1 tp=2 pp=1)" in run.stdout
+    assert "bmc.copy_to_group(%layer_norm, 'tp')" in run.stdout and "bmc.reduce_from_group(" in run.stdout
+    clash = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "4", "--tp", "4")
+    assert clash.returncode == 2 and "contradicts the pipeline's tp{degree=2}" in clash.stderr
