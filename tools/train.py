@@ -181,9 +181,9 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return value.item() / world
 
 
-def held_out_loss(task, prog, text, rank: int, world: int, batches: int = 4) -> float:
+def held_out_loss(task, prog, text, replica: int, replicas: int, world: int, batches: int = 4) -> float:
     with torch.no_grad():
-        losses = [mean_over_ranks(task.loss(prog, *text.local(i, rank, world)), world) for i in range(batches)]
+        losses = [mean_over_ranks(task.loss(prog, *text.local(i, replica, replicas)), world) for i in range(batches)]
     return sum(losses) / len(losses)
 
 
@@ -206,18 +206,25 @@ def check(args) -> None:
 def train(args) -> dict:
     check(args)
     rank, world = init_distributed()
-    local_batch = args.batch // world
+    pipeline = args.pipeline or ("dce" if world == 1 else "dp")
+    tp = max([spec.make_options().degree for spec in bmc.parse_pipeline(pipeline).passes if spec.name == "tp"] or [1])
+    local_batch = args.batch // max(1, world // tp)  # a replica's rows; tp ranks share them
     task = Task(args)
     tokens = data.split(data.text_tokens(args.text))
     train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
     eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
-    pipeline = args.pipeline or ("dce" if world == 1 else "dp")
     prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch), world_size=world)
+    # ranks that split one replica's tensors (tp) read the same rows: the data is split by replica
+    mesh = getattr(prog, "mesh", None)
+    replica, replicas = (mesh.get_local_rank("dp"), mesh.size(0)) if mesh is not None else (rank, world)
     opt = prog.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
     out = Path(args.out)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
     start = 0
-    if not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
+    checkpoints = tp == 1
+    if not checkpoints and rank == 0:
+        log.warning("checkpoints of tensor-parallel programs are not supported yet: this run writes none")
+    if checkpoints and not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
         start = checkpoint.load(ckpt_dir, prog, opt)["step"]
         if rank == 0:
             log.info("resumed at step %d from %s", start, checkpoint.latest(ckpt_dir))
@@ -233,7 +240,7 @@ def train(args) -> dict:
         for group in opt.param_groups:
             group["lr"] = learning_rate(args, step)
         opt.zero_grad()
-        x, y = train_text.local(step, rank, world)
+        x, y = train_text.local(step, replica, replicas)
         first = step == start
         with measure.SavedBytes(prog.parameters()) if first else contextlib.nullcontext() as saved:
             loss = task.loss(prog, x, y)
@@ -250,20 +257,20 @@ def train(args) -> dict:
         losses.write(record)
         if first and rank == 0:
             measured = {**opt.memory(), "activations": saved.total}
-            log.info("%s", memory_report(prog, world, local_batch, args.seq, measured).rstrip())
+            log.info("%s", memory_report(prog, replicas, args.batch // replicas, args.seq, measured).rstrip())
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         if args.eval_every and done % args.eval_every == 0:  # every rank takes part
-            evaluation = held_out_loss(task, prog, eval_text, rank, world)
+            evaluation = held_out_loss(task, prog, eval_text, replica, replicas, world)
             if rank == 0:
                 log.info("step %d: held-out loss %.4f", done, evaluation)
-        if (args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps:
+        if checkpoints and ((args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps):
             checkpoint.save(ckpt_dir, prog, opt, step=done, extra={"loss": loss_value})
     if progress is not None:
         progress.close()
-    evaluation = held_out_loss(task, prog, eval_text, rank, world)
+    evaluation = held_out_loss(task, prog, eval_text, replica, replicas, world)
     summary = {"steps": args.steps, "final_loss": loss_value, "held_out_loss": evaluation,
                "world_size": world, "pipeline": pipeline}
     if rank == 0:
