@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 import bmc  # noqa: E402
 from bmc import zoo  # noqa: E402
+from bmc.backends.optimizer import storage_bytes  # noqa: E402
 from bmc.local_ranks import run_ranks  # noqa: E402
 
 
@@ -38,14 +39,6 @@ def batches(args, world_size):
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
             for _ in range(args.warmup + args.steps)]
-
-
-def storage_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def build_fsdp2(args):
@@ -61,7 +54,8 @@ def build_fsdp2(args):
         params = list(model.parameters())
         grads = [p.grad for p in params if p.grad is not None]
         states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-        return storage_bytes(params) + storage_bytes(grads) + storage_bytes(states)
+        # FSDP2's tensors are DTensors: count each local shard's storage
+        return storage_bytes([t.to_local() if hasattr(t, "to_local") else t for t in params + grads + states])
     return model, opt, memory
 
 
