@@ -54,8 +54,13 @@ class DataParallelRuntime:
     """Holds this rank's view of the data-parallel plan and does its communication (the
     optimizer's side is backends/optimizer.py)."""
 
-    def __init__(self, gm: fx.GraphModule, process_group, bucket_mb: float = 25.0, prefetch: int = 0):
+    def __init__(self, gm: fx.GraphModule, process_group, bucket_mb: float = 25.0, prefetch: int = 0,
+                 modules: list[fx.GraphModule] | None = None):
         self.gm = gm
+        self.modules = modules or [gm]  # the graphs this rank runs (its pipeline stages under pp)
+        # under pp a step's microbatches accumulate into .grad before anything is reduced:
+        # the hooks wait, and queue_accumulated() reduces the sums
+        self.accumulating = False
         self.pg = process_group
         self.rank, self.size = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.bucket_bytes = int(bucket_mb * 2**20)
@@ -82,14 +87,16 @@ class DataParallelRuntime:
     # ---------------------------------------------------------------- setup
 
     def _collect(self) -> list[Entry]:
-        entries = []
-        for name, node in ir.parameter_nodes(self.gm).items():
-            plan = ir.get(node, ir.Zero)
-            if plan is None:
-                continue
-            param = self.gm.get_parameter(name)
-            entries.append(Entry(name, plan.stage, param.numel(), tuple(param.shape),
-                                 ops.shard_numel(param.numel(), self.size), param))
+        entries, seen = [], set()
+        for module in self.modules:
+            for name, node in ir.parameter_nodes(module).items():
+                plan = ir.get(node, ir.Zero)
+                param = module.get_parameter(name) if plan is not None else None
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                entries.append(Entry(name, plan.stage, param.numel(), tuple(param.shape),
+                                     ops.shard_numel(param.numel(), self.size), param))
         return entries
 
     def _broadcast_initial_weights(self) -> None:
@@ -124,8 +131,15 @@ class DataParallelRuntime:
 
     def _make_hook(self, entry: Entry):
         def hook(param: torch.Tensor) -> None:
-            self._add_to_bucket(entry, param.grad)
+            if not self.accumulating:
+                self._add_to_bucket(entry, param.grad)
         return hook
+
+    def queue_accumulated(self) -> None:
+        """Reduce the gradients accumulated over a pipelined step's microbatches."""
+        for entry in self.entries:
+            if entry.stage != 3 and entry.param.grad is not None:
+                self._add_to_bucket(entry, entry.param.grad)
 
     def reduce_gathered_gradient(self, shard_key: int, grad: torch.Tensor) -> bool:
         """ZeRO-3: a gathered weight's full gradient, from bmc::gather_param's backward, joins

@@ -243,7 +243,7 @@ class ProgramOptimizer:
         self._prepare_gradients()
         owned = [g for g in (self._owned_part(t) for t in self.targets) if g is not None]
         squares = torch.stack([g.float().square().sum().cpu() for g in owned]).sum() if owned else torch.zeros(())
-        if self.group is not None or self.gm.meta.get("bmc.tp"):
+        if self.group is not None or self.gm.meta.get("bmc.tp") or self.gm.meta.get("bmc.pp"):
             dist.all_reduce(squares)  # every rank's owned part: the dp shards and the tp slices
         norm = squares.sqrt()
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -256,7 +256,7 @@ class ProgramOptimizer:
         """The gradient elements this rank accounts for; together the ranks cover each once."""
         grad = target.stepped.grad
         param = target.entry.param if target.entry is not None else target.tensor
-        if grad is None or id(param) in self._tp_replicated_skip:
+        if grad is None or id(param) in self._tp_replicated_skip or id(param) in getattr(self.gm, "norm_skip_ids", ()):
             return None
         if self.runtime is None:
             return grad

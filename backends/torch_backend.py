@@ -16,6 +16,7 @@ from bmc import ir, ops
 from bmc.backends import register_backend
 from bmc.backends.data_parallel import DataParallelRuntime
 from bmc.backends.optimizer import ProgramOptimizer
+from bmc.backends.pipeline import PipelineRuntime, RankStages
 from bmc.backends.regather import GatherTracker
 from bmc.errors import BackendError
 from bmc.passmgr import PassContext
@@ -32,16 +33,36 @@ def _is_data_parallel(gm: fx.GraphModule) -> bool:
     return any(ir.get(n, ir.Zero) is not None for n in gm.graph.find_nodes(op="get_attr"))
 
 
-def _device_mesh(world_size: int, tp: int):
-    """The (dp, tp) mesh: tp ranks are neighbours (they talk most), dp spans the rest."""
+def _device_mesh(world_size: int, tp: int, pp: int = 1):
+    """The (dp, tp) mesh, or (pp, dp, tp) with pipeline stages: tp ranks are neighbours (they
+    talk most), dp spans the rest within a stage, pp is outermost (it talks least)."""
     from torch.distributed.device_mesh import init_device_mesh
     device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    if pp > 1:
+        return init_device_mesh(device, (pp, world_size // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
     return init_device_mesh(device, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 def _tp_degree(gm: fx.GraphModule) -> int:
     plan = gm.meta.get("bmc.tp")
     return plan["degree"] if plan else 1
+
+
+def _pp_degree(gm: fx.GraphModule) -> int:
+    plan = gm.meta.get("bmc.pp")
+    return plan["stages"] if plan else 1
+
+
+def check_mesh(world: int, tp: int, pp: int) -> None:
+    """The plan's tp x pp must fit the world size (the rest is data parallel)."""
+    split = tp * pp
+    what = " x ".join(f"{name}={n}" for name, n in (("tp", tp), ("pp", pp)) if n > 1) or "one rank"
+    if world < split:
+        raise BackendError(f"the plan spans {what} = {split} ranks but is compiled for world size {world}: "
+                           f"compile with world_size={split} (or a multiple) and launch with torchrun")
+    if world % split:
+        raise BackendError(f"the plan spans {what} = {split} ranks, which does not divide world size "
+                           f"{world}; compile with a world size that is a multiple of {split}")
 
 
 def _install_tp_slices(gm: fx.GraphModule, rank: int) -> None:
@@ -57,13 +78,8 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
     if options:
         raise BackendError(f"the torch backend takes no options, got {', '.join(sorted(options))}")
     _check_weights(gm)
-    world, tp = context.world_size, _tp_degree(gm)
-    if world < tp:
-        raise BackendError(f"the plan splits tensors over tp={tp} ranks but is compiled for world size {world}: "
-                           f"compile with world_size={tp} (or a multiple) and launch with torchrun")
-    if world % tp:
-        raise BackendError(f"the plan splits tensors over tp={tp} ranks, which does not divide world size "
-                           f"{world}; compile with a world size that is a multiple of {tp}")
+    world, tp, pp = context.world_size, _tp_degree(gm), _pp_degree(gm)
+    check_mesh(world, tp, pp)
     if world == 1:
         ops.register_group("dp", 1)
         return Program(gm, backend="torch", context=context)
@@ -73,22 +89,26 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
     if dist.get_world_size() != world:
         raise BackendError(f"the plan is for world size {world} but torch.distributed runs "
                            f"{dist.get_world_size()} processes; compile with world_size={dist.get_world_size()}")
-    dp = world // tp
+    dp = world // (tp * pp)
     if dp > 1 and not _is_data_parallel(gm):
-        raise BackendError(f"world size {world} with tp={tp} leaves {dp} data-parallel replicas, but the pipeline "
-                           f"distributes nothing over them: add dp or zero{{stage=N}}")
-    mesh = _device_mesh(world, tp)
+        raise BackendError(f"world size {world} with tp={tp}, pp={pp} leaves {dp} data-parallel replicas, but the "
+                           f"pipeline distributes nothing over them: add dp or zero{{stage=N}}")
+    mesh = _device_mesh(world, tp, pp)
     ops.register_group("tp", tp, mesh.get_group("tp"))
     if tp > 1:
         _install_tp_slices(gm, mesh.get_local_rank("tp"))
+    pipeline = PipelineRuntime(gm, mesh) if pp > 1 else None
     runtime = None
     if dp > 1:
         pg = mesh.get_group("dp")
         ops.register_group("dp", dp, pg)
         runtime = DataParallelRuntime(gm, pg, bucket_mb=gm.meta.get("bmc.bucket_mb", 25.0),
-                                      prefetch=gm.meta.get("bmc.prefetch", 0))
+                                      prefetch=gm.meta.get("bmc.prefetch", 0),
+                                      modules=pipeline.modules if pipeline else None)
     else:
         ops.register_group("dp", 1)
+    if pipeline is not None:
+        return PipelineProgram(gm, runtime, pipeline, context=context, mesh=mesh)
     return DistributedProgram(gm, runtime, context=context, mesh=mesh)
 
 
@@ -150,3 +170,56 @@ class DistributedProgram(Program):
 
     def optimizer(self, optimizer_cls, **kwargs):
         return ProgramOptimizer(self.graph_module, optimizer_cls, self.runtime, **kwargs)
+
+
+class PipelineProgram(DistributedProgram):
+    """A pipelined program: `step(*inputs)` runs forward and backward of every microbatch
+    through the stages (the schedule interleaves them) and returns the step's loss on every
+    rank; gradients are then where the optimizer reads them. `prog(*inputs)` runs forward
+    only and returns the loss (or the last stage's outputs there, None elsewhere)."""
+
+    def __init__(self, gm, runtime, pipeline: PipelineRuntime, *, context, mesh):
+        super().__init__(gm, runtime, context=context, mesh=mesh)
+        self.pipe = pipeline
+        self.stages = RankStages(gm, pipeline.modules, pipeline.tied_duplicates())
+
+    def step(self, *args, target=None, loss_fn=None, **kwargs) -> torch.Tensor:
+        pipeline = self.pipe
+        if loss_fn is not None and not pipeline.loss_is_output:
+            pipeline.loss_fn = loss_fn
+            pipeline.schedule._loss_fn = loss_fn
+        flat = pipeline.flatten(args, kwargs)
+        if self.runtime is not None:
+            self.runtime.accumulating = True
+        try:
+            losses = pipeline.run(flat, target, train=True)
+        finally:
+            if self.runtime is not None:
+                self.runtime.accumulating = False
+        pipeline.sum_tied_gradients()
+        if self.runtime is not None:
+            self.runtime.queue_accumulated()
+        return pipeline.mean_loss(losses)
+
+    def __call__(self, *args, target=None, **kwargs):
+        losses = self.pipe.run(self.pipe.flatten(args, kwargs), target, train=False)
+        return self.pipe.mean_loss(losses)
+
+    def named_parameters(self):
+        """This rank's parameters, named as in the whole model."""
+        seen = set()
+        for module in self.pipe.modules:
+            for name, p in module.named_parameters():
+                if name not in seen:
+                    seen.add(name)
+                    yield name, p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def full_state_dict(self):
+        raise BackendError("full_state_dict of a pipelined program is not supported yet: each rank holds its "
+                           "stages' weights (named_parameters() gives them)")
+
+    def optimizer(self, optimizer_cls, **kwargs):
+        return ProgramOptimizer(self.stages, optimizer_cls, self.runtime, **kwargs)

@@ -243,5 +243,24 @@ def _scale_grad_backward(ctx, grad):
 torch.library.register_autograd("bmc::scale_grad", _scale_grad_backward, setup_context=_scale_grad_setup)
 
 
+# ------------------------------------------------------------------ pipeline stage markers
+
+
+@torch.library.custom_op("bmc::pipe", mutates_args=())
+def pipe(x: torch.Tensor, stage: int) -> torch.Tensor:
+    """Marks `x` entering pipeline stage `stage` (the pp pass puts one on every value that
+    crosses a boundary). Identity in a single process; the torch backend cuts the graph at
+    these markers, and each becomes a stage input received from the previous stage."""
+    return x.clone()
+
+
+@pipe.register_fake
+def _(x, stage):
+    return torch.empty_like(x)
+
+
+torch.library.register_autograd("bmc::pipe", lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
 COLLECTIVES = {torch.ops.bmc.gather_param.default, torch.ops.bmc.all_gather.default, torch.ops.bmc.reduce_scatter.default,
                torch.ops.bmc.reduce_from_group.default, torch.ops.bmc.copy_to_group.default}
