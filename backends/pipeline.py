@@ -192,7 +192,8 @@ class PipelineRuntime:
         spec = getattr(getattr(codegen, "pytree_info", None), "in_spec", None)
         flat = tree_flatten_spec((args, kwargs), spec) if spec is not None else list(args)
         self._check_batch(flat)
-        return flat
+        # inputs a stage passes on are sent as they are, and send wants contiguous memory
+        return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in flat]
 
     def _check_batch(self, flat: list) -> None:
         placeholders = list(self.gm.graph.find_nodes(op="placeholder"))

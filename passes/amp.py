@@ -23,6 +23,7 @@ import bmc.ops  # noqa: F401 - registers bmc::scale_grad
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passes.shape_prop import propagate_shapes
+from bmc.passes.pp import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class Amp(Pass):
     """Mixed precision: bf16/fp16 parameters and matmuls, fp32 where precision matters, fp16 loss scaling."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        require_before_pp(gm, "amp")
         _check_order(gm)
         options = self.options
         low = LOW_DTYPES[options.dtype]

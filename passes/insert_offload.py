@@ -34,6 +34,7 @@ from bmc.passes.insert_remat import (
 from torch import fx
 
 from bmc import ir
+from bmc.passes.pp import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class InsertOffload(Pass):
     """Offload to CPU memory: each block's saved activations, or (flag for the runtime) the optimizer."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        require_before_pp(gm, "insert-offload")
         if self.options.what == "optimizer":
             gm.meta[OPTIMIZER_FLAG] = True
             log.info("insert-offload{what=optimizer}: optimizer states and step marked for the CPU")

@@ -31,6 +31,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from bmc import cost, ir
 from bmc.errors import PipelineError
 from bmc.graph_patterns import _ATTENTION_OPS, _op
+from bmc.passes.pp import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import Attention, Linear, _Graph, structure_of
 from bmc.trace import trace_info
@@ -319,6 +320,7 @@ class InsertRemat(Pass):
         return [(name, nodes) for name, nodes in blocks if name in chosen]
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        require_before_pp(gm, "insert-remat")
         self.check()
         refuse_fused_regions(gm, "insert-remat")
         policy = self.options.policy

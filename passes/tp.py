@@ -26,6 +26,7 @@ import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inser
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passes.shape_prop import propagate_shapes
+from bmc.passes.pp import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import Linear, structure_of
 
@@ -374,6 +375,7 @@ class TensorParallel(Pass):
     """Tensor parallelism: attention split by heads, the MLP by neurons, with f/g collectives."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        require_before_pp(gm, "tp")
         degree = self.options.degree
         if gm.meta.get("bmc.tp"):
             raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")

@@ -4,21 +4,21 @@ import torch
 VOCAB, SEQ = 256, 16
 
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
+def build(name: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                               LlamaForCausalLM)
     torch.manual_seed(seed)
     if name == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, use_cache=False,
+        cfg = GPT2Config(n_layer=layers, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, use_cache=False,
                          bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
     elif name == "llama":
-        cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+        cfg = LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                           intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = LlamaForCausalLM(cfg)
     elif name == "bert":
-        cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+        cfg = BertConfig(num_hidden_layers=layers, num_attention_heads=4, hidden_size=64, intermediate_size=128,
                          vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0)
         model = BertModel(cfg)
     else:
