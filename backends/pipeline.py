@@ -55,6 +55,9 @@ def stage_graph(gm: fx.GraphModule, s: int, total: int) -> fx.GraphModule:
         if is_free(node, free):  # recomputed here rather than received
             env[node] = graph.node_copy(node, value)
             return env[node]
+        if isinstance(node.meta.get("val"), torch.SymInt):
+            env[node] = _size_from_inputs(graph, node, inputs, env)
+            return env[node]
         where = _stage(node)
         raise BackendError(f"stage {s} reads %{node.name}, computed in stage {where} without a bmc::pipe "
                            f"marker: a pass rewrote the graph after pp; put pp last among the rewriting passes")
@@ -66,11 +69,30 @@ def stage_graph(gm: fx.GraphModule, s: int, total: int) -> fx.GraphModule:
         leaving = [n.args[0] for n in gm.graph.nodes if n.target is PIPE and _stage(n) == s + 1]
         graph.output(tuple(value(n) for n in leaving))
     else:
-        leaves = [value(n) if isinstance(n, fx.Node) else n for n in _output_leaves(gm)]
+        leaves = _output_leaves(gm)
+        loss = loss_leaf(gm)
+        if loss is not None:  # the step needs the loss only (Hugging Face models return logits too)
+            leaves = [leaves[loss]]
+        leaves = [value(n) if isinstance(n, fx.Node) else n for n in leaves]
         graph.output(leaves[0] if len(leaves) == 1 else tuple(leaves))
     stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
     stage.meta.update({k: v for k, v in gm.meta.items() if k != "bmc.structure"})
     return stage
+
+
+def _size_from_inputs(graph: fx.Graph, node: fx.Node, inputs: list[fx.Node], env: dict) -> fx.Node:
+    """A symbolic size (batch, sequence) computed in an earlier stage, read here off a
+    received tensor that has it as a dim, rather than sent."""
+    want = node.meta["val"].node.expr
+    for source in inputs:
+        val = source.meta.get("val")
+        for dim, size in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and size.node.expr == want:
+                size_node = graph.call_function(torch.ops.aten.sym_size.int, (env[source], dim))
+                size_node.meta["val"] = node.meta["val"]
+                return size_node
+    raise BackendError(f"the symbolic size %{node.name} ({want}) is used in a later stage but no tensor entering "
+                       f"that stage has it; trace with static shapes (dynamic=False)")
 
 
 def _output_leaves(gm: fx.GraphModule) -> list:
@@ -79,11 +101,17 @@ def _output_leaves(gm: fx.GraphModule) -> list:
     return list(args) if isinstance(args, (tuple, list)) else [args]
 
 
+def loss_leaf(gm: fx.GraphModule) -> int | None:
+    """Which output is the loss: the one scalar floating output, if the model computed its
+    loss (it was traced with targets); None otherwise."""
+    scalars = [i for i, leaf in enumerate(_output_leaves(gm))
+               if isinstance(leaf, fx.Node) and isinstance(v := leaf.meta.get("val"), torch.Tensor)
+               and v.dim() == 0 and v.dtype.is_floating_point]
+    return scalars[0] if len(scalars) == 1 else None
+
+
 def returns_loss(gm: fx.GraphModule) -> bool:
-    """The graph's only output is a scalar: the model computed its loss (traced with targets)."""
-    leaves = _output_leaves(gm)
-    val = leaves[0].meta.get("val") if len(leaves) == 1 and isinstance(leaves[0], fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype.is_floating_point
+    return loss_leaf(gm) is not None
 
 
 # ------------------------------------------------------------------ schedules

@@ -163,18 +163,35 @@ def _traced_seq(gm) -> int | None:
     return int(tensors[0].shape[1]) if tensors else None
 
 
-def _tp_from_pipeline(args, pipeline) -> None:
-    """--tp follows a tp pass in the pipeline; a different --tp is a contradiction."""
-    degrees = {spec.make_options().degree for spec in pipeline.passes if spec.name == "tp"}
-    if not degrees:
-        return
-    degree = degrees.pop()
-    if args.tp not in (1, degree):
-        raise UsageError(f"--tp {args.tp} contradicts the pipeline's tp{{degree={degree}}}: drop --tp or make them equal")
-    args.tp = degree
+def _option_of(pipeline, pass_name: str, option: str) -> int | None:
+    values = {getattr(spec.make_options(), option) for spec in pipeline.passes if spec.name == pass_name}
+    return values.pop() if values else None
+
+
+def _mesh_from_pipeline(args, pipeline) -> None:
+    """--tp and --pp follow the pipeline's tp and pp passes; a different value is a contradiction."""
+    for flag, pass_name, option in (("tp", "tp", "degree"), ("pp", "pp", "stages")):
+        degree = _option_of(pipeline, pass_name, option)
+        if degree is None:
+            continue
+        if getattr(args, flag) not in (1, degree):
+            raise UsageError(f"--{flag} {getattr(args, flag)} contradicts the pipeline's "
+                             f"{pass_name}{{{option}={degree}}}: drop --{flag} or make them equal")
+        setattr(args, flag, degree)
     if args.world_size % (args.tp * args.pp):
         raise UsageError(f"world size {args.world_size} is not divisible by tp*pp = {args.tp * args.pp}; "
                          f"pick degrees whose product divides it")
+
+
+def _dump_stages(gm, directory: str) -> None:
+    """Each pipeline stage's graph (what its ranks run) beside the per-pass dumps."""
+    from bmc.backends.pipeline import stage_graph
+    from bmc.ir import format_graph
+    from bmc.serialize import atomic_write_text
+    total = gm.meta["bmc.pp"]["total_stages"]
+    for s in range(total):
+        text = format_graph(stage_graph(gm, s, total), title=f"pipeline stage {s} of {total}")
+        atomic_write_text(os.path.join(directory, f"stage-{s}.txt"), text)
 
 
 def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
@@ -231,7 +248,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     _check_args(args)
     passmgr.load_builtin_passes()
     pipeline = passmgr.parse_pipeline(args.pipeline)  # bad pipelines fail before any loading
-    _tp_from_pipeline(args, pipeline)
+    _mesh_from_pipeline(args, pipeline)
     dp = args.world_size // (args.tp * args.pp)
     context = PassContext(world_size=args.world_size, mesh={"dp": dp, "tp": args.tp, "pp": args.pp})
     instruments, timing, stats = _instruments(args, out)
@@ -251,6 +268,10 @@ def run(argv: Sequence[str] | None, out) -> int:
         setting = cost.Setting(batch=args.batch, seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
                                setup=cost.TrainingSetup(optimizer=args.optimizer))
         out.write("\n" + report.format_report(gm, setting, args.world_size))
+        if gm.meta.get("bmc.pp"):
+            out.write("\n" + report.format_stage_report(gm, setting))
+    if args.dump_dir and gm.meta.get("bmc.pp"):
+        _dump_stages(gm, args.dump_dir)
     if args.measure:
         out.write("\n" + _measure(args, gm, str(pipeline), dp))
     for instrument in (timing, stats):

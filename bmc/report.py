@@ -104,4 +104,41 @@ def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int) ->
     plan = "no data-parallel pass in the pipeline: plain DP assumed" if planned is None else \
         f"the pipeline's plan is {'plain DP' if planned == 0 else f'ZeRO-{planned}'}"
     lines.append(f"  (GB = 1e9 bytes; '*' marks the plan's column: {plan})")
+    if gm.meta.get("bmc.pp"):
+        lines.append("  (the whole model's states per dp x tp rank; a pipeline stage's ranks hold only their "
+                     "stage's: see the table of stages)")
+    return "\n".join(lines) + "\n"
+
+
+def _stage_ranks(stage: int, pp: int, dp: int, tp: int) -> str:
+    """The global ranks running pipeline stage `stage` on a (pp, dp, tp) mesh."""
+    first = (stage % pp) * dp * tp
+    return f"{first}" if dp * tp == 1 else f"{first}-{first + dp * tp - 1}"
+
+
+def format_stage_report(gm: fx.GraphModule, setting: cost.Setting) -> str:
+    """Per pipeline stage: what its ranks hold (model states under the plan) and the
+    activations it keeps for the microbatches in flight under the schedule."""
+    from bmc.backends.pipeline import stage_graph
+    from bmc.passes.pp import in_flight
+    plan = gm.meta["bmc.pp"]
+    total, schedule, micro = plan["total_stages"], plan["schedule"], plan["microbatches"]
+    lines = [f"pipeline stages: pp={plan['stages']}, {total} stages, schedule {schedule}, {micro} microbatches "
+             f"(per rank of the stage; activations for one microbatch of batch {setting.batch})",
+             f"  {'stage':<6}{'blocks':<8}{'ranks':<10}{'parameters':>12}{'model states':>14}"
+             f"{'activations':>13}{'in flight':>10}{'peak':>12}"]
+    for s in range(total):
+        table = memory_table(stage_graph(gm, s, total), setting)
+        states = cost.evaluate(table.states_for_plan().total, table.subs)
+        buffers = cost.evaluate(table.states_for_plan().buffers, table.subs)
+        act = table.activation_bytes()
+        flight = in_flight(schedule, s, total, micro)
+        peak = states + buffers + (act or 0) * flight
+        params = sum(p.numel for p in table.params if not p.is_buffer)
+        blocks = f"{plan['bounds'][s]}-{plan['bounds'][s + 1] - 1}"
+        lines.append(f"  {s:<6}{blocks:<8}{_stage_ranks(s, plan['stages'], setting.dp, setting.tp):<10}"
+                     f"{params:>12,}{_gb(states):>14}{_gb(act):>13}{flight:>10}{_gb(peak):>12}")
+    worst = max(plan["time"]) / max(min(plan["time"]), 1e-30)
+    lines.append(f"  stage time (forward+backward FLOPs per microbatch): "
+                 f"{', '.join(f'{t:.3g}' for t in plan['time'])}; slowest/fastest {worst:.3f}")
     return "\n".join(lines) + "\n"

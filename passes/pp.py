@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -166,8 +167,29 @@ def _example_setting(gm: fx.GraphModule) -> dict:
     return cost.Setting(batch=int(shape[0]), seq=int(shape[1])).substitutions(cost.parameters(gm))
 
 
+def _example_sizes(gm: fx.GraphModule) -> dict[str, int]:
+    """Every symbolic input size by name, at the traced example's value (a second input's
+    batch and sequence are symbols of their own)."""
+    sizes = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        for size in (val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and size.node.hint is not None:
+                sizes[str(size.node.expr)] = int(size.node.hint)
+    return sizes
+
+
+def _evaluator(gm: fx.GraphModule):
+    subs, sizes = _example_setting(gm), _example_sizes(gm)
+
+    def evaluate(expr) -> float:
+        expr = sympy.sympify(expr).subs(subs)
+        return cost.evaluate(expr, {sym: sizes[str(sym)] for sym in expr.free_symbols if str(sym) in sizes})
+    return evaluate
+
+
 def unit_costs(gm: fx.GraphModule, units: dict[fx.Node, int], count: int) -> UnitCosts:
-    subs = _example_setting(gm)
+    evaluate = _evaluator(gm)
     symbols, needs = cost.graph_symbols(gm), cost.nodes_needing_grad(gm)
     flops, states, acts = [0.0] * count, [0.0] * count, [0.0] * count
     held: set[tuple[int, str]] = set()
@@ -176,11 +198,11 @@ def unit_costs(gm: fx.GraphModule, units: dict[fx.Node, int], count: int) -> Uni
     trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
     for node, unit in units.items():
         # backward costs about twice the forward (a gradient for the input and one for the weight)
-        flops[unit] += 3 * cost.evaluate(cost.node_flops(node, symbols), subs)
+        flops[unit] += 3 * evaluate(cost.node_flops(node, symbols))
         for identity, nbytes in cost.saved_tensors(node, symbols, needs):
             if identity not in saved:
                 saved.add(identity)
-                acts[unit] += cost.evaluate(nbytes, subs)
+                acts[unit] += evaluate(nbytes)
         for arg in node.all_input_nodes:
             val = ir.tensor_val(arg)
             if arg.op != "get_attr" or val is None or (unit, str(arg.target)) in held:
@@ -272,8 +294,8 @@ def insert_markers(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> int:
     inserted = 0
     for node in list(gm.graph.nodes):
         own = 0 if node.op == "placeholder" else stage_of.get(node)
-        if own is None:
-            continue
+        if own is None or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue  # sizes are read off the tensors a stage receives (backends/pipeline.py)
         user_stage = {u: stage_at(u) for u in node.users if (stage_at(u) or 0) > own}
         if not user_stage:
             continue
