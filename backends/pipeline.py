@@ -167,12 +167,12 @@ class PipelineRuntime:
         self.loss_is_output = returns_loss(gm)
         self.loss_fn = _identity_loss if self.loss_is_output else loss_fn
         self.ties = self._tie_groups(mesh)
-        self.schedule = self._build_schedule(self.loss_fn)
-        self.accumulating = None  # set by the data-parallel runtime, if any
+        self.stages = self._build_stages()
+        self.schedule = self._build_schedule(self.loss_fn) if self.loss_fn is not None else None
 
     # ---------------------------------------------------------------- setup
 
-    def _build_schedule(self, loss_fn):
+    def _build_stages(self):
         from torch.distributed.pipelining import PipelineStage
         device = torch.device("cpu")
         # Shapes given up front (from the graph's vals): inferred at run time, the stage would
@@ -182,10 +182,20 @@ class PipelineRuntime:
                                 input_args=_examples(self.all_stages[s], "placeholder"),
                                 output_args=_examples(self.all_stages[s], "output"))
                   for s in self.mine]
+        return stages
+
+    def _build_schedule(self, loss_fn):
         cls = _schedule_class(self.plan["schedule"])
         if self.plan["schedule"] == "interleaved":
-            return cls(stages, self.microbatches, loss_fn=loss_fn)
-        return cls(stages[0], self.microbatches, loss_fn=loss_fn)
+            return cls(self.stages, self.microbatches, loss_fn=loss_fn)
+        return cls(self.stages[0], self.microbatches, loss_fn=loss_fn)
+
+    def use_loss(self, loss_fn: Callable) -> None:
+        """The caller's loss for a graph that returns outputs (ignored when the graph computes it)."""
+        if self.loss_is_output or loss_fn is self.loss_fn:
+            return
+        self.loss_fn = loss_fn
+        self.schedule = self._build_schedule(loss_fn)
 
     def _tie_groups(self, mesh) -> list[tuple[torch.nn.Parameter, object]]:
         """(parameter, process group) for each weight held by stages on several pp ranks;
@@ -243,8 +253,10 @@ class PipelineRuntime:
         """One step over the microbatches; the last stage's per-microbatch losses."""
         if self.loss_fn is None:
             raise BackendError("the graph does not compute its loss (it returns outputs): pass loss_fn= "
-                               "(output, target) -> loss and target= to step()")
+                               "(output, target) -> loss and target= to step(), or trace the model with its targets")
         if target is None:
+            if not self.loss_is_output:
+                raise BackendError("step() with loss_fn needs target= (what the loss compares the outputs with)")
             target = torch.zeros(flat[0].shape[0])  # the graph computes the loss; the schedule wants a target
         losses: list[torch.Tensor] = []
         if train:

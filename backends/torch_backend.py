@@ -185,9 +185,8 @@ class PipelineProgram(DistributedProgram):
 
     def step(self, *args, target=None, loss_fn=None, **kwargs) -> torch.Tensor:
         pipeline = self.pipe
-        if loss_fn is not None and not pipeline.loss_is_output:
-            pipeline.loss_fn = loss_fn
-            pipeline.schedule._loss_fn = loss_fn
+        if loss_fn is not None:
+            pipeline.use_loss(loss_fn)
         flat = pipeline.flatten(args, kwargs)
         if self.runtime is not None:
             self.runtime.accumulating = True
@@ -201,7 +200,9 @@ class PipelineProgram(DistributedProgram):
             self.runtime.queue_accumulated()
         return pipeline.mean_loss(losses)
 
-    def __call__(self, *args, target=None, **kwargs):
+    def __call__(self, *args, target=None, loss_fn=None, **kwargs):
+        if loss_fn is not None:
+            self.pipe.use_loss(loss_fn)
         losses = self.pipe.run(self.pipe.flatten(args, kwargs), target, train=False)
         return self.pipe.mean_loss(losses)
 

@@ -156,6 +156,18 @@ def clear(node: fx.Node, kind: type) -> None:
     node.meta.pop(kind.key, None)
 
 
+MESH_AXES = ("pp", "dp", "tp", "sp")  # the order placements are listed in, whichever pass adds them
+
+
+def place(node: fx.Node, placement: Placement) -> None:
+    """Set this node's placement on one mesh axis, keeping its placements on the others (tp
+    and zero annotate the same weights, in either order)."""
+    current = get(node, Shard)
+    others = [p for p in (current.placements if current else ()) if p.axis != placement.axis]
+    ordered = sorted([*others, placement], key=lambda p: MESH_AXES.index(p.axis) if p.axis in MESH_AXES else 99)
+    annotate(node, Shard(tuple(ordered)))
+
+
 def annotations(node: fx.Node) -> Iterator[tuple[str, Any]]:
     """Every bmc.* annotation of the node, in schema order."""
     for key in SCHEMA:

@@ -23,7 +23,7 @@ import bmc.ops  # noqa: F401 - registers bmc::scale_grad
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passes.shape_prop import propagate_shapes
-from bmc.passes.pp import require_before_pp
+from bmc.pass_order import require_before_pp, require_before_regions
 from bmc.passmgr import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,7 @@ def _is_float(node) -> bool:
 def _check_order(gm: fx.GraphModule) -> None:
     if gm.meta.get("bmc.amp"):
         raise PipelineError("amp appears twice in the pipeline: keep one amp{dtype=...}")
-    fused = [n for n in gm.graph.find_nodes(op="get_attr")
-             if isinstance(getattr(gm, str(n.target), None), fx.GraphModule)]
-    if fused:
-        raise PipelineError("amp must run before passes that fuse regions (insert-remat, insert-offload): "
-                            "put amp earlier in the pipeline")
+    require_before_regions(gm, "amp")
 
 
 def _drop_dtype_asserts(gm: fx.GraphModule) -> int:

@@ -32,7 +32,7 @@ def mark_data_parallel(gm: fx.GraphModule, stage: int, sharded: bool) -> int:
     placement = ir.Placement("dp", "shard", 0) if sharded else ir.Placement("dp", "replicate")
     for node in params.values():
         ir.annotate(node, ir.Zero(stage))
-        ir.annotate(node, ir.Shard((placement,)))
+        ir.place(node, placement)
     return len(params)
 
 

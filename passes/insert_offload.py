@@ -34,7 +34,7 @@ from bmc.passes.insert_remat import (
 from torch import fx
 
 from bmc import ir
-from bmc.passes.pp import require_before_pp
+from bmc.pass_order import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)

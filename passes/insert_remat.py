@@ -31,7 +31,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from bmc import cost, ir
 from bmc.errors import PipelineError
 from bmc.graph_patterns import _ATTENTION_OPS, _op
-from bmc.passes.pp import require_before_pp
+from bmc.pass_order import require_before_pp
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import Attention, Linear, _Graph, structure_of
 from bmc.trace import trace_info

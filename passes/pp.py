@@ -31,6 +31,7 @@ import torch.fx as fx
 import bmc.ops  # noqa: F401 - registers bmc::pipe
 from bmc import cost, ir
 from bmc.errors import PipelineError
+from bmc.pass_order import require_before_pp  # noqa: F401 - re-exported for the rewriting passes
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import structure_of
 from bmc.trace import trace_info
@@ -104,6 +105,11 @@ def node_units(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], int]:
         if node.op != "call_function" or is_free(node, free):
             continue
         own = _block_index(ir.module_path(node), index)
+        if own is None and not isinstance(node.meta.get("val"), torch.Tensor):
+            # a region (insert-remat's checkpoint, insert-offload's) returns a tuple and has no
+            # module of its own: it belongs to the block of the values taken out of it
+            taken = [_block_index(ir.module_path(u), index) for u in node.users]
+            own = min((t for t in taken if t is not None), default=None)
         after_inputs = max((units[a] for a in node.all_input_nodes if a in units), default=0)
         units[node] = max(own if own is not None else 0, after_inputs)
     _defer_input_only(gm, units, len(blocks) - 1, free)
@@ -358,13 +364,6 @@ class PipelineParallel(Pass):
         return PassResult(gm, True, {"stages": total, "markers": markers,
                                      "blocks-per-stage": [plan.bounds[s + 1] - plan.bounds[s] for s in range(total)],
                                      "imbalance": round(plan.imbalance, 4)})
-
-
-def require_before_pp(gm: fx.GraphModule, pass_name: str) -> None:
-    """Passes that rewrite the graph call this: they run before pp, which cuts it into stages."""
-    if gm.meta.get("bmc.pp"):
-        raise PipelineError(f"{pass_name} after pp: pp cuts the graph into stages and {pass_name} does not know "
-                            f"about them; put {pass_name} before pp in the pipeline")
 
 
 for _stages in (2, 4, 8):

@@ -26,7 +26,7 @@ import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inser
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passes.shape_prop import propagate_shapes
-from bmc.passes.pp import require_before_pp
+from bmc.pass_order import require_before_pp, require_before_regions
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import Linear, structure_of
 
@@ -366,7 +366,7 @@ def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
         owner, _, leaf = name.rpartition(".")
         local = torch.nn.Parameter(layout.local(param.detach(), 0, degree).clone(), requires_grad=param.requires_grad)
         setattr(gm.get_submodule(owner) if owner else gm, leaf, local)
-        ir.annotate(nodes[name], ir.Shard((ir.Placement(GROUP, "shard", layout.dim),)))
+        ir.place(nodes[name], ir.Placement(GROUP, "shard", layout.dim))
     return {"degree": degree, "layouts": layouts, "full": full}
 
 
@@ -376,6 +376,10 @@ class TensorParallel(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "tp")
+        require_before_regions(gm, "tp")
+        if any(gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default)):
+            raise PipelineError("tp after zero{stage=3}: ZeRO-3 already routes each weight through a gather that "
+                                "tp would have to split; put tp before zero in the pipeline")
         degree = self.options.degree
         if gm.meta.get("bmc.tp"):
             raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")

@@ -129,8 +129,33 @@ class Task:
 
     def loss(self, prog, x, y) -> torch.Tensor:
         if self.hf:
-            return prog(input_ids=x, labels=x).loss
+            out = prog(input_ids=x, labels=x)
+            return out if isinstance(out, torch.Tensor) else out.loss  # a pipelined program returns the loss
         return prog(x, y)
+
+    def step(self, prog, x, y) -> torch.Tensor:
+        """Forward and backward; the loss."""
+        if is_pipelined(prog):  # the schedule runs backward itself, microbatch by microbatch
+            return prog.step(input_ids=x, labels=x) if self.hf else prog.step(x, y)
+        loss = self.loss(prog, x, y)
+        loss.backward()
+        return loss
+
+
+def is_pipelined(prog) -> bool:
+    return bool(prog.graph_module.meta.get("bmc.pp"))
+
+
+def mesh_degrees(pipeline: str) -> tuple[int, int, int]:
+    """tp degree, pp stages and microbatches the pipeline asks for (1, 1, 1 without them)."""
+    tp, pp, micro = 1, 1, 1
+    for spec in bmc.parse_pipeline(pipeline).passes:
+        options = spec.make_options()
+        if spec.name == "tp":
+            tp = options.degree
+        elif spec.name == "pp":
+            pp, micro = options.stages, options.num_microbatches
+    return tp, pp, micro
 
 
 def learning_rate(args, step: int) -> float:
@@ -207,23 +232,29 @@ def train(args) -> dict:
     check(args)
     rank, world = init_distributed()
     pipeline = args.pipeline or ("dce" if world == 1 else "dp")
-    tp = max([spec.make_options().degree for spec in bmc.parse_pipeline(pipeline).passes if spec.name == "tp"] or [1])
-    local_batch = args.batch // max(1, world // tp)  # a replica's rows; tp ranks share them
+    tp, pp, micro = mesh_degrees(pipeline)
+    local_batch = args.batch // max(1, world // (tp * pp))  # a replica's rows; its tp and pp ranks share them
+    if local_batch % micro:
+        raise BmcError(f"a replica's batch of {local_batch} rows does not split into {micro} microbatches: "
+                       f"use a --batch that is a multiple of {micro * max(1, world // (tp * pp))}")
     task = Task(args)
     tokens = data.split(data.text_tokens(args.text))
     train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
     eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
-    prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch), world_size=world)
-    # ranks that split one replica's tensors (tp) read the same rows: the data is split by replica
+    # a pipelined program is traced at one microbatch's size
+    prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch // micro),
+                       world_size=world)
+    # ranks that split one replica's tensors or layers (tp, pp) read the same rows: the data is split by replica
     mesh = getattr(prog, "mesh", None)
-    replica, replicas = (mesh.get_local_rank("dp"), mesh.size(0)) if mesh is not None else (rank, world)
+    replica, replicas = (mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))) \
+        if mesh is not None else (rank, world)
     opt = prog.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
     out = Path(args.out)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
     start = 0
-    checkpoints = tp == 1
+    checkpoints = tp == 1 and pp == 1
     if not checkpoints and rank == 0:
-        log.warning("checkpoints of tensor-parallel programs are not supported yet: this run writes none")
+        log.warning("checkpoints of tensor- or pipeline-parallel programs are not supported yet: this run writes none")
     if checkpoints and not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
         start = checkpoint.load(ckpt_dir, prog, opt)["step"]
         if rank == 0:
@@ -243,8 +274,7 @@ def train(args) -> dict:
         x, y = train_text.local(step, replica, replicas)
         first = step == start
         with measure.SavedBytes(prog.parameters()) if first else contextlib.nullcontext() as saved:
-            loss = task.loss(prog, x, y)
-        loss.backward()
+            loss = task.step(prog, x, y)
         norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else None
         opt.step()
         loss_value = mean_over_ranks(loss, world)
@@ -255,7 +285,7 @@ def train(args) -> dict:
         if opt.loss_scale is not None:
             record["loss_scale"] = opt.loss_scale
         losses.write(record)
-        if first and rank == 0:
+        if first and rank == 0 and pp == 1:  # per stage, the prediction is bmc-opt --report's table of stages
             measured = {**opt.memory(), "activations": saved.total}
             log.info("%s", memory_report(prog, replicas, args.batch // replicas, args.seq, measured).rstrip())
         if progress is not None:

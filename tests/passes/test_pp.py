@@ -105,6 +105,25 @@ def test_a_world_size_the_mesh_does_not_fit_is_refused_before_running():
         bmc.compile(model, passes="pp{stages=2}", example_inputs=_batch(2))
 
 
+@pytest.mark.parametrize("order", ["zero{stage=1},tp{degree=2},pp{stages=2}", "tp{degree=2},pp{stages=2},zero{stage=1}"])
+def test_any_sensible_order_gives_the_same_program(order):
+    x, y = _batch(2)
+    want = bmc.ir.format_graph(_plan(zoo.build("gpt-tiny"), "tp{degree=2},zero{stage=1},pp{stages=2}", (x, y)))
+    assert bmc.ir.format_graph(_plan(zoo.build("gpt-tiny"), order, (x, y))) == want
+    assert "bmc.shard=[dp:replicate, tp:shard(0)]" in want  # both plans on one weight
+
+
+@pytest.mark.parametrize("order,message", [
+    ("insert-remat,tp{degree=2}", "tp must run before passes that fuse regions"),
+    ("zero{stage=3},tp{degree=2}", "tp after zero\\{stage=3\\}.*put tp before zero"),
+    ("pp{stages=2},amp", "amp after pp.*put amp before pp"),
+    ("pp{stages=2},insert-remat", "insert-remat after pp"),
+])
+def test_an_order_that_cannot_work_is_one_clear_error(order, message):
+    with pytest.raises(PipelineError, match=message):
+        _plan(zoo.build("gpt-tiny"), order, _batch(2))
+
+
 # ------------------------------------------------------------------ pipelined programs
 
 
@@ -123,7 +142,9 @@ def _equivalence(rank, world, name, layers, options):
     one = ((), {"input_ids": x[:2], "labels": x[:2]}) if hf else (x[:2], y[:2])
     dynamic = "dynamic" in options  # batch and sequence symbolic: stages read sizes off what they receive
     options = options.replace(",dynamic", "")
-    prog = bmc.compile(copy.deepcopy(model), passes=f"pp{{stages={world},microbatches={micro},{options}}}",
+    before, _, options = options.rpartition(";")  # passes that run before pp
+    pipeline = (before + "," if before else "") + f"pp{{stages={world},microbatches={micro},{options}}}"
+    prog = bmc.compile(copy.deepcopy(model), passes=pipeline,
                        example_inputs=one, world_size=world, dynamic=dynamic or None)
     ref = model(input_ids=x, labels=x).loss if hf else model(x, y)
     ref.backward()
@@ -143,7 +164,7 @@ CASES = [  # (model, blocks, ranks, schedule options); the first ones run in CI
     ("gpt-tiny", 2, 2, "schedule=gpipe"),
     ("llama-tiny", 4, 4, "schedule=1f1b,dynamic"),
     pytest.param("gpt-tiny", 4, 4, "schedule=gpipe", marks=pytest.mark.slow),
-    pytest.param("gpt-tiny", 4, 2, "schedule=1f1b", marks=pytest.mark.slow),
+    ("gpt-tiny", 4, 2, "insert-remat;schedule=1f1b"),
     pytest.param("llama-tiny", 2, 2, "schedule=gpipe", marks=pytest.mark.slow),
     pytest.param("gpt-tiny", 4, 2, "schedule=interleaved", marks=pytest.mark.slow),
     pytest.param("hf-gpt2", 2, 2, "schedule=1f1b", marks=pytest.mark.slow),
@@ -155,6 +176,28 @@ CASES = [  # (model, blocks, ranks, schedule options); the first ones run in CI
 def test_pipelined_step_equals_single_device_loss_and_gradients(name, layers, ranks, options):
     results = run_ranks(ranks, _equivalence, name, layers, options)
     _assert_equivalent(results, len(list(_model(name, layers).parameters())))
+
+
+def _mse(hidden, target):
+    return (hidden - target).square().mean()
+
+
+def _encoder_with_callers_loss(rank, world):
+    model = _zoo("bert-tiny", 2)
+    x, _ = _batch(8)
+    target = torch.randn(8, SEQ, model.config.hidden, generator=torch.Generator().manual_seed(3))
+    prog = bmc.compile(copy.deepcopy(model), passes="pp{stages=2,schedule=gpipe,microbatches=4}",
+                       example_inputs=(x[:2],), world_size=world)
+    ref = _mse(model(x), target)
+    ref.backward()
+    loss = prog.step(x, target=target, loss_fn=_mse)
+    want = dict(model.named_parameters())
+    worst = max((p.grad - want[n].grad).abs().max().item() for n, p in prog.named_parameters())
+    return abs(loss.item() - ref.item()), worst, len(list(prog.named_parameters()))
+
+
+def test_pipelined_encoder_with_the_callers_loss_equals_single_device():
+    _assert_equivalent(run_ranks(2, _encoder_with_callers_loss), len(list(_zoo("bert-tiny", 2).parameters())))
 
 
 # ------------------------------------------------------------------ 3D: dp x tp x pp
