@@ -262,8 +262,8 @@ class PipelineRuntime:
         if train:
             self.schedule.step(*flat, target=target, losses=losses, return_outputs=False)
         else:
-            with torch.no_grad():
-                self.schedule.eval(*flat, target=target, losses=losses)
+            with torch.no_grad():  # outputs are not merged: scalar losses do not concatenate
+                self.schedule.eval(*flat, target=target, losses=losses, return_outputs=False)
         return losses
 
     def sum_tied_gradients(self) -> None:

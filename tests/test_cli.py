@@ -164,14 +164,14 @@ def test_tp_plan_shows_per_rank_parameters_without_processes():
 
 
 def test_3d_plan_shows_each_stage_its_ranks_memory_and_graph(tmp_path):
-    run = bmc_opt("zoo:gpt-mini", "--pass=tp2,zero1,pp{stages=2}", "--world-size", "8", "--report",
+    run = bmc_opt("zoo:gpt-tiny", "--pass=tp2,zero1,pp{stages=2}", "--world-size", "8", "--report",
                   "--dump-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert "(dp=2 tp=2 pp=2)" in run.stdout and "pipeline stages: pp=2" in run.stdout
     stage_rows = re.findall(r"^  ([01]) +(\d-\d) +(\d-\d) +([\d,]+)", run.stdout, re.M)
-    assert [(s, blocks, ranks) for s, blocks, ranks, _ in stage_rows] == [("0", "0-3", "0-3"), ("1", "4-7", "4-7")]
+    assert [(s, blocks, ranks) for s, blocks, ranks, _ in stage_rows] == [("0", "0-0", "0-3"), ("1", "1-1", "4-7")]
     stage1 = (tmp_path / "stage-1.txt").read_text()
     assert stage1.startswith("graph pipeline stage 1 of 2")
-    assert "param transformer.h.4." in stage1 and "transformer.h.3." not in stage1
-    clash = bmc_opt("zoo:gpt-mini", "--pass=pp{stages=2}", "--world-size", "4", "--pp", "4")
+    assert "param transformer.h.1." in stage1 and "transformer.h.0." not in stage1
+    clash = bmc_opt("zoo:gpt-tiny", "--pass=pp{stages=2}", "--world-size", "4", "--pp", "4")
     assert clash.returncode == 2 and "contradicts the pipeline's pp{stages=2}" in clash.stderr

@@ -94,15 +94,23 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     assert "written for another model" in run.stderr and "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("pipeline", ["tp2", "pp{stages=2,microbatches=2}"])
-def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path, pipeline):
-    """tp2 or pp2 on 2 ranks: both ranks read the same rows (one replica), and the losses
-    equal a one-process run's."""
-    common = ["--steps", "3", "--ckpt-every", "0"]
-    one = subprocess.run([*TRAIN, *SMALL, *common, "--out", str(tmp_path / "one")], env=_env(),
+COMMON = ["--steps", "3", "--ckpt-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    one = subprocess.run([*TRAIN, *SMALL, *COMMON, "--out", str(out)], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    run = _torchrun([*common, "--pass", pipeline], tmp_path / "par")
+    return _losses(out)
+
+
+@pytest.mark.parametrize("pipeline", ["tp2", "pp{stages=2,microbatches=2}"])
+def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path, pipeline, one_process_losses):
+    """tp2 or pp2 on 2 ranks: both ranks read the same rows (one replica), and the losses
+    equal a one-process run's."""
+    run = _torchrun([*COMMON, "--pass", pipeline], tmp_path / "par")
     assert run.returncode == 0, run.stderr[-2000:]
-    for got, want in zip(_losses(tmp_path / "par"), _losses(tmp_path / "one")):
+    for got, want in zip(_losses(tmp_path / "par"), one_process_losses):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
