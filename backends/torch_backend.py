@@ -79,6 +79,9 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
         raise BackendError(f"the torch backend takes no options, got {', '.join(sorted(options))}")
     _check_weights(gm)
     world, tp, pp = context.world_size, _tp_degree(gm), _pp_degree(gm)
+    if tp > 1 and gm.meta["bmc.tp"].get("collectives") is None:
+        raise BackendError("the graph is split by tp but has no collectives: add insert-collectives after tp "
+                           f"(the preset tp{tp} is tp{{degree={tp}}},insert-collectives)")
     check_mesh(world, tp, pp)
     if world == 1:
         ops.register_group("dp", 1)

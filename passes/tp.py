@@ -4,10 +4,11 @@ From the structure analysis, attention is split by heads (q/k/v column-parallel,
 weight split per head group in each of its q, k and v parts, GQA's kv heads split alike) and
 the MLP by neurons (up/gate column-parallel, down row-parallel). The graph stays SPMD: shapes
 become a rank's local shapes, and the head counts and widths baked into view / reshape /
-expand / split nodes are rewritten by propagating which dim of each tensor is split. Around
-each split region sit Megatron's f (`bmc::copy_to_group`: identity forward, all-reduce
-backward) before the column-parallel projections and g (`bmc::reduce_from_group`: all-reduce
-forward, identity backward) after the row-parallel one, whose bias is added once, after g.
+expand / split nodes are rewritten by propagating which dim of each tensor is split. Each
+activation's placement is recorded (`bmc.shard`: `tp:shard(d)`, or `tp:partial` for a
+row-parallel product, whose bias is added after it), and the insert-collectives pass puts
+Megatron's f and g where those placements need them; the presets `tp2`, `tp4`, `tp8` are
+`tp{degree=N},insert-collectives`.
 
 The module holds rank 0's slices (so shapes, the verifier and the cost model see local
 sizes); the full weights and how to slice them ride in `gm.meta["bmc.tp"]`, and the torch
@@ -183,8 +184,8 @@ class _Propagation:
     def __init__(self, gm: fx.GraphModule, plan: _Plan, degree: int):
         self.gm, self.plan, self.degree = gm, plan, degree
         self.split: dict[fx.Node, int | tuple | None] = {}
-        self.f_of: dict[fx.Node, fx.Node] = {}
-        self.stats = {"column": 0, "row": 0, "collectives": 0, "shapes-rewritten": 0}
+        self.partial: list[fx.Node] = []
+        self.stats = {"column": 0, "row": 0, "shapes-rewritten": 0}
 
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
@@ -198,6 +199,14 @@ class _Propagation:
             elif any(self.split.get(a) is not None for a in node.all_input_nodes):
                 self.split[node] = self._through(node)
 
+    def annotate(self) -> None:
+        """Record each activation's placement (`bmc.shard`): what insert-collectives reads."""
+        for node, dim in self.split.items():
+            if isinstance(dim, int):
+                ir.place(node, ir.Placement(GROUP, "shard", dim))
+        for node in self.partial:
+            ir.place(node, ir.Placement(GROUP, "partial"))
+
     # -- the projections
 
     def _column(self, node: fx.Node) -> None:
@@ -205,13 +214,6 @@ class _Propagation:
         if self.split.get(x) is not None:
             raise PipelineError(f"tp: the input of {weight.target} is already split; "
                                 f"two column-parallel projections in a row are not supported")
-        if x not in self.f_of:
-            with self.gm.graph.inserting_after(x):
-                f = self.gm.graph.call_function(torch.ops.bmc.copy_to_group.default, (x, GROUP))
-            ir.copy_meta(x, f, "tp")
-            self.f_of[x] = f
-            self.stats["collectives"] += 1
-        node.replace_input_with(x, self.f_of[x])
         self.split[node] = len(_shape(node)) - 1
         self.stats["column"] += 1
 
@@ -225,18 +227,14 @@ class _Propagation:
             node.target, node.args, node.kwargs = aten.mm.default, (x, weight), {}
         else:
             node.args, node.kwargs = (x, weight), {}
-        with self.gm.graph.inserting_after(node):
-            g = self.gm.graph.call_function(torch.ops.bmc.reduce_from_group.default, (node, GROUP))
-        ir.copy_meta(node, g, "tp")
-        result = g
-        if bias is not None:  # added once, after the sum over ranks
-            with self.gm.graph.inserting_after(g):
-                result = self.gm.graph.call_function(aten.add.Tensor, (g, bias))
+        self.partial.append(node)  # each rank holds a summand: insert-collectives puts g after it
+        if bias is not None:  # added once, to the sum (g goes between the product and this add)
+            with self.gm.graph.inserting_after(node):
+                result = self.gm.graph.call_function(aten.add.Tensor, (node, bias))
             ir.copy_meta(node, result, "tp")
-        node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not g)
+            node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
         self.split[node] = None
         self.stats["row"] += 1
-        self.stats["collectives"] += 1
 
     # -- everything between them
 
@@ -388,6 +386,7 @@ class TensorParallel(Pass):
         plan = _plan(gm, degree)
         walk = _Propagation(gm, plan, degree)
         walk.run()
+        walk.annotate()
         gm.meta["bmc.tp"] = _slice_weights(gm, plan, degree)
         gm.graph.lint()
         gm.recompile()
@@ -397,4 +396,5 @@ class TensorParallel(Pass):
 
 
 for _degree in (2, 4, 8):
-    register_preset(f"tp{_degree}", f"tp{{degree={_degree}}}", f"tensor parallelism over {_degree} ranks")
+    register_preset(f"tp{_degree}", f"tp{{degree={_degree}}},insert-collectives",
+                    f"tensor parallelism over {_degree} ranks, with its collectives")

@@ -155,10 +155,11 @@ def test_tp_plan_shows_per_rank_parameters_without_processes():
                    "mlp.c_fc.bias", "mlp.c_proj.weight")
     split = sum(p.numel() for n, p in model.named_parameters() if n.endswith(split_names))
     local = sum(p.numel() for p in model.parameters()) - split // 2
-    run = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "--report", "--print-ir-after=tp")
+    run = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "--report", "--print-ir-after=insert-collectives")
     assert run.returncode == 0, run.stderr
     assert f"parameters {local:,} (f32)" in run.stdout and "(dp=1 tp=2 pp=1)" in run.stdout
     assert "bmc.copy_to_group(%layer_norm, 'tp')" in run.stdout and "bmc.reduce_from_group(" in run.stdout
+    assert "{bmc.shard=[tp:partial]}" in run.stdout  # what tp recorded and insert-collectives read
     clash = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "4", "--tp", "4")
     assert clash.returncode == 2 and "contradicts the pipeline's tp{degree=2}" in clash.stderr
 

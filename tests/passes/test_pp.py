@@ -99,16 +99,17 @@ def test_pp_with_zero3_is_refused():
 def test_a_world_size_the_mesh_does_not_fit_is_refused_before_running():
     model = zoo.build("gpt-tiny")
     with pytest.raises(BackendError, match="tp=2 x pp=2 = 4 ranks, which does not divide world size 6"):
-        bmc.compile(model, passes="tp{degree=2},zero{stage=1},pp{stages=2}", example_inputs=_batch(2),
+        bmc.compile(model, passes="tp2,zero{stage=1},pp{stages=2}", example_inputs=_batch(2),
                     world_size=6)
     with pytest.raises(BackendError, match="pp=2 = 2 ranks but is compiled for world size 1"):
         bmc.compile(model, passes="pp{stages=2}", example_inputs=_batch(2))
 
 
-@pytest.mark.parametrize("order", ["zero{stage=1},tp{degree=2},pp{stages=2}", "tp{degree=2},pp{stages=2},zero{stage=1}"])
+@pytest.mark.parametrize("order", ["zero{stage=1},tp{degree=2},insert-collectives,pp{stages=2}",
+                                   "tp{degree=2},insert-collectives,pp{stages=2},zero{stage=1}"])
 def test_any_sensible_order_gives_the_same_program(order):
     x, y = _batch(2)
-    want = bmc.ir.format_graph(_plan(zoo.build("gpt-tiny"), "tp{degree=2},zero{stage=1},pp{stages=2}", (x, y)))
+    want = bmc.ir.format_graph(_plan(zoo.build("gpt-tiny"), "tp{degree=2},zero{stage=1},insert-collectives,pp{stages=2}", (x, y)))
     assert bmc.ir.format_graph(_plan(zoo.build("gpt-tiny"), order, (x, y))) == want
     assert "bmc.shard=[dp:replicate, tp:shard(0)]" in want  # both plans on one weight
 
@@ -242,7 +243,7 @@ def _train_3d(rank, world, pipeline, lr):
 def test_dp2_tp2_pp2_with_zero1_trains_like_one_process():
     lr = 3e-3
     want = _single_process_losses(lr)
-    pipeline = "tp{degree=2},zero{stage=1},pp{stages=2,microbatches=2}"
+    pipeline = "tp2,zero{stage=1},pp{stages=2,microbatches=2}"
     results = run_ranks(8, _train_3d, pipeline, lr, timeout=600)
     assert want[-1] < want[0]  # it trains
     for losses in results:

@@ -39,7 +39,7 @@ def _build(name):
 
 def _check(rank, world_size, name):
     model, inputs = _build(name)
-    prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size}}},verify", example_inputs=inputs,
+    prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size}}},insert-collectives,verify", example_inputs=inputs,
                        world_size=world_size)
     ref, out = run(model, inputs), run(prog, inputs)
     forward = (out - ref).abs().max().item()

@@ -85,7 +85,7 @@ def bmc_tp(args, world):
     torch.manual_seed(0)
     model = build_model()
     x = torch.zeros(args.batch, args.seq, dtype=torch.long)
-    prog = bmc.compile(model, passes=f"tp{{degree={world}}}", example_inputs=(x, x.clone()), world_size=world)
+    prog = bmc.compile(model, passes=f"tp{{degree={world}}},insert-collectives", example_inputs=(x, x.clone()), world_size=world)
     opt = prog.optimizer(torch.optim.AdamW, lr=1e-3)
 
     def step(x, y):
