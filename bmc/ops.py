@@ -91,6 +91,38 @@ def _(x, dim, group):
     return x.new_empty(shape)
 
 
+@torch.library.custom_op("bmc::scatter", mutates_args=())
+def scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Keep this rank's slice of `dim` (every rank holds all of `x`); backward all-gathers:
+    where a replicated activation enters a sequence-parallel region."""
+    pg = _process_group(group)
+    if pg is None:
+        return x.clone()
+    return x.chunk(dist.get_world_size(pg), dim)[dist.get_rank(pg)].clone(memory_format=torch.contiguous_format)
+
+
+@scatter.register_fake
+def _(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size(group)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("bmc::unscatter", mutates_args=())
+def unscatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """The inverse of scatter: gather the slices along `dim`; backward keeps this rank's slice
+    of the gradient (whole on every rank: what reads the gathered value is replicated), where
+    all_gather's backward would sum partial gradients."""
+    return torch.ops.bmc.all_gather(x, dim, group)
+
+
+@unscatter.register_fake
+def _(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size(group)
+    return x.new_empty(shape)
+
+
 def _setup(ctx, inputs, output):
     _, ctx.dim, ctx.group = inputs
 
@@ -105,6 +137,9 @@ def _reduce_scatter_backward(ctx, grad):
 
 torch.library.register_autograd("bmc::all_gather", _all_gather_backward, setup_context=_setup)
 torch.library.register_autograd("bmc::reduce_scatter", _reduce_scatter_backward, setup_context=_setup)
+torch.library.register_autograd("bmc::scatter", _reduce_scatter_backward, setup_context=_setup)  # gather back
+torch.library.register_autograd("bmc::unscatter", lambda ctx, grad: (torch.ops.bmc.scatter(grad, ctx.dim, ctx.group),
+                                                                     None, None), setup_context=_setup)
 
 
 # ------------------------------------------------------------------ Megatron's f and g
@@ -263,4 +298,5 @@ torch.library.register_autograd("bmc::pipe", lambda ctx, grad: (grad, None), set
 
 
 COLLECTIVES = {torch.ops.bmc.gather_param.default, torch.ops.bmc.all_gather.default, torch.ops.bmc.reduce_scatter.default,
+               torch.ops.bmc.scatter.default, torch.ops.bmc.unscatter.default,
                torch.ops.bmc.reduce_from_group.default, torch.ops.bmc.copy_to_group.default}

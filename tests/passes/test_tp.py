@@ -37,10 +37,11 @@ def _build(name):
     return model, model.example_inputs()
 
 
-def _check(rank, world_size, name):
+def _check(rank, world_size, name, sequence_parallel=False):
     model, inputs = _build(name)
-    prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size}}},insert-collectives,verify", example_inputs=inputs,
-                       world_size=world_size)
+    collectives = "insert-collectives{sequence_parallel=true}" if sequence_parallel else "insert-collectives"
+    prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size}}},{collectives},verify",
+                       example_inputs=inputs, world_size=world_size)
     ref, out = run(model, inputs), run(prog, inputs)
     forward = (out - ref).abs().max().item()
     ref.float().square().mean().backward()
@@ -71,6 +72,26 @@ CASES = [pytest.param(name, degree, marks=[] if (name, degree) in IN_CI else [py
 def test_tensor_parallel_equals_single_device(name, degree):
     for forward, grads in run_ranks(degree, _check, name):
         assert forward <= 1e-5 and grads <= 1e-5, (forward, grads)
+
+
+SP_CASES = [("gpt-tiny", 2), pytest.param("llama-gqa", 4, marks=pytest.mark.slow),
+            pytest.param("hf-llama", 2, marks=pytest.mark.slow),
+            pytest.param("bert-tiny", 2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name, degree", SP_CASES)
+def test_sequence_parallel_equals_single_device(name, degree):
+    """Norms, residuals and dropouts split along the sequence between the tp regions: same
+    outputs and gradients (the norms' gradients summed over the ranks)."""
+    for forward, grads in run_ranks(degree, _check, name, True):
+        assert forward <= 1e-5 and grads <= 1e-5, (forward, grads)
+
+
+def test_sequence_parallel_on_flattened_activations_is_refused():
+    model, inputs = _build("hf-gpt2")  # Conv1D views x as [batch * seq, hidden]
+    with pytest.raises(PipelineError, match="is 2-d .* use sequence_parallel=false"):
+        bmc.compile(model, passes="tp{degree=2},insert-collectives{sequence_parallel=true}", example_inputs=inputs,
+                    world_size=2)
 
 
 def test_heads_that_do_not_divide_are_refused_before_anything_runs():
