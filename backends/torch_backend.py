@@ -165,11 +165,16 @@ class DistributedProgram(Program):
         if not plan:
             return
         group = self.mesh.get_group("tp")
+        by_param = {}
+        for name, p in self.graph_module.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(p), []).append(name)
         for name, layout in plan["layouts"].items():
-            local = self.graph_module.get_parameter(name).detach().contiguous()
+            param = self.graph_module.get_parameter(name)
+            local = param.detach().contiguous()
             pieces = [torch.empty_like(local) for _ in range(plan["degree"])]
             dist.all_gather(pieces, local, group=group)
-            full[name] = layout.full(pieces)
+            for alias in by_param.get(id(param), [name]):  # a tied weight under each of its names
+                full[alias] = layout.full(pieces)
 
     def optimizer(self, optimizer_cls, **kwargs):
         return ProgramOptimizer(self.graph_module, optimizer_cls, self.runtime, **kwargs)

@@ -278,6 +278,109 @@ def _scale_grad_backward(ctx, grad):
 torch.library.register_autograd("bmc::scale_grad", _scale_grad_backward, setup_context=_scale_grad_setup)
 
 
+# ------------------------------------------------------------------ vocabulary-parallel embedding and loss
+
+
+def _vocab_range(rows: int, group: str) -> tuple[int, int]:
+    """[start, end) of the vocabulary this rank's `rows` embedding rows hold."""
+    pg = _process_group(group)
+    rank = dist.get_rank(pg) if pg is not None else 0
+    return rank * rows, (rank + 1) * rows
+
+
+@torch.library.custom_op("bmc::vocab_parallel_embedding", mutates_args=())
+def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, padding_idx: int, group: str) -> torch.Tensor:
+    """This rank's part of an embedding lookup whose rows are split over the group by
+    vocabulary: rows it holds are looked up, the others are zero (a partial sum: g adds the
+    ranks' parts)."""
+    start, end = _vocab_range(weight.shape[0], group)
+    mine = (indices >= start) & (indices < end)
+    out = torch.nn.functional.embedding((indices - start) * mine, weight)
+    return out * mine.unsqueeze(-1).to(out.dtype)
+
+
+@vocab_parallel_embedding.register_fake
+def _(weight, indices, padding_idx, group):
+    return weight.new_empty((*indices.shape, weight.shape[1]))
+
+
+def _vocab_embedding_setup(ctx, inputs, output):
+    weight, indices, ctx.padding_idx, ctx.group = inputs
+    ctx.rows = weight.shape[0]
+    ctx.save_for_backward(indices)
+
+
+def _vocab_embedding_backward(ctx, grad):
+    indices, = ctx.saved_tensors
+    start, end = _vocab_range(ctx.rows, ctx.group)
+    mine = (indices >= start) & (indices < end)
+    if ctx.padding_idx >= 0:
+        mine &= indices != ctx.padding_idx  # the padding row gets no gradient, as in nn.Embedding
+    flat = grad.reshape(-1, grad.shape[-1]) * mine.reshape(-1, 1).to(grad.dtype)
+    grad_weight = grad.new_zeros((ctx.rows, grad.shape[-1]))
+    grad_weight.index_add_(0, ((indices - start) * mine).reshape(-1), flat)
+    return grad_weight, None, None, None
+
+
+torch.library.register_autograd("bmc::vocab_parallel_embedding", _vocab_embedding_backward,
+                                setup_context=_vocab_embedding_setup)
+
+
+def _all_reduce_(x: torch.Tensor, group: str, op=None) -> torch.Tensor:
+    pg = _process_group(group)
+    if pg is not None:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=pg)
+    return x
+
+
+@torch.library.custom_op("bmc::vocab_parallel_cross_entropy", mutates_args=())
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                                 group: str) -> torch.Tensor:
+    """Mean cross-entropy of logits split over the group by vocabulary (Megatron's
+    vocab-parallel loss): the max, the sum of exponentials and the target's logit are
+    reduced over the ranks, so no rank holds the whole [tokens, vocab] logits."""
+    loss, _ = _vocab_ce_forward(logits, target, ignore_index, group)
+    return loss
+
+
+def _vocab_ce_forward(logits, target, ignore_index, group):
+    start, end = _vocab_range(logits.shape[-1], group)
+    x = logits.float()
+    peak = _all_reduce_(x.max(dim=-1).values, group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    shifted = x - peak.unsqueeze(-1)
+    exp = shifted.exp()
+    total = _all_reduce_(exp.sum(-1), group)
+    mine = (target >= start) & (target < end)
+    local = ((target - start) * mine).unsqueeze(-1)
+    picked = _all_reduce_(shifted.gather(-1, local).squeeze(-1) * mine, group)
+    valid = target != ignore_index
+    per_token = (total.log() - picked) * valid
+    loss = per_token.sum() / valid.sum().clamp(min=1)
+    return loss.to(logits.dtype), (exp / total.unsqueeze(-1), mine, local, valid)
+
+
+@vocab_parallel_cross_entropy.register_fake
+def _(logits, target, ignore_index, group):
+    return logits.new_empty(())
+
+
+def _vocab_ce_setup(ctx, inputs, output):
+    logits, target, ctx.ignore_index, ctx.group = inputs
+    ctx.logits_dtype = logits.dtype
+    ctx.save_for_backward(logits, target)
+
+
+def _vocab_ce_backward(ctx, grad):
+    # the softmax is recomputed (two small all-reduces) rather than kept: it is [tokens, vocab/tp]
+    logits, target = ctx.saved_tensors
+    _, (softmax, mine, local, valid) = _vocab_ce_forward(logits.detach(), target, ctx.ignore_index, ctx.group)
+    softmax.scatter_add_(-1, local, -mine.unsqueeze(-1).to(softmax.dtype))
+    scale = grad / valid.sum().clamp(min=1)
+    return (softmax * valid.unsqueeze(-1) * scale).to(ctx.logits_dtype), None, None, None
+
+
+torch.library.register_autograd("bmc::vocab_parallel_cross_entropy", _vocab_ce_backward, setup_context=_vocab_ce_setup)
+
 # ------------------------------------------------------------------ pipeline stage markers
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -39,6 +39,9 @@ GROUP = "tp"
 @dataclass(frozen=True)
 class TpOptions:
     degree: int = 2
+    # also split the token embedding and the output head over the vocabulary, with Megatron's
+    # vocab-parallel cross-entropy (no rank holds the whole [tokens, vocab] logits)
+    vocab: bool = False
 
     def __post_init__(self):
         if self.degree < 1:
@@ -75,6 +78,7 @@ class _Plan:
     row: dict[str, None]  # weight names of row-parallel projections, in graph order (every rank
     # must walk them in the same order: a set's order changes with each process's hash seed)
     transposed: set[str]  # weights stored (in, out), used by addmm (HF GPT-2's Conv1D)
+    vocab: set[str] = field(default_factory=set)  # token embeddings split by vocabulary rows
 
 
 def _segments_qkv(attention, linear: Linear) -> tuple[int, ...]:
@@ -88,7 +92,29 @@ def _check_divisible(what: str, count: int, degree: int, layer: str) -> None:
                             f"pick a degree that divides {count}")
 
 
-def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
+def _plan_vocab(gm: fx.GraphModule, structure, degree: int, plan: _Plan) -> None:
+    """The token embedding(s) by vocabulary rows and the output head by vocabulary columns
+    (one layout when they are tied: both split rows of the same [vocab, hidden] weight)."""
+    vocab = structure.head.out_features if structure.head is not None else \
+        max((e.num_embeddings for e in structure.embeddings), default=None)
+    if vocab is None:
+        raise PipelineError("tp{vocab=true}: the structure analysis found no token embedding or output head")
+    _check_divisible("vocabulary entries", vocab, degree, "the vocabulary")
+    read = ir.parameter_nodes(gm)
+
+    def graph_name(name: str) -> str:  # a tied weight is read under one of its names
+        return next((n for n in (structure.tied_group(name) or (name,)) if n in read), name)
+
+    for embedding in structure.embeddings:
+        if embedding.num_embeddings == vocab:
+            plan.vocab.add(graph_name(embedding.weight))
+    if structure.head is not None:
+        if structure.head.transposed:
+            raise PipelineError("tp{vocab=true}: the output head is stored (in, out); split it with vocab=false")
+        plan.column[graph_name(structure.head.weight)] = (vocab,)
+
+
+def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
     structure = structure_of(gm)
     if not structure.blocks:
         raise PipelineError("tp found no repeated blocks with attention or an MLP to split "
@@ -112,8 +138,10 @@ def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
                 if lin is not None:
                     plan.column[lin.weight] = (lin.out_features,)
             plan.row[mlp.down.weight] = None
+    if vocab:
+        _plan_vocab(gm, structure, degree, plan)
     for name in list(plan.column) + list(plan.row):
-        users = projections(gm, name)
+        users = projections(gm, name, allow_embedding=name in plan.vocab)
         if users is None:
             raise PipelineError(f"tp: the projection {name} is not computed by aten.linear or aten.addmm in "
                                 f"this graph, so it cannot be split")
@@ -122,16 +150,19 @@ def _plan(gm: fx.GraphModule, degree: int) -> _Plan:
     return plan
 
 
-def projections(gm: fx.GraphModule, weight: str) -> list[fx.Node] | None:
+def projections(gm: fx.GraphModule, weight: str, allow_embedding: bool = False) -> list[fx.Node] | None:
     """The nodes computing the projection with this weight: linear(x, W[, b]), or
-    addmm(b, x, W) with W stored (in, out); None if anything else uses the weight."""
+    addmm(b, x, W) with W stored (in, out); None if anything else uses the weight (a tied
+    embedding lookup aside, when `allow_embedding`)."""
     node = ir.parameter_nodes(gm).get(weight)
     if node is None:
         return None
     users = [u for u in node.users
              if (u.target is aten.linear.default and u.args[1] is node)
              or (u.target is aten.addmm.default and u.args[2] is node)]
-    return users if users and len(users) == len(node.users) else None
+    lookups = [u for u in node.users if allow_embedding and u.args[0] is node
+               and u.target in (aten.embedding.default, torch.ops.bmc.vocab_parallel_embedding.default)]
+    return users if users and len(users) + len(lookups) == len(node.users) else None
 
 
 def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
@@ -189,7 +220,17 @@ class _Propagation:
 
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
+            if node.op == "output":
+                self._gather_outputs(node)
             if node.op != "call_function":
+                continue
+            if node.target is aten._assert_tensor_metadata.default:
+                continue  # export's dtype/device check: it holds for a rank's slice too
+            if node.target is aten.embedding.default and str(node.args[0].target) in self.plan.vocab:
+                self._vocab_embedding(node)
+                continue
+            if node.target is aten.cross_entropy_loss.default and self.split.get(node.args[0]) is not None:
+                self._vocab_cross_entropy(node)
                 continue
             weight = _operands(node)[1] if node.target in (aten.linear.default, aten.addmm.default) else None
             if weight is not None and str(weight.target) in self.plan.column:
@@ -235,6 +276,40 @@ class _Propagation:
             node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
         self.split[node] = None
         self.stats["row"] += 1
+
+    # -- the vocabulary
+
+    def _vocab_embedding(self, node: fx.Node) -> None:
+        """Each rank looks up the rows it holds (zeros elsewhere): a partial sum, like a
+        row-parallel product."""
+        weight, indices = node.args[:2]
+        padding_idx = node.args[2] if len(node.args) > 2 else -1
+        node.target, node.args, node.kwargs = torch.ops.bmc.vocab_parallel_embedding.default, \
+            (weight, indices, padding_idx, GROUP), {}
+        self.partial.append(node)
+        self.split[node] = None
+        self.stats["vocab"] = self.stats.get("vocab", 0) + 1
+
+    def _vocab_cross_entropy(self, node: fx.Node) -> None:
+        logits, target = node.args[:2]
+        options = dict(zip(("weight", "reduction", "ignore_index", "label_smoothing"), node.args[2:]), **node.kwargs)
+        dim = self.split[logits]
+        if dim != len(_shape(logits)) - 1 or options.get("weight") is not None \
+                or options.get("reduction", 1) != 1 or options.get("label_smoothing", 0.0):
+            self._refuse(node, "the vocab-parallel loss takes [tokens, vocab] logits split on the vocabulary, "
+                               "mean reduction, no class weights or label smoothing")
+        node.target, node.args, node.kwargs = torch.ops.bmc.vocab_parallel_cross_entropy.default, \
+            (logits, target, options.get("ignore_index", -100), GROUP), {}
+        self.split[node] = None
+
+    def _gather_outputs(self, output: fx.Node) -> None:
+        """Outputs are whole on every rank: split ones (logits over the vocabulary) are
+        gathered; their gradient, whole on every rank, is sliced back."""
+        for arg in [a for a in output.all_input_nodes if isinstance(self.split.get(a), int)]:
+            with self.gm.graph.inserting_before(output):
+                gathered = self.gm.graph.call_function(torch.ops.bmc.unscatter.default, (arg, self.split[arg], GROUP))
+            ir.copy_meta(arg, gathered, "tp")
+            output.replace_input_with(arg, gathered)
 
     # -- everything between them
 
@@ -349,9 +424,11 @@ def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
     """Rank 0's slices on the module; the full weights and their layouts in gm.meta."""
     layouts, full = {}, {}
     nodes = ir.parameter_nodes(gm)
+    for name in plan.vocab:
+        layouts[name] = Layout(0, (gm.get_parameter(name).shape[0],))
     for name, segments in plan.column.items():
         layouts[name] = Layout(1 if name in plan.transposed else 0, segments)
-        bias = _operands(projections(gm, name)[0])[2]
+        bias = _operands(projections(gm, name, allow_embedding=name in plan.vocab)[0])[2]
         if isinstance(bias, fx.Node):
             layouts[str(bias.target)] = Layout(0, segments)
     for name in plan.row:
@@ -361,9 +438,11 @@ def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
     for name, layout in layouts.items():
         param = gm.get_parameter(name)
         full[name] = param.detach()
-        owner, _, leaf = name.rpartition(".")
         local = torch.nn.Parameter(layout.local(param.detach(), 0, degree).clone(), requires_grad=param.requires_grad)
-        setattr(gm.get_submodule(owner) if owner else gm, leaf, local)
+        # a tied weight is one Parameter under several names: every name gets the slice
+        for alias in [n for n, p in gm.named_parameters(remove_duplicate=False) if p is param]:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, leaf, local)
         ir.place(nodes[name], ir.Placement(GROUP, "shard", layout.dim))
     return {"degree": degree, "layouts": layouts, "full": full}
 
@@ -383,7 +462,7 @@ class TensorParallel(Pass):
             raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")
         if degree == 1:
             return PassResult(gm, False, {"degree": 1})
-        plan = _plan(gm, degree)
+        plan = _plan(gm, degree, vocab=self.options.vocab)
         walk = _Propagation(gm, plan, degree)
         walk.run()
         walk.annotate()
