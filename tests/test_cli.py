@@ -132,7 +132,8 @@ def test_planning_llama_7b_on_meta_stays_small():
     assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
-@pytest.mark.parametrize("pipeline, world", [("amp{dtype=bf16},ckpt", "1"), ("zero3", "2")])
+@pytest.mark.parametrize("pipeline, world", [("amp{dtype=bf16},ckpt", "1"),
+                                             pytest.param("zero3", "2", marks=pytest.mark.slow)])
 def test_measure_prints_measured_bytes_beside_the_prediction(pipeline, world):
     run = bmc_opt("zoo:gpt-tiny", f"--pass={pipeline}", "--world-size", world, "--batch", "2", "--seq", "32",
                   "--measure")
