@@ -81,12 +81,13 @@ FLOP_RULES = {
     "aten.linear": _matmul_flops, "aten.mm": _matmul_flops, "aten.addmm": _matmul_flops,
     "aten.bmm": _matmul_flops, "aten.matmul": _matmul_flops, "aten.baddbmm": _matmul_flops,
     "aten.scaled_dot_product_attention": _sdpa_flops,
+    "bmc.int8_linear": _matmul_flops,
 }
 
 # What each op keeps alive for its backward: "inputs" (tensor args that are activations),
 # "output", or "input0" (first arg only). Ops not listed save nothing (views, add, cat, ...).
 SAVED_RULES = {
-    "aten.linear": "input0", "aten.mm": "inputs", "aten.addmm": "input1", "aten.bmm": "inputs",
+    "aten.linear": "input0", "bmc.int8_linear": "input0", "aten.mm": "inputs", "aten.addmm": "input1", "aten.bmm": "inputs",
     "aten.matmul": "inputs", "aten.baddbmm": "inputs",
     "aten.scaled_dot_product_attention": "attention",
     "aten.layer_norm": "norm", "aten.rms_norm": "norm", "aten.native_layer_norm": "norm",

@@ -381,6 +381,57 @@ def _vocab_ce_backward(ctx, grad):
 
 torch.library.register_autograd("bmc::vocab_parallel_cross_entropy", _vocab_ce_backward, setup_context=_vocab_ce_setup)
 
+# ------------------------------------------------------------------ int8 linear
+
+
+def _dequantized(weight_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight_q.to(dtype) * scale.to(dtype).reshape(-1, 1)  # one scale per row, or one for all
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row (token) of `x`, as integers held in x's dtype."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    return (x / scale).round().clamp(-127, 127), scale
+
+
+@torch.library.custom_op("bmc::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                act: str) -> torch.Tensor:
+    """y = x W^T + b with W held as int8 and one fp32 scale per output row (or one in all).
+    act="none": weight-only, W dequantized on the fly; act="dynamic": W8A8, x quantized per
+    token with its own absmax scale, the product accumulated exactly on integers."""
+    if act == "dynamic":
+        xq, x_scale = _quantize_rows(x.float())
+        # integer products summed in fp32: exact while a row's sum stays under 2^24 (127 * 127 *
+        # in_features < 2^24 up to in_features = 1040; beyond, rounding of a large sum)
+        y = (xq @ weight_q.float().t()) * x_scale * scale.float().reshape(1, -1)
+        y = y.to(x.dtype)
+    else:
+        y = x @ _dequantized(weight_q, scale, x.dtype).t()
+    return y + bias if bias is not None else y
+
+
+@int8_linear.register_fake
+def _(x, weight_q, scale, bias, act):
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _int8_linear_setup(ctx, inputs, output):
+    _, weight_q, scale, bias, _ = inputs
+    ctx.save_for_backward(weight_q, scale)
+    ctx.has_bias = bias is not None
+
+
+def _int8_linear_backward(ctx, grad):
+    # the weights are frozen; the input's gradient goes through the dequantized weight, so a
+    # quantized model can still be distilled into (its other parameters train)
+    weight_q, scale = ctx.saved_tensors
+    bias_grad = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ _dequantized(weight_q, scale, grad.dtype), None, None, bias_grad, None
+
+
+torch.library.register_autograd("bmc::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)
+
 # ------------------------------------------------------------------ pipeline stage markers
 
 
