@@ -1,0 +1,117 @@
+"""prune-layers: remove whole residual blocks (their nodes and their parameters).
+
+A residual block maps its input stream x to x + f(x) (pre-norm) or norm(x + f(x)) (post-norm);
+pruning it makes the stream flow past it unchanged, so the pruned model equals the original
+with that block replaced by the identity. `drop=[i,...]` names blocks by index; `ratio=R`
+drops round(R * blocks) of them by `policy`: `every-other` takes every second block from the
+second-to-last down, then the ones between, from the top (the first and last blocks, which
+matter most, are the last to go). Scoring blocks on calibration data is not built yet.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch.fx as fx
+
+from bmc import ir
+from bmc.errors import PipelineError
+from bmc.pass_order import require_before_pp, require_before_regions
+from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.structure import CACHE_KEY, Block, structure_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneLayersOptions:
+    drop: Optional[tuple[int, ...]] = None
+    ratio: Optional[float] = None
+    policy: Literal["every-other"] = "every-other"
+
+    def __post_init__(self):
+        if (self.drop is None) == (self.ratio is None):
+            raise ValueError("give exactly one of drop=[indices] or ratio=R")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+
+
+def every_other(count: int, k: int) -> list[int]:
+    """k block indices, every second one from the second-to-last down, then the rest between."""
+    order = list(range(count - 2, 0, -2)) + list(range(count - 3, 0, -2)) + [count - 1, 0]
+    return sorted(order[:k])
+
+
+def _chosen(blocks: tuple[Block, ...], opts: PruneLayersOptions) -> list[Block]:
+    by_index = {b.index: b for b in blocks}
+    if opts.drop is not None:
+        missing = sorted(set(opts.drop) - set(by_index))
+        if missing:
+            raise PipelineError(f"prune-layers: no block with index {missing} (the model's blocks are "
+                                f"{sorted(by_index)}); name existing blocks")
+        indices = sorted(set(opts.drop))
+    else:
+        indices = [sorted(by_index)[i] for i in every_other(len(blocks), round(opts.ratio * len(blocks)))]
+    if len(indices) >= len(blocks):
+        raise PipelineError(f"prune-layers would remove all {len(blocks)} blocks; keep at least one")
+    return [by_index[i] for i in indices]
+
+
+def _within(path: str, block: str) -> bool:
+    return path == block or path.startswith(block + ".")
+
+
+def _bypass(gm: fx.GraphModule, block: Block) -> None:
+    """Route the block's result readers to its input stream."""
+    inside = [n for n in gm.graph.nodes if n.op == "call_function" and _within(ir.module_path(n), block.name)]
+    members = set(inside)
+    outputs = [n for n in inside if any(u not in members for u in n.users)]
+    if len(outputs) != 1:
+        raise PipelineError(f"prune-layers: block {block.name} hands {len(outputs)} values to the rest of the "
+                            f"graph, not one residual stream; it cannot be removed")
+    out = ir.tensor_val(outputs[0])
+    entering = {a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
+    stream = [a for a in entering if (v := ir.tensor_val(a)) is not None and v.shape == out.shape and v.dtype == out.dtype]
+    if len(stream) != 1:
+        raise PipelineError(f"prune-layers: cannot tell which input of block {block.name} is its residual stream "
+                            f"({len(stream)} candidates of its output's shape)")
+    outputs[0].replace_all_uses_with(stream[0])
+    # erased outright: fx's dead-code elimination keeps random ops (dropout) as impure
+    for node in reversed(inside):
+        node.graph.erase_node(node)
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if not node.users and _within(str(node.target).rpartition(".")[0], block.name):
+            gm.graph.erase_node(node)
+
+
+def _drop_parameters(gm: fx.GraphModule, block: Block) -> int:
+    """Remove the block's submodule; its parameter count."""
+    module = gm.get_submodule(block.name)
+    count = sum(p.numel() for p in module.parameters())
+    parent, _, leaf = block.name.rpartition(".")
+    # Module.__delattr__, not ModuleList.__delitem__: the blocks after keep their indices and names
+    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+    return count
+
+
+@register_pass("prune-layers", options=PruneLayersOptions, invalidates=("cost",))
+class PruneLayers(Pass):
+    """Remove whole residual blocks: by index, or a ratio of them by policy."""
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        require_before_pp(gm, "prune-layers")
+        require_before_regions(gm, "prune-layers")
+        blocks = structure_of(gm).blocks
+        if not blocks:
+            raise PipelineError("prune-layers: the structure analysis found no residual blocks in this model")
+        chosen = _chosen(blocks, self.options)
+        for block in chosen:
+            _bypass(gm, block)
+        gm.graph.eliminate_dead_code()
+        removed = sum(_drop_parameters(gm, block) for block in chosen)
+        gm.meta.pop(CACHE_KEY, None)  # the structure changed
+        gm.graph.lint()
+        gm.recompile()
+        log.info("prune-layers: dropped %s (%d parameters)", [b.name for b in chosen], removed)
+        return PassResult(gm, bool(chosen), {"blocks-dropped": len(chosen), "params-removed": removed})
