@@ -21,3 +21,11 @@ def require_before_regions(gm: fx.GraphModule, pass_name: str) -> None:
     if fused:
         raise PipelineError(f"{pass_name} must run before passes that fuse regions (insert-remat, insert-offload): "
                             f"put {pass_name} earlier in the pipeline")
+
+
+def require_before_quant(gm: fx.GraphModule, pass_name: str) -> None:
+    """Pruning slices fp32 weights: it runs before quant-int8 turns them into int8 buffers."""
+    import torch
+    if any(gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.int8_linear.default)):
+        raise PipelineError(f"{pass_name} after quant-int8: prune before quantizing (put {pass_name} before "
+                            f"quant-int8 in the pipeline)")

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_regions
+from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passes.shape_prop import propagate_shapes
 from bmc.passmgr import Pass, PassResult, register_pass
 from bmc.structure import CACHE_KEY, MLP, Linear, structure_of
@@ -100,6 +100,7 @@ class PruneFfn(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "prune-ffn")
+        require_before_quant(gm, "prune-ffn")
         require_before_regions(gm, "prune-ffn")
         mlps = [b.mlp for b in structure_of(gm).blocks if b.mlp is not None]
         if not mlps:

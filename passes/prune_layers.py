@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_regions
+from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr import Pass, PassResult, register_pass
 from bmc.structure import CACHE_KEY, Block, structure_of
 
@@ -101,6 +101,7 @@ class PruneLayers(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "prune-layers")
+        require_before_quant(gm, "prune-layers")
         require_before_regions(gm, "prune-layers")
         blocks = structure_of(gm).blocks
         if not blocks:

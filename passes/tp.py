@@ -27,7 +27,7 @@ import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inser
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passes.shape_prop import propagate_shapes
-from bmc.pass_order import require_before_pp, require_before_regions
+from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
 from bmc.structure import Linear, structure_of
 
@@ -453,6 +453,7 @@ class TensorParallel(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "tp")
+        require_before_quant(gm, "tp")
         require_before_regions(gm, "tp")
         if any(gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default)):
             raise PipelineError("tp after zero{stage=3}: ZeRO-3 already routes each weight through a gather that "

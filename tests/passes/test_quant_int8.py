@@ -2,6 +2,7 @@
 exact against the model with each quantized weight replaced by its dequantized value (the
 stated bound against the fp32 model itself: 1% relative error on these models)."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -90,3 +91,20 @@ def test_skip_patterns_and_bad_input():
         bmc.compile(torch.nn.Sequential(torch.nn.ReLU()), passes="quant-int8", example_inputs=(torch.randn(2, 3),))
     with pytest.raises(bmc.BmcError, match="granularity"):
         bmc.compile(copy.deepcopy(model), passes="quant-int8{granularity=channel}")
+
+
+def test_compression_passes_compose_in_either_order_and_stay_traceable():
+    torch.manual_seed(0)
+    model = zoo.build(dataclasses.replace(zoo.config("llama-tiny"), n_layer=4))
+    x = model.example_inputs()
+    outs = []
+    for pipeline in ("prune-layers{drop=[2]},prune-ffn{ratio=0.5},quant-int8,verify",
+                     "prune-ffn{ratio=0.5},prune-layers{drop=[2]},quant-int8,verify"):
+        prog = bmc.compile(copy.deepcopy(model), passes=pipeline)
+        out = prog(*x)
+        out.square().mean().backward()  # the torch backend trains what stays fp32
+        assert torch.equal(bmc.trace(prog.graph_module, x)(*x), out)  # still a graph torch.export takes
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(PipelineError, match="prune-ffn after quant-int8: prune before quantizing"):
+        bmc.compile(copy.deepcopy(model), passes="quant-int8,prune-ffn")
