@@ -96,6 +96,11 @@ def test_pp_with_zero3_is_refused():
         _plan(zoo.build("gpt-tiny"), "zero{stage=3},pp{stages=2}", _batch(2))
 
 
+def test_pp_with_fp16_loss_scaling_is_refused():
+    with pytest.raises(PipelineError, match="amp\\{dtype=fp16\\} is not supported yet"):
+        _plan(zoo.build("gpt-tiny"), "amp{dtype=fp16},pp{stages=2}", _batch(2))
+
+
 def test_a_world_size_the_mesh_does_not_fit_is_refused_before_running():
     model = zoo.build("gpt-tiny")
     with pytest.raises(BackendError, match="tp=2 x pp=2 = 4 ranks, which does not divide world size 6"):
