@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneFfnOptions:
-    ratio: float = 0.25
+    ratio: float = 0.2
     score: Literal["magnitude", "random"] = "magnitude"
     seed: int = 0
 

@@ -2,7 +2,7 @@
 
 A residual block maps its input stream x to x + f(x) (pre-norm) or norm(x + f(x)) (post-norm);
 pruning it makes the stream flow past it unchanged, so the pruned model equals the original
-with that block replaced by the identity. `drop=[i,...]` names blocks by index; `ratio=R`
+with that block replaced by the identity. `drop=[i,...]` names blocks by index; otherwise `ratio=R` (default 0.2)
 drops round(R * blocks) of them by `policy`: `every-other` takes every second block from the
 second-to-last down, then the ones between, from the top (the first and last blocks, which
 matter most, are the last to go). Scoring blocks on calibration data is not built yet.
@@ -26,14 +26,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneLayersOptions:
-    drop: Optional[tuple[int, ...]] = None
-    ratio: Optional[float] = None
+    drop: Optional[tuple[int, ...]] = None  # block indices; when given, ratio is not used
+    ratio: float = 0.2
     policy: Literal["every-other"] = "every-other"
 
     def __post_init__(self):
-        if (self.drop is None) == (self.ratio is None):
-            raise ValueError("give exactly one of drop=[indices] or ratio=R")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
+        if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
 
 
