@@ -62,22 +62,19 @@ def column_input(node: fx.Node) -> fx.Node | None:
     return x
 
 
-def _reduce_after(gm: fx.GraphModule, node: fx.Node, op=None, sp: bool = False) -> fx.Node:
-    op = op or G_OP
-    with gm.graph.inserting_after(node):
-        g = gm.graph.call_function(op, (node, SEQ, GROUP) if sp else (node, GROUP))
-    ir.copy_meta(node, g, "insert-collectives")
-    ir.clear(g, ir.Shard)  # the sum: every rank holds all of it
+def _collective_after(gm: fx.GraphModule, value: fx.Node, op, sequence_parallel: bool) -> fx.Node:
+    """`op` applied to `value`, right after it (on the sequence dim under sequence parallelism)."""
+    with gm.graph.inserting_after(value):
+        out = gm.graph.call_function(op, (value, SEQ, GROUP) if sequence_parallel else (value, GROUP))
+    ir.copy_meta(value, out, "insert-collectives")
+    return out
+
+
+def _reduce_after(gm: fx.GraphModule, node: fx.Node, op, sequence_parallel: bool) -> fx.Node:
+    """g after a partial value; everything that read the partial value reads the sum."""
+    g = _collective_after(gm, node, op, sequence_parallel)
     node.replace_all_uses_with(g, delete_user_cb=lambda user: user is not g)
     return g
-
-
-def _copy_after(gm: fx.GraphModule, x: fx.Node, op=None, sp: bool = False) -> fx.Node:
-    op = op or F_OP
-    with gm.graph.inserting_after(x):
-        f = gm.graph.call_function(op, (x, SEQ, GROUP) if sp else (x, GROUP))
-    ir.copy_meta(x, f, "insert-collectives")
-    return f
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,7 @@ class InsertCollectives(Pass):
             x = column_input(node)
             if x is not None:
                 if x not in copies:
-                    copies[x] = _copy_after(gm, x, f_op, sp)
+                    copies[x] = _collective_after(gm, x, f_op, sp)
                 node.replace_input_with(x, copies[x])
         stats = {"f": len(copies), "g": len(reduced)}
         if sp:
