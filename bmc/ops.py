@@ -64,11 +64,19 @@ def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return out.movedim(0, dim).contiguous()
 
 
-@all_gather.register_fake
-def _(x, dim, group):
+def _gathered_fake(x, dim, group):
     shape = list(x.shape)
     shape[dim] = shape[dim] * group_size(group)
     return x.new_empty(shape)
+
+
+def _scattered_fake(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size(group)
+    return x.new_empty(shape)
+
+
+all_gather.register_fake(_gathered_fake)
 
 
 @torch.library.custom_op("bmc::reduce_scatter", mutates_args=())
@@ -84,11 +92,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return out.movedim(0, dim).contiguous()
 
 
-@reduce_scatter.register_fake
-def _(x, dim, group):
-    shape = list(x.shape)
-    shape[dim] = shape[dim] // group_size(group)
-    return x.new_empty(shape)
+reduce_scatter.register_fake(_scattered_fake)
 
 
 @torch.library.custom_op("bmc::scatter", mutates_args=())
@@ -101,11 +105,7 @@ def scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return x.chunk(dist.get_world_size(pg), dim)[dist.get_rank(pg)].clone(memory_format=torch.contiguous_format)
 
 
-@scatter.register_fake
-def _(x, dim, group):
-    shape = list(x.shape)
-    shape[dim] = shape[dim] // group_size(group)
-    return x.new_empty(shape)
+scatter.register_fake(_scattered_fake)
 
 
 @torch.library.custom_op("bmc::unscatter", mutates_args=())
@@ -116,11 +116,7 @@ def unscatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return torch.ops.bmc.all_gather(x, dim, group)
 
 
-@unscatter.register_fake
-def _(x, dim, group):
-    shape = list(x.shape)
-    shape[dim] = shape[dim] * group_size(group)
-    return x.new_empty(shape)
+unscatter.register_fake(_gathered_fake)
 
 
 def _setup(ctx, inputs, output):

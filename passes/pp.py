@@ -325,8 +325,7 @@ def insert_markers(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> int:
 
 
 def _refuse_zero3(gm: fx.GraphModule) -> None:
-    if any(n.target is torch.ops.bmc.gather_param.default for n in gm.graph.find_nodes(
-            op="call_function", target=torch.ops.bmc.gather_param.default)):
+    if gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default):
         raise PipelineError("pp with zero{stage=3} is not supported yet (ZeRO-3 gathers inside pipelined "
                             "stages); use zero{stage=1} or zero{stage=2} with pp")
 
