@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from bmc.ir import tensor_val
+
 # ---------------------------------------------------------------------------- op tables
 # Ops are matched by their ATen packet name ("linear" for aten.linear.default), so every
 # overload (to.dtype, to.dtype_layout, ...) counts alike.
@@ -30,7 +32,7 @@ _RESHAPE = {"view", "reshape", "_unsafe_view", "transpose", "permute", "t", "con
             "repeat_interleave"}
 # ... plus what lies between a projection and the attention op: head splits, RoPE
 # (mul/add/neg/cat of halves), scaling, per-head norms.
-_TO_ATTENTION = _RESHAPE | {"split", "split_with_sizes", "chunk", "unbind", "slice", "select",
+_TO_ATTENTION = _RESHAPE | {"split", "split_with_sizes", "chunk", "unbind", "slice", "select", "index_select",
                             "narrow", "mul", "div", "add", "sub", "neg", "cat", "stack"}
 # What lies between q @ k^T and softmax: scale, mask, casts.
 _SCORES = _RESHAPE | {"mul", "div", "add", "sub", "where", "masked_fill", "tanh"}
@@ -148,3 +150,38 @@ def _ancestor_ops(node: fx.Node, limit: int = 2000) -> tuple[set[str], bool]:
                 seen.add(inp)
                 queue.append(inp)
     return ops, external
+
+
+# ---------------------------------------------------------------------------- sizes and views
+
+def _size_hint(size) -> int:
+    return int(size) if isinstance(size, int) else int(size.node.hint)
+
+
+def hinted_shape(node: fx.Node) -> list[int]:
+    """The node's shape with symbolic sizes at their example values."""
+    return [_size_hint(s) for s in tensor_val(node).shape]
+
+
+def view_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source dims with runs of destination dims of equal product (how a view
+    regroups dims)."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
+        pi = src[i] if i < len(src) else 1
+        pj = dst[j] if j < len(dst) else 1
+        i, j = i + bool(gi), j + bool(gj)
+        while pi != pj:
+            if pi < pj and i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                raise ValueError("shapes do not regroup")
+        groups.append((gi, gj))
+    return groups

@@ -47,12 +47,14 @@ class NoOptions:
 
 @dataclass
 class PassContext:
-    """What a pass may know besides the graph: the plan's world size and mesh, and the
-    settings the cost model evaluates at."""
+    """What a pass may know besides the graph: the plan's world size and mesh, the settings
+    the cost model evaluates at, and calibration batches for data-driven passes (each batch
+    what example_inputs is: a tuple of args or an (args, kwargs) pair; bmc/calibration.py)."""
 
     world_size: int = 1
     mesh: Mapping[str, int] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Sequence[Any] | None = None
 
 
 class Pass:

@@ -76,15 +76,16 @@ def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
 
 def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
             *, world_size: int = 1, dynamic: Any = None, verify: bool = True,
-            instruments: Sequence[Instrument] = (), **backend_options) -> Program:
+            instruments: Sequence[Instrument] = (), calibration: Any = None, **backend_options) -> Program:
     """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path), run the
-    pipeline `passes` on it, and lower the result with `backend`."""
+    pipeline `passes` on it, and lower the result with `backend`. `calibration` is an iterable
+    of example batches for the passes that score on data (`prune-heads{score=taylor}`)."""
     from bmc.backends import get_backend
     lower = get_backend(backend)  # fail on a bad backend name before tracing
     if world_size < 1:
         raise BmcError(f"world_size must be >= 1, got {world_size}")
     gm = _as_graph(model, example_inputs, dynamic)
-    context = PassContext(world_size=world_size)
+    context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
                           verify=verify, instruments=instruments)
     if len(manager.pipeline):

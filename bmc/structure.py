@@ -55,6 +55,7 @@ class Attention:
     num_kv_heads: int
     head_dim: int
     causal: bool | None  # None: a mask the graph does not show the nature of
+    kv_gathered: bool = False  # k/v picked per query head (index_select): heads need not divide evenly
 
     @property
     def fused(self) -> bool:
@@ -426,12 +427,14 @@ def _attention(g: _Graph, site: _Site) -> Attention | None:
     else:
         q_width, k_width = g.linears[q_lin].out_features, g.linears[k_lin].out_features
     where = module_path(site.anchor) or site.anchor.name
-    num_heads, num_kv_heads = _heads(where, q_width, k_width, head_dim)
+    gathered = any(_op(n) == "index_select" for n in k_path)
+    num_heads, num_kv_heads = _heads(where, q_width, k_width, head_dim, gathered)
     projections = [g.linears[n] for n in lins] + [g.linears[o_node]]
     q, k, v = (None, None, None) if fused else tuple(g.linears[n] for n in lins)
     return Attention(module=_common_prefix(p.module for p in projections) or where,
                      q=q, k=k, v=v, qkv=g.linears[q_lin] if fused else None, o=g.linears[o_node],
-                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=site.causal)
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=site.causal,
+                     kv_gathered=gathered)
 
 
 def _fused_widths_from_shapes(qkv: Linear, site: _Site, head_dim: int) -> tuple[int, int]:
@@ -443,13 +446,13 @@ def _fused_widths_from_shapes(qkv: Linear, site: _Site, head_dim: int) -> tuple[
     return q_width, (qkv.out_features - q_width) // 2
 
 
-def _heads(where: str, q_width: int, k_width: int, head_dim: int) -> tuple[int, int]:
+def _heads(where: str, q_width: int, k_width: int, head_dim: int, gathered: bool = False) -> tuple[int, int]:
     for name, width in (("q", q_width), ("k", k_width)):
         if width % head_dim:
             raise StructureError(f"attention {where}: {name} projection width {width} is not a multiple "
                                  f"of head_dim {head_dim}")
     num_heads, num_kv_heads = q_width // head_dim, k_width // head_dim
-    if not num_kv_heads or num_heads % num_kv_heads:
+    if not num_kv_heads or (num_heads % num_kv_heads and not gathered):
         raise StructureError(f"attention {where}: {num_heads} query heads cannot share "
                              f"{num_kv_heads} key/value heads evenly")
     return num_heads, num_kv_heads

@@ -55,7 +55,8 @@ def neuron_scores(gm: fx.GraphModule, mlp: MLP, score: str, generator: torch.Gen
     return value
 
 
-def _slice(gm: fx.GraphModule, name: str, keep: torch.Tensor, dim: int) -> int:
+def slice_parameter(gm: fx.GraphModule, name: str, keep: torch.Tensor, dim: int) -> int:
+    """Keep indices `keep` of parameter `name` along `dim`; the number of elements removed."""
     param = gm.get_parameter(name)
     sliced = torch.nn.Parameter(param.detach().index_select(dim, keep.to(param.device)).clone(),
                                 requires_grad=param.requires_grad)
@@ -68,10 +69,10 @@ def prune_mlp(gm: fx.GraphModule, mlp: MLP, keep: torch.Tensor) -> int:
     """Keep neurons `keep` (sorted): rows of up/gate (and their biases), columns of down."""
     removed = 0
     for lin in (p for p in (mlp.up, mlp.gate) if p is not None):
-        removed += _slice(gm, lin.weight, keep, 1 if lin.transposed else 0)
+        removed += slice_parameter(gm, lin.weight, keep, 1 if lin.transposed else 0)
         if lin.bias is not None:
-            removed += _slice(gm, lin.bias, keep, 0)
-    removed += _slice(gm, mlp.down.weight, keep, 0 if mlp.down.transposed else 1)
+            removed += slice_parameter(gm, lin.bias, keep, 0)
+    removed += slice_parameter(gm, mlp.down.weight, keep, 0 if mlp.down.transposed else 1)
     return removed
 
 

@@ -26,6 +26,7 @@ import torch.fx as fx
 import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inserts
 from bmc import ir
 from bmc.errors import PipelineError
+from bmc.graph_patterns import hinted_shape, view_groups
 from bmc.passes.shape_prop import propagate_shapes
 from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr import Pass, PassResult, register_pass, register_preset
@@ -122,6 +123,9 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
     plan = _Plan({}, {}, set())
     for block in structure.blocks:
         att = block.attention
+        if att is not None and att.kv_gathered:
+            raise PipelineError(f"tp: {att.module} reads its k/v heads through a gather (prune-heads kept some query "
+                                f"heads of a kv group); prune with gqa=groups to split it by heads")
         if att is not None:
             _check_divisible("attention heads", att.num_heads, degree, att.module)
             _check_divisible("kv heads", att.num_kv_heads, degree, att.module)
@@ -165,7 +169,7 @@ def projections(gm: fx.GraphModule, weight: str, allow_embedding: bool = False) 
     return users if users and len(users) + len(lookups) == len(node.users) else None
 
 
-def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+def operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     """(input, weight, bias) of a projection node."""
     if node.target is aten.addmm.default:
         return node.args[1], node.args[2], node.args[0]
@@ -174,38 +178,6 @@ def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
 
 
 # ------------------------------------------------------------------ propagating the split dim
-
-
-def _hint(size) -> int:
-    return int(size) if isinstance(size, int) else int(size.node.hint)
-
-
-def _shape(node: fx.Node) -> list[int]:
-    return [_hint(s) for s in ir.tensor_val(node).shape]
-
-
-def _view_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
-    """Pair runs of source dims with runs of destination dims of equal product (how a view
-    regroups dims)."""
-    groups, i, j = [], 0, 0
-    while i < len(src) or j < len(dst):
-        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
-        pi = src[i] if i < len(src) else 1
-        pj = dst[j] if j < len(dst) else 1
-        i, j = i + bool(gi), j + bool(gj)
-        while pi != pj:
-            if pi < pj and i < len(src):
-                pi *= src[i]
-                gi.append(i)
-                i += 1
-            elif j < len(dst):
-                pj *= dst[j]
-                gj.append(j)
-                j += 1
-            else:
-                raise ValueError("shapes do not regroup")
-        groups.append((gi, gj))
-    return groups
 
 
 class _Propagation:
@@ -232,7 +204,7 @@ class _Propagation:
             if node.target is aten.cross_entropy_loss.default and self.split.get(node.args[0]) is not None:
                 self._vocab_cross_entropy(node)
                 continue
-            weight = _operands(node)[1] if node.target in (aten.linear.default, aten.addmm.default) else None
+            weight = operands(node)[1] if node.target in (aten.linear.default, aten.addmm.default) else None
             if weight is not None and str(weight.target) in self.plan.column:
                 self._column(node)
             elif weight is not None and str(weight.target) in self.plan.row:
@@ -251,16 +223,16 @@ class _Propagation:
     # -- the projections
 
     def _column(self, node: fx.Node) -> None:
-        x, weight, _ = _operands(node)
+        x, weight, _ = operands(node)
         if self.split.get(x) is not None:
             raise PipelineError(f"tp: the input of {weight.target} is already split; "
                                 f"two column-parallel projections in a row are not supported")
-        self.split[node] = len(_shape(node)) - 1
+        self.split[node] = len(hinted_shape(node)) - 1
         self.stats["column"] += 1
 
     def _row(self, node: fx.Node) -> None:
-        x, weight, bias = _operands(node)
-        if self.split.get(x) != len(_shape(x)) - 1:
+        x, weight, bias = operands(node)
+        if self.split.get(x) != len(hinted_shape(x)) - 1:
             raise PipelineError(f"tp: the input of the row-parallel {weight.target} is not split on its "
                                 f"features (found {self.split.get(x)}); the split cannot be followed here")
         # the partial products are summed over ranks first; the bias is added once, after
@@ -294,7 +266,7 @@ class _Propagation:
         logits, target = node.args[:2]
         options = dict(zip(("weight", "reduction", "ignore_index", "label_smoothing"), node.args[2:]), **node.kwargs)
         dim = self.split[logits]
-        if dim != len(_shape(logits)) - 1 or options.get("weight") is not None \
+        if dim != len(hinted_shape(logits)) - 1 or options.get("weight") is not None \
                 or options.get("reduction", 1) != 1 or options.get("label_smoothing", 0.0):
             self._refuse(node, "the vocab-parallel loss takes [tokens, vocab] logits split on the vocabulary, "
                                "mean reduction, no class weights or label smoothing")
@@ -319,7 +291,7 @@ class _Propagation:
         found = [(a, self.split[a]) for a in node.all_input_nodes if self.split.get(a) is not None]
         if any(isinstance(d, tuple) for _, d in found):
             return found[0]
-        if len({len(_shape(a)) - d for a, d in found}) > 1:
+        if len({len(hinted_shape(a)) - d for a, d in found}) > 1:
             self._refuse(node, "its inputs are split on different dims")
         return found[0]
 
@@ -332,7 +304,7 @@ class _Propagation:
         if target is operator.getitem:
             parts = self.split[src]
             return parts[node.args[1]] if isinstance(parts, tuple) else self._refuse(node, "indexing a split tensor")
-        rank_in, out = len(_shape(src)), ir.tensor_val(node)
+        rank_in, out = len(hinted_shape(src)), ir.tensor_val(node)
         if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
             return self._view(node, src, dim)
         if target is aten.expand.default:
@@ -374,9 +346,9 @@ class _Propagation:
         self._refuse(node, "no rule for this op")
 
     def _view(self, node: fx.Node, src: fx.Node, dim: int) -> int:
-        before, after = _shape(src), _shape(node)
+        before, after = hinted_shape(src), hinted_shape(node)
         try:
-            groups = _view_groups(before, after)
+            groups = view_groups(before, after)
         except ValueError:
             self._refuse(node, "the view does not regroup dims")
         for gi, gj in groups:
@@ -428,7 +400,7 @@ def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
         layouts[name] = Layout(0, (gm.get_parameter(name).shape[0],))
     for name, segments in plan.column.items():
         layouts[name] = Layout(1 if name in plan.transposed else 0, segments)
-        bias = _operands(projections(gm, name, allow_embedding=name in plan.vocab)[0])[2]
+        bias = operands(projections(gm, name, allow_embedding=name in plan.vocab)[0])[2]
         if isinstance(bias, fx.Node):
             layouts[str(bias.target)] = Layout(0, segments)
     for name in plan.row:

@@ -1,0 +1,496 @@
+"""prune-heads: physically remove attention heads — rows of q/k/v (each part of a fused qkv),
+columns of o — and rewrite the head counts baked into the attention's views.
+
+A head h contributes o[:, h] . attn_h(x) to the output; removing it equals zeroing o's columns
+of that head in the original (tested). Which heads go: `heads=[L:H,...]` names them (layer
+index : query head index), or `ratio=R` removes round(R x all heads) ranked across layers by a
+score normalized per layer, so layers may keep different head counts:
+
+- `magnitude`: |W_q rows of h| x |W_o columns of h| (the head's own weights; kv may be shared);
+- `taylor` (Michel et al. 2019): E_batch |dL/dm_h| for a mask m_h = 1 on the head's output,
+  over the calibration batches, each layer's scores divided by their L2 norm;
+- `random`: seeded draws.
+
+Grouped-query attention: with `gqa=heads` query heads go one by one; a kv group goes too when
+all of its query heads are gone, and a group that keeps only some has its k/v heads gathered
+for the heads that remain (an index_select before the attention). With `gqa=groups` whole kv
+groups are scored (the sum of their query heads' scores) and removed with their query heads,
+so no gather is needed. The statistics say which happened (`kv-groups-removed`,
+`query-heads-removed`).
+
+Removing every head of a layer is refused (`empty=refuse`) or turns that attention into a skip
+(`empty=skip`: its output becomes o's bias, or zero), as the masked original computes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal, Optional
+
+import torch
+import torch.fx as fx
+
+from bmc import ir
+from bmc.errors import PipelineError
+from bmc.graph_patterns import hinted_shape, view_groups
+from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
+from bmc.passes.prune_ffn import slice_parameter
+from bmc.passes.shape_prop import propagate_shapes
+from bmc.passes.tp import operands, projections
+from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.structure import CACHE_KEY, Attention, Linear, structure_of
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+
+
+@dataclass(frozen=True)
+class PruneHeadsOptions:
+    ratio: float = 0.2
+    heads: Optional[tuple[str, ...]] = None  # "L:H" items (layer index : query head); takes precedence
+    score: Literal["magnitude", "taylor", "random"] = "magnitude"
+    gqa: Literal["heads", "groups"] = "heads"
+    empty: Literal["refuse", "skip"] = "refuse"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        for item in self.heads or ():
+            layer, _, head = item.partition(":")
+            if not (layer.isdigit() and head.isdigit()):
+                raise ValueError(f"heads takes LAYER:HEAD items like 0:3, got {item!r}")
+
+
+# ------------------------------------------------------------------ which heads go
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The query heads one attention keeps, and the kv groups they need (original indices)."""
+
+    attention: Attention
+    keep_q: tuple[int, ...]
+
+    @property
+    def group_size(self) -> int:
+        return self.attention.num_heads // self.attention.num_kv_heads
+
+    @property
+    def keep_kv(self) -> tuple[int, ...]:
+        return tuple(sorted({h // self.group_size for h in self.keep_q}))
+
+    @property
+    def needs_gather(self) -> bool:
+        """Some kept group lost some of its query heads: k/v must be gathered per query head."""
+        return len(self.keep_q) != len(self.keep_kv) * self.group_size
+
+
+def _rows(gm: fx.GraphModule, lin: Linear) -> torch.Tensor:
+    w = gm.get_parameter(lin.weight).detach().float()
+    return w.t() if lin.transposed else w
+
+
+def magnitude_scores(gm: fx.GraphModule, att: Attention) -> torch.Tensor:
+    hd, n = att.head_dim, att.num_heads
+    q_rows = _rows(gm, att.qkv)[: n * hd] if att.fused else _rows(gm, att.q)
+    o_cols = _rows(gm, att.o).t()  # [in, out]: the rows of o's input features
+    return q_rows.reshape(n, -1).norm(dim=1) * o_cols.reshape(n, -1).norm(dim=1)
+
+
+def _parse_spec(spec: tuple[str, ...], attentions: list[Attention]) -> dict[int, set[int]]:
+    drop: dict[int, set[int]] = {}
+    for item in spec:
+        layer, head = (int(p) for p in item.split(":"))
+        if layer >= len(attentions):
+            raise PipelineError(f"prune-heads: heads=[{item}] names layer {layer}, but the model has "
+                                f"{len(attentions)} attention layers (0..{len(attentions) - 1})")
+        if head >= attentions[layer].num_heads:
+            raise PipelineError(f"prune-heads: heads=[{item}] names head {head}, but layer {layer} "
+                                f"({attentions[layer].module}) has {attentions[layer].num_heads} heads "
+                                f"(0..{attentions[layer].num_heads - 1})")
+        drop.setdefault(layer, set()).add(head)
+    return drop
+
+
+def _rank_drops(scores: list[torch.Tensor], attentions: list[Attention], ratio: float, by_group: bool,
+                random: bool) -> dict[int, set[int]]:
+    """The lowest round(ratio x all heads) heads across layers, each layer's scores divided by
+    their L2 norm (comparable across layers); whole kv groups when `by_group`."""
+    units = []  # (score, layer, heads)
+    for layer, (att, s) in enumerate(zip(attentions, scores)):
+        s = s if random else s / s.norm().clamp(min=1e-12)
+        group = att.num_heads // att.num_kv_heads if by_group else 1
+        for first in range(0, att.num_heads, group):
+            units.append((float(s[first:first + group].sum()), layer, range(first, first + group)))
+    total = sum(a.num_heads for a in attentions)
+    target = round(ratio * total)
+    drop: dict[int, set[int]] = {}
+    removed = 0
+    for _, layer, heads in sorted(units, key=lambda u: (u[0], u[1], u[2].start)):
+        if removed + len(heads) > target:
+            break
+        drop.setdefault(layer, set()).update(heads)
+        removed += len(heads)
+    return drop
+
+
+# ------------------------------------------------------------------ following the heads through views
+
+
+@dataclass(frozen=True)
+class Track:
+    """Where a tensor's heads live: dim `dim`, made of segments (old size, new size, role) along
+    it; one segment for a q/k/v tensor, three for a fused qkv output."""
+
+    dim: int
+    segments: tuple[tuple[int, int, str], ...]
+    unit: int = 1  # elements of one head along `dim` (head_dim while heads and head_dim are merged)
+
+    @property
+    def role(self) -> str:
+        return self.segments[0][2] if len(self.segments) == 1 else "qkv"
+
+    @property
+    def old(self) -> int:
+        return sum(s[0] for s in self.segments)
+
+    @property
+    def new(self) -> int:
+        return sum(s[1] for s in self.segments)
+
+    def at(self, dim: int) -> "Track":
+        return Track(dim, self.segments, self.unit)
+
+    def resized(self, size: int, node: fx.Node) -> int:
+        """A size baked for this tensor's head dim (or dims viewed with it), after pruning."""
+        if len(self.segments) > 1:
+            if size != self.old:
+                _refuse(node, "a fused q/k/v output is viewed into other dims before it is split")
+            return self.new
+        scaled = Fraction(size) * Fraction(self.new, self.old)
+        if scaled.denominator != 1:
+            _refuse(node, f"size {size} does not scale with the head count")
+        return int(scaled)
+
+
+def _refuse(node: fx.Node, why: str):
+    raise PipelineError(f"prune-heads cannot follow the heads through {ir.target_str(node)} ({node.name}): {why}")
+
+
+class _Walk:
+    """Walks one attention from its projections to o in graph order, knowing where each
+    tensor's heads live, rewriting baked head counts and gathering k/v where they meet q."""
+
+    def __init__(self, gm: fx.GraphModule, choice: Choice, gather_index: str):
+        self.gm, self.choice, self.gather_index = gm, choice, gather_index
+        self.tracks: dict[fx.Node, Track | tuple[Track, ...]] = {}
+        self.rewritten = self.gathers = 0
+
+    def start(self) -> tuple[list[fx.Node], fx.Node]:
+        att, c = self.choice.attention, self.choice
+        hd = att.head_dim
+        q_new, kv_new = len(c.keep_q) * hd, len(c.keep_kv) * hd
+        q_seg, k_seg, v_seg = ((att.num_heads * hd, q_new, "q"), (att.num_kv_heads * hd, kv_new, "k"),
+                               (att.num_kv_heads * hd, kv_new, "v"))
+        starts = []
+        if att.fused:
+            for node in projections(self.gm, att.qkv.weight):
+                self.tracks[node] = Track(len(hinted_shape(node)) - 1, (q_seg, k_seg, v_seg), hd)
+                starts.append(node)
+        else:
+            for lin, seg in ((att.q, q_seg), (att.k, k_seg), (att.v, v_seg)):
+                for node in projections(self.gm, lin.weight):
+                    self.tracks[node] = Track(len(hinted_shape(node)) - 1, (seg,), hd)
+                    starts.append(node)
+        o_nodes = projections(self.gm, att.o.weight)
+        if not starts or not o_nodes or len(o_nodes) != 1:
+            raise PipelineError(f"prune-heads: the projections of {att.module} are not each one aten.linear/addmm "
+                                f"in this graph; its heads cannot be removed")
+        return starts, o_nodes[0]
+
+    def run(self) -> None:
+        starts, o_node = self.start()
+        first = min(starts, key=self._position)
+        order = list(self.gm.graph.nodes)
+        for node in order[order.index(first):order.index(o_node)]:
+            if node.op == "call_function" and node not in self.tracks and \
+                    any(isinstance(self.tracks.get(a), (Track, tuple)) for a in node.all_input_nodes):
+                self.tracks[node] = self._through(node)
+        x = operands(o_node)[0]
+        got = self.tracks.get(x)
+        if not isinstance(got, Track) or got.role != "q" or got.dim != len(hinted_shape(x)) - 1:
+            _refuse(o_node, "the output projection's input is not the heads merged on its last dim")
+
+    def _position(self, node: fx.Node) -> int:
+        return list(self.gm.graph.nodes).index(node)
+
+    def _tracked(self, node: fx.Node) -> list[tuple[fx.Node, Track]]:
+        return [(a, self.tracks[a]) for a in node.all_input_nodes if isinstance(self.tracks.get(a), Track)]
+
+    def _through(self, node: fx.Node):
+        target = node.target
+        if target is operator.getitem:
+            parts = self.tracks.get(node.args[0])
+            return parts[node.args[1]] if isinstance(parts, tuple) else _refuse(node, "indexing a tracked tensor")
+        if target is aten._assert_tensor_metadata.default:
+            return None
+        found = self._tracked(node)
+        if not found:
+            _refuse(node, "a tuple of tracked tensors used as a whole")
+        found = self._meet(node, found)
+        src, track = found[0]
+        rank_in, out = len(hinted_shape(src)), ir.tensor_val(node)
+        dim = track.dim
+        if target in VIEWS:
+            return self._view(node, src, track)
+        if target is aten.expand.default:
+            shape = list(node.args[1])
+            at = dim + len(shape) - rank_in
+            if shape[at] != -1:
+                shape[at] = track.resized(shape[at], node)
+                node.args = (node.args[0], shape)
+                self.rewritten += 1
+            return track.at(at)
+        if target is aten.transpose.int:
+            a, b = (d % rank_in for d in node.args[1:3])
+            return track.at(b if dim == a else a if dim == b else dim)
+        if target is aten.permute.default:
+            return track.at([d % rank_in for d in node.args[1]].index(dim))
+        if target is aten.unsqueeze.default:
+            k = node.args[1] % (rank_in + 1)
+            return track.at(dim + 1 if k <= dim else dim)
+        if target in SPLITS:
+            return self._split(node, track, rank_in)
+        if target in (aten.slice.Tensor, aten.select.int, aten.softmax.int, aten._softmax.default, aten.cat.default,
+                      aten.mean.dim, aten.sum.dim_IntList, aten.index_select.default):
+            axes = node.args[1] if len(node.args) > 1 else 0
+            axes = [a % rank_in for a in (axes if isinstance(axes, (list, tuple)) else [axes])]
+            if dim in axes:
+                _refuse(node, "it works along the heads dim")
+            return track.at(dim - 1 if target is aten.select.int and axes[0] < dim else dim)
+        if isinstance(out, torch.Tensor) and out.dim() >= rank_in:  # elementwise, sdpa, matmul
+            return track.at(dim + out.dim() - rank_in)
+        _refuse(node, "no rule for this op")
+
+    def _view(self, node: fx.Node, src: fx.Node, track: Track) -> Track:
+        """The heads must stay the outermost factor of the dims they are viewed with; in the
+        result they sit in the dim whose inner dims hold whole heads (size-1 dims, which shapes
+        alone cannot place, are told apart by the head size)."""
+        before, after = hinted_shape(src), hinted_shape(node)
+        try:
+            groups = view_groups(before, after)
+        except ValueError:
+            _refuse(node, "the view does not regroup dims")
+        gi, gj = next(((gi, gj) for gi, gj in groups if track.dim in gi), ([], []))
+        if not gi or math.prod(before[i] for i in gi[:gi.index(track.dim)]) != 1:
+            _refuse(node, "the heads dim is not the outermost of the dims it is viewed with")
+        per_head = track.unit * math.prod(before[i] for i in gi[gi.index(track.dim) + 1:])
+        heads = before[track.dim] // track.unit
+        for position, at in enumerate(gj):
+            inner = math.prod(after[j] for j in gj[position + 1:])
+            if per_head % inner == 0 and after[at] == heads * (per_head // inner):
+                break
+            if after[at] != 1:
+                _refuse(node, "the heads do not land in one dim")
+        else:
+            _refuse(node, "the heads dim disappears")
+        shape = list(node.args[1])
+        if shape[at] != -1:
+            shape[at] = track.resized(shape[at], node)
+            node.args = (node.args[0], shape, *node.args[2:])
+            self.rewritten += 1
+        return Track(at, track.segments, per_head // inner)
+
+    def _split(self, node: fx.Node, track: Track, rank_in: int):
+        along = (node.args[2] if len(node.args) > 2 else 0) % rank_in
+        pieces = len(node.meta["val"])
+        if along != track.dim:
+            return tuple([track] * pieces)
+        if len(track.segments) == 1:
+            _refuse(node, "splitting one of q, k, v along its heads")
+        val_sizes = [v.shape[along] for v in node.meta["val"]]
+        if [int(s) for s in val_sizes] != [s[0] for s in track.segments]:
+            _refuse(node, "the pieces are not the q, k and v parts of the fused projection")
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], [s[1] for s in track.segments], along)
+        self.rewritten += 1
+        return tuple(Track(track.dim, (seg,), track.unit) for seg in track.segments)
+
+    def _meet(self, node: fx.Node, found: list[tuple[fx.Node, Track]]) -> list[tuple[fx.Node, Track]]:
+        """Where k or v meets q with fewer positions (query heads pruned inside a kv group),
+        gather the k/v head each kept query head reads; q's track leads the result."""
+        queries = [(a, t) for a, t in found if t.role == "q"]
+        if not queries:
+            return found
+        q_positions = self._positions(*queries[0])
+        for arg, track in found:
+            if track.role in ("k", "v") and self._positions(arg, track) != q_positions:
+                self._gather(node, arg, track)
+        return queries + [(a, t) for a, t in found if t.role != "q"]
+
+    def _positions(self, node: fx.Node, track: Track) -> int:
+        """The size along the track's dim once pruned (shapes in meta are still the original's)."""
+        return track.resized(hinted_shape(node)[track.dim], node)
+
+    def _gather(self, node: fx.Node, arg: fx.Node, track: Track) -> None:
+        """k/v hold `unit` positions per kv head: 1 before the GQA repeat, the group size after."""
+        c = self.choice
+        groups = {g: i for i, g in enumerate(c.keep_kv)}
+        if track.unit == 1:
+            index = [groups[h // c.group_size] for h in c.keep_q]
+        elif track.unit == c.group_size:
+            index = [groups[h // c.group_size] * c.group_size + h % c.group_size for h in c.keep_q]
+        else:
+            _refuse(node, "k/v meet q with their heads merged into another dim")
+        owner, _, leaf = self.gather_index.rpartition(".")
+        self.gm.get_submodule(owner).register_buffer(leaf, torch.tensor(index, dtype=torch.long), persistent=True)
+        with self.gm.graph.inserting_before(node):
+            idx = self.gm.graph.get_attr(self.gather_index)
+            picked = self.gm.graph.call_function(aten.index_select.default, (arg, track.dim, idx))
+        idx.meta["val"] = torch.empty(len(index), dtype=torch.long, device="meta")
+        ir.copy_meta(arg, picked, "prune-heads")
+        picked.meta.pop("val", None)
+        node.replace_input_with(arg, picked)
+        self.tracks[picked] = Track(track.dim, ((len(index), len(index), "q"),))
+        self.gathers += 1
+
+
+# ------------------------------------------------------------------ the rewrite
+
+
+def _slice_projections(gm: fx.GraphModule, c: Choice) -> int:
+    """Keep the chosen heads' rows of q/k/v (each part of a fused qkv) and columns of o."""
+    att, hd = c.attention, c.attention.head_dim
+
+    def rows(heads, offset=0):
+        return torch.tensor([offset + h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
+
+    removed = 0
+    if att.fused:
+        q_width, kv_width = att.num_heads * hd, att.num_kv_heads * hd
+        keep = torch.cat([rows(c.keep_q), rows(c.keep_kv, q_width), rows(c.keep_kv, q_width + kv_width)])
+        removed += _slice_linear(gm, att.qkv, keep, output=True)
+    else:
+        removed += _slice_linear(gm, att.q, rows(c.keep_q), output=True)
+        removed += _slice_linear(gm, att.k, rows(c.keep_kv), output=True)
+        removed += _slice_linear(gm, att.v, rows(c.keep_kv), output=True)
+    return removed + _slice_linear(gm, att.o, rows(c.keep_q), output=False)
+
+
+def _slice_linear(gm: fx.GraphModule, lin: Linear, keep: torch.Tensor, output: bool) -> int:
+    """Output features (and the bias) when `output`, else input features."""
+    if output:
+        removed = slice_parameter(gm, lin.weight, keep, 1 if lin.transposed else 0)
+        return removed + (slice_parameter(gm, lin.bias, keep, 0) if lin.bias is not None else 0)
+    return slice_parameter(gm, lin.weight, keep, 0 if lin.transposed else 1)
+
+
+def _erase_unused(gm: fx.GraphModule, module: str) -> None:
+    """Erase the module's nodes nothing reads, outright: fx's dead-code elimination keeps
+    random ops (attention dropout) as impure."""
+    for node in reversed(list(gm.graph.nodes)):
+        inside = (ir.module_path(node) + ".").startswith(module + ".") or \
+            (node.op == "get_attr" and str(node.target).startswith(module + "."))
+        if inside and not node.users and node.op in ("call_function", "get_attr"):
+            gm.graph.erase_node(node)
+
+
+def _skip_attention(gm: fx.GraphModule, att: Attention) -> int:
+    """No heads left: the attention's output is o's bias (zero without one), as the masked
+    original computes; its projections' parameters leave the module."""
+    o_node = projections(gm, att.o.weight)[0]
+    x = operands(projections(gm, (att.qkv or att.q).weight)[0])[0]
+    bias = operands(o_node)[2]
+    with gm.graph.inserting_before(o_node):
+        out = gm.graph.call_function(aten.zeros_like.default, (x,))
+        if bias is not None:
+            out = gm.graph.call_function(aten.add.Tensor, (out, bias))
+    ir.copy_meta(o_node, out, "prune-heads")
+    o_node.replace_all_uses_with(out)
+    _erase_unused(gm, att.module)
+    removed = 0
+    for lin in att.projections():
+        for name in (lin.weight, lin.bias if lin is not att.o else None):
+            if name is not None and name not in ir.parameter_nodes(gm):
+                owner, _, leaf = name.rpartition(".")
+                removed += gm.get_parameter(name).numel()
+                delattr(gm.get_submodule(owner) if owner else gm, leaf)
+    return removed
+
+
+def _choices(gm: fx.GraphModule, attentions: list[Attention], opts: PruneHeadsOptions,
+             calibration) -> dict[int, set[int]]:
+    if opts.heads is not None:
+        return _parse_spec(opts.heads, attentions)
+    if opts.score == "random":
+        generator = torch.Generator().manual_seed(opts.seed)
+        scores = [torch.rand(a.num_heads, generator=generator) for a in attentions]
+    elif opts.score == "taylor":
+        from bmc.head_importance import taylor_scores
+        scores = taylor_scores(gm, attentions, calibration)
+    else:
+        scores = [magnitude_scores(gm, a) for a in attentions]
+    return _rank_drops(scores, attentions, opts.ratio, by_group=opts.gqa == "groups", random=opts.score == "random")
+
+
+@register_pass("prune-heads", options=PruneHeadsOptions, invalidates=("cost",))
+class PruneHeads(Pass):
+    """Remove attention heads (by spec, or a ratio ranked by magnitude, Taylor or random scores)."""
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        for check in (require_before_pp, require_before_quant, require_before_regions):
+            check(gm, "prune-heads")
+        if gm.meta.get("bmc.tp"):
+            raise PipelineError("prune-heads after tp: prune first, then split what is left (put prune-heads before tp)")
+        attentions = [b.attention for b in structure_of(gm).blocks if b.attention is not None]
+        if not attentions:
+            raise PipelineError("prune-heads: the structure analysis found no attention in this model's blocks")
+        drops = _choices(gm, attentions, self.options, self.context.calibration)
+        stats = {"heads-removed": 0, "query-heads-removed": 0, "kv-groups-removed": 0, "layers-skipped": 0,
+                 "params-removed": 0, "shapes-rewritten": 0, "kv-gathers": 0}
+        kept = gm.meta.setdefault("bmc.prune_heads", {})  # attention module -> query heads kept (original ids)
+        for layer, att in enumerate(attentions):
+            drop = drops.get(layer, set())
+            if not drop:
+                continue
+            self._prune_one(gm, att, drop, kept, stats)
+        gm.meta.pop(CACHE_KEY, None)  # head counts changed
+        gm.graph.eliminate_dead_code()
+        propagate_shapes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        log.info("prune-heads: %s", stats)
+        return PassResult(gm, stats["heads-removed"] > 0, stats)
+
+    def _prune_one(self, gm: fx.GraphModule, att: Attention, drop: set[int], kept: dict, stats: dict) -> None:
+        if att.kv_gathered:
+            raise PipelineError(f"prune-heads: {att.module} was already pruned inside its kv groups (its k/v are "
+                                f"gathered per query head); remove all its heads in one prune-heads")
+        keep = tuple(h for h in range(att.num_heads) if h not in drop)
+        previous = kept.get(att.module, list(range(att.num_heads)))
+        stats["heads-removed"] += len(drop)
+        if not keep:
+            if self.options.empty == "refuse":
+                raise PipelineError(f"prune-heads would remove all {att.num_heads} heads of {att.module}; "
+                                    f"pass empty=skip to turn that attention into a skip, or prune fewer heads")
+            stats["params-removed"] += _skip_attention(gm, att)
+            stats["layers-skipped"] += 1
+            stats["kv-groups-removed"] += att.num_kv_heads
+            kept[att.module] = []
+            return
+        choice = Choice(att, keep)
+        walk = _Walk(gm, choice, f"{att.module}.kv_head_index")
+        walk.run()
+        stats["params-removed"] += _slice_projections(gm, choice)
+        stats["shapes-rewritten"] += walk.rewritten
+        stats["kv-gathers"] += walk.gathers
+        groups_gone = att.num_kv_heads - len(choice.keep_kv)
+        stats["kv-groups-removed"] += groups_gone
+        stats["query-heads-removed"] += len(drop) - groups_gone * choice.group_size
+        kept[att.module] = [previous[h] for h in keep]
