@@ -1,0 +1,145 @@
+"""prune-heads: the physically pruned model equals the original with those heads masked to zero
+(o's columns of the head zeroed) within 1e-5, outputs and gradients, on fused qkv (zoo GPT),
+GQA (zoo LLaMA, HF Llama) and HF BERT; parameter counts drop by exactly the heads' weights."""
+import copy
+
+import pytest
+import torch
+
+import bmc
+import hf_models
+from bmc import calibration, zoo
+from bmc.errors import PipelineError
+from bmc.structure import structure_of
+from helpers import run
+
+
+def _model(name):
+    torch.manual_seed(0)
+    if name.startswith("hf-"):
+        return hf_models.build(name[3:]), hf_models.example_inputs()
+    model = zoo.build(name)
+    return model, model.example_inputs()
+
+
+def _masked(model, inputs, kept: dict):
+    """The original with every removed head's output zeroed (its columns of o)."""
+    masked = copy.deepcopy(model)
+    for block in structure_of(bmc.trace(model, inputs)).blocks:
+        att = block.attention
+        drop = sorted(set(range(att.num_heads)) - set(kept.get(att.module, range(att.num_heads))))
+        cols = [h * att.head_dim + i for h in drop for i in range(att.head_dim)]
+        with torch.no_grad():
+            weight = masked.get_parameter(att.o.weight)
+            if att.o.transposed:
+                weight[cols] = 0
+            else:
+                weight[:, cols] = 0
+    return masked
+
+
+def _head_params(model, inputs, kept: dict) -> int:
+    """Weights that belong to the removed heads alone: q rows, o columns, and k/v rows of
+    kv groups with no query head left (biases included)."""
+    total = 0
+    for block in structure_of(bmc.trace(model, inputs)).blocks:
+        att = block.attention
+        keep = set(kept.get(att.module, range(att.num_heads)))
+        group = att.num_heads // att.num_kv_heads
+        q_gone = att.num_heads - len(keep)
+        kv_gone = att.num_kv_heads - len({h // group for h in keep})
+        projection = att.qkv or att.q
+        rows = (q_gone + 2 * kv_gone) * att.head_dim
+        total += rows * (projection.in_features + (projection.bias is not None)) \
+            + q_gone * att.head_dim * att.o.out_features
+    return total
+
+
+def _check_equivalent(model, inputs, prog):
+    kept = prog.graph_module.meta["bmc.prune_heads"]
+    masked = _masked(model, inputs, kept)
+    out, want = run(prog, inputs), run(masked, inputs)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, run(model, inputs), atol=1e-4)  # the heads mattered: the test can fail
+    out.square().mean().backward()
+    want.square().mean().backward()
+    reference = dict(masked.named_parameters())
+    for name, p in prog.graph_module.named_parameters():
+        if p.shape == reference[name].shape:  # untouched parameters: the same gradient (none = zero: a
+            got, want = (g if g is not None else torch.zeros_like(p) for g in (p.grad, reference[name].grad))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)  # skipped attention reads no norm)
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in prog.graph_module.parameters())
+    assert removed == prog.records[0].statistics["params-removed"] == _head_params(model, inputs, kept) > 0
+    return prog.records[0].statistics
+
+
+@pytest.mark.parametrize("name,spec", [
+    ("gpt-tiny", "ratio=0.5"),                 # fused qkv split per q/k/v part; layers keep different counts
+    ("llama-tiny", "heads=[0:0,1:0,1:1]"),     # GQA: a whole kv group (layer 1) and one query head (layer 0)
+    ("hf-llama", "heads=[0:1,1:2,1:3]"),
+    ("hf-bert", "ratio=0.4"),
+])
+def test_pruned_equals_original_with_heads_masked(name, spec):
+    model, inputs = _model(name)
+    prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{{spec}}},verify", example_inputs=inputs)
+    _check_equivalent(model, inputs, prog)
+
+
+def test_gqa_says_whether_whole_groups_or_query_heads_went():
+    model, inputs = _model("llama-tiny")  # 4 query heads in 2 kv groups per layer
+    stats = _check_equivalent(model, inputs, bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[0:0,1:0,1:1]}"))
+    assert (stats["query-heads-removed"], stats["kv-groups-removed"], stats["kv-gathers"]) == (1, 1, 2)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-heads{ratio=0.5,gqa=groups}")
+    stats = _check_equivalent(model, inputs, prog)
+    assert (stats["query-heads-removed"], stats["kv-groups-removed"], stats["kv-gathers"]) == (0, 2, 0)
+    heads = [(b.attention.num_heads, b.attention.num_kv_heads) for b in structure_of(prog.graph_module).blocks]
+    assert sum(h for h, _ in heads) == 4 and all(h == 2 * kv for h, kv in heads)
+
+
+def test_layers_keep_different_head_counts_and_dynamic_shapes_still_run():
+    model, inputs = _model("llama-tiny")
+    with torch.no_grad():  # two quiet heads in layer 0 (scores are normalized per layer): both go
+        model.model.layers[0].self_attn.q_proj.weight[:32].mul_(0.01)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-heads{ratio=0.25}", example_inputs=inputs, dynamic=True)
+    counts = [b.attention.num_heads for b in structure_of(prog.graph_module).blocks]
+    assert counts == [2, 4], counts
+    bigger = model.example_inputs(batch=3, seq=24)
+    masked = _masked(model, inputs, prog.graph_module.meta["bmc.prune_heads"])
+    torch.testing.assert_close(run(prog, bigger), run(masked, bigger), atol=1e-5, rtol=1e-5)
+
+
+def test_all_heads_of_a_layer_refused_or_skipped():
+    model, inputs = _model("gpt-tiny")
+    with pytest.raises(PipelineError, match="would remove all 4 heads of transformer.h.0.attn; pass empty=skip"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[0:0,0:1,0:2,0:3]}")
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[0:0,0:1,0:2,0:3],empty=skip},verify")
+    assert prog.records[0].statistics["layers-skipped"] == 1
+    _check_equivalent(model, inputs, prog)
+
+
+def test_taylor_scores_read_calibration_batches():
+    model, inputs = _model("gpt-tiny")
+    batches = calibration.text_batches(None, count=2, batch=2, seq=16)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-heads{ratio=0.25,score=taylor}", calibration=batches)
+    _check_equivalent(model, inputs, prog)
+    with pytest.raises(calibration.CalibrationError, match="needs calibration data"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{score=taylor}")
+    with pytest.raises(calibration.CalibrationError, match="float32\\[2, 16\\], the model was traced with int64"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{score=taylor}", calibration=[(torch.randn(2, 16),)])
+    with pytest.raises(calibration.CalibrationError, match="2 positional"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{score=taylor}",
+                    calibration=[(inputs[0], inputs[0])])
+
+
+def test_bad_input_is_one_clear_error():
+    model, _ = _model("gpt-tiny")
+    with pytest.raises(bmc.BmcError, match="ratio must be in \\[0, 1\\)"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{ratio=1.0}")
+    with pytest.raises(PipelineError, match="names head 9, but layer 1 .* has 4 heads \\(0..3\\)"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[1:9]}")
+    with pytest.raises(PipelineError, match="names layer 5, but the model has 2 attention layers"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[5:0]}")
+    with pytest.raises(bmc.BmcError, match="LAYER:HEAD"):
+        bmc.compile(copy.deepcopy(model), passes="prune-heads{heads=[first]}")
+    with pytest.raises(PipelineError, match="prune-heads after quant-int8"):
+        bmc.compile(copy.deepcopy(model), passes="quant-int8,prune-heads")
