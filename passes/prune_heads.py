@@ -103,18 +103,20 @@ def magnitude_scores(gm: fx.GraphModule, att: Attention) -> torch.Tensor:
     return q_rows.reshape(n, -1).norm(dim=1) * o_cols.reshape(n, -1).norm(dim=1)
 
 
-def _parse_spec(spec: tuple[str, ...], attentions: list[Attention]) -> dict[int, set[int]]:
+def _parse_spec(spec: tuple[str, ...], attentions: list[Attention], blocks: list[int]) -> dict[int, set[int]]:
+    """LAYER:HEAD items -> {position in `attentions`: heads}; LAYER is the block's index, which
+    stays what it was when prune-layers removed blocks before it."""
     drop: dict[int, set[int]] = {}
     for item in spec:
         layer, head = (int(p) for p in item.split(":"))
-        if layer >= len(attentions):
-            raise PipelineError(f"prune-heads: heads=[{item}] names layer {layer}, but the model has "
-                                f"{len(attentions)} attention layers (0..{len(attentions) - 1})")
-        if head >= attentions[layer].num_heads:
+        if layer not in blocks:
+            raise PipelineError(f"prune-heads: heads=[{item}] names layer {layer}, but the model's blocks with "
+                                f"attention are {blocks}")
+        att = attentions[blocks.index(layer)]
+        if head >= att.num_heads:
             raise PipelineError(f"prune-heads: heads=[{item}] names head {head}, but layer {layer} "
-                                f"({attentions[layer].module}) has {attentions[layer].num_heads} heads "
-                                f"(0..{attentions[layer].num_heads - 1})")
-        drop.setdefault(layer, set()).add(head)
+                                f"({att.module}) has {att.num_heads} heads (0..{att.num_heads - 1})")
+        drop.setdefault(blocks.index(layer), set()).add(head)
     return drop
 
 
@@ -424,10 +426,10 @@ def _skip_attention(gm: fx.GraphModule, att: Attention) -> int:
     return removed
 
 
-def _choices(gm: fx.GraphModule, attentions: list[Attention], opts: PruneHeadsOptions,
+def _choices(gm: fx.GraphModule, attentions: list[Attention], blocks: list[int], opts: PruneHeadsOptions,
              calibration) -> dict[int, set[int]]:
     if opts.heads is not None:
-        return _parse_spec(opts.heads, attentions)
+        return _parse_spec(opts.heads, attentions, blocks)
     if opts.score == "random":
         generator = torch.Generator().manual_seed(opts.seed)
         scores = [torch.rand(a.num_heads, generator=generator) for a in attentions]
@@ -448,10 +450,11 @@ class PruneHeads(Pass):
             check(gm, "prune-heads")
         if gm.meta.get("bmc.tp"):
             raise PipelineError("prune-heads after tp: prune first, then split what is left (put prune-heads before tp)")
-        attentions = [b.attention for b in structure_of(gm).blocks if b.attention is not None]
+        with_attention = [b for b in structure_of(gm).blocks if b.attention is not None]
+        attentions = [b.attention for b in with_attention]
         if not attentions:
             raise PipelineError("prune-heads: the structure analysis found no attention in this model's blocks")
-        drops = _choices(gm, attentions, self.options, self.context.calibration)
+        drops = _choices(gm, attentions, [b.index for b in with_attention], self.options, self.context.calibration)
         stats = {"heads-removed": 0, "query-heads-removed": 0, "kv-groups-removed": 0, "layers-skipped": 0,
                  "params-removed": 0, "shapes-rewritten": 0, "kv-gathers": 0}
         kept = gm.meta.setdefault("bmc.prune_heads", {})  # attention module -> query heads kept (original ids)
