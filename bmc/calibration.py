@@ -69,6 +69,20 @@ def batches(gm: fx.GraphModule, data: Iterable[Any] | None, what: str) -> list[t
     return found
 
 
+def interpret(gm: fx.GraphModule, interpreter: fx.Interpreter, args: tuple, kwargs: dict):
+    """Run the interpreter on the graph's flat inputs and give the output the structure the
+    module's forward gives it (export's graphs flatten both through pytree specs)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None:
+        return interpreter.run(*args, *kwargs.values())
+    flat = torch.fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+    out = interpreter.run(*flat)
+    if info.out_spec is None:
+        return out
+    leaves = list(out) if isinstance(out, (list, tuple)) else [out]
+    return torch.utils._pytree.tree_unflatten(leaves, info.out_spec)
+
+
 def main_output(out: Any) -> torch.Tensor:
     """The tensor a model's output leads with (a tensor, a tuple's first, HF's logits or loss)."""
     if isinstance(out, torch.Tensor):

@@ -43,20 +43,6 @@ class _MaskedHeads(fx.Interpreter):
             self.env[x_node] = x
 
 
-def _interpret(gm: fx.GraphModule, interpreter: fx.Interpreter, args: tuple, kwargs: dict):
-    """Run the interpreter on the graph's flat inputs and give the output the structure the
-    module's forward gives it (export's graphs flatten both through pytree specs)."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None:
-        return interpreter.run(*args, *kwargs.values())
-    flat = torch.fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
-    out = interpreter.run(*flat)
-    if info.out_spec is None:
-        return out
-    leaves = list(out) if isinstance(out, (list, tuple)) else [out]
-    return torch.utils._pytree.tree_unflatten(leaves, info.out_spec)
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int:
     first = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
     return int(first.shape[0])
@@ -78,7 +64,7 @@ def taylor_scores(gm: fx.GraphModule, attentions: list[Attention], data) -> list
         batch = _batch_size(args, kwargs)
         masks = [torch.ones(batch, att.num_heads, requires_grad=True) for att in attentions]
         interpreter = _MaskedHeads(gm, o_nodes, masks)
-        out = _interpret(gm, interpreter, args, kwargs)
+        out = calib.interpret(gm, interpreter, args, kwargs)
         loss = calib.lm_loss(out, args, kwargs)
         grads = torch.autograd.grad(loss * batch, masks, allow_unused=True)
         for layer, grad in enumerate(grads):

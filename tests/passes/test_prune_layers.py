@@ -75,3 +75,18 @@ def test_bad_input_is_one_clear_error(options, message):
     model, inputs = _model("gpt-tiny")
     with pytest.raises(bmc.BmcError, match=message):
         bmc.compile(model, passes=f"prune-layers{{{options}}}" if options else "prune-layers", example_inputs=inputs)
+
+
+def test_score_policy_drops_the_blocks_that_change_the_stream_least():
+    import dataclasses
+    from bmc import calibration
+    torch.manual_seed(0)
+    model = zoo.build(dataclasses.replace(zoo.config("llama-tiny"), n_layer=4))
+    with torch.no_grad():  # block 2 adds (almost) nothing to the stream: its influence is ~0
+        model.model.layers[2].self_attn.o_proj.weight.mul_(1e-3)
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+    batches = calibration.text_batches(None, count=2, batch=2, seq=16)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-layers{ratio=0.25,policy=score},verify", calibration=batches)
+    assert [n for n, _ in prog.graph_module.model.layers.named_children()] == ["0", "1", "3"]
+    with pytest.raises(bmc.BmcError, match="needs calibration data"):
+        bmc.compile(copy.deepcopy(model), passes="prune-layers{policy=score}")
