@@ -55,13 +55,15 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def _unalias(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Give every example input its own storage. torch.export treats one tensor passed twice
-    (`(x, x)` as inputs and targets) as one input, and the graph then reads the first
-    argument for both, whatever is passed later."""
+    """Give every example input its own contiguous storage. torch.export treats one tensor
+    passed twice (`(x, x)` as inputs and targets) as one input, and the graph then reads the
+    first argument for both, whatever is passed later; and a strided view as the example (a
+    slice of a bigger batch) leaves guards that fail on every later call with dynamic shapes."""
     seen: set[int] = set()
 
     def own(value):
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            value = value.contiguous()
             key = value.untyped_storage().data_ptr()
             if key in seen and value.numel():
                 log.info("an example input shares storage with another; tracing it as a separate input")

@@ -18,8 +18,9 @@ groups are scored (the sum of their query heads' scores) and removed with their 
 so no gather is needed. The statistics say which happened (`kv-groups-removed`,
 `query-heads-removed`).
 
-Removing every head of a layer is refused (`empty=refuse`) or turns that attention into a skip
-(`empty=skip`: its output becomes o's bias, or zero), as the masked original computes.
+Removing every head of a layer is refused (`empty=refuse`: a `heads` spec that names them all
+is an error, and the ratio ranking passes over each layer's last head) or turns that attention
+into a skip (`empty=skip`: its output becomes o's bias, or zero, as the masked original computes).
 """
 from __future__ import annotations
 
@@ -121,9 +122,10 @@ def _parse_spec(spec: tuple[str, ...], attentions: list[Attention], blocks: list
 
 
 def _rank_drops(scores: list[torch.Tensor], attentions: list[Attention], ratio: float, by_group: bool,
-                random: bool) -> dict[int, set[int]]:
+                random: bool, may_empty: bool) -> dict[int, set[int]]:
     """The lowest round(ratio x all heads) heads across layers, each layer's scores divided by
-    their L2 norm (comparable across layers); whole kv groups when `by_group`."""
+    their L2 norm (comparable across layers); whole kv groups when `by_group`. Unless
+    `may_empty`, the ranking passes over the last head (group) of a layer."""
     units = []  # (score, layer, heads)
     for layer, (att, s) in enumerate(zip(attentions, scores)):
         s = s if random else s / s.norm().clamp(min=1e-12)
@@ -137,6 +139,8 @@ def _rank_drops(scores: list[torch.Tensor], attentions: list[Attention], ratio: 
     for _, layer, heads in sorted(units, key=lambda u: (u[0], u[1], u[2].start)):
         if removed + len(heads) > target:
             break
+        if not may_empty and len(drop.get(layer, ())) + len(heads) >= attentions[layer].num_heads:
+            continue
         drop.setdefault(layer, set()).update(heads)
         removed += len(heads)
     return drop
@@ -438,7 +442,8 @@ def _choices(gm: fx.GraphModule, attentions: list[Attention], blocks: list[int],
         scores = taylor_scores(gm, attentions, calibration)
     else:
         scores = [magnitude_scores(gm, a) for a in attentions]
-    return _rank_drops(scores, attentions, opts.ratio, by_group=opts.gqa == "groups", random=opts.score == "random")
+    return _rank_drops(scores, attentions, opts.ratio, by_group=opts.gqa == "groups", random=opts.score == "random",
+                       may_empty=opts.empty == "skip")
 
 
 @register_pass("prune-heads", options=PruneHeadsOptions, invalidates=("cost",))

@@ -164,3 +164,18 @@ def test_compression_passes_compose_in_any_order_and_stay_valid():
         opt.step()
         outs.append(out.detach())
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_ratio_ranking_keeps_a_head_per_layer_unless_skipping_is_allowed():
+    model, inputs = _model("gpt-tiny")  # 2 layers x 4 heads; 0.75 removes 6
+    kept, skipped = [], []
+    for seed in range(4):
+        for empty in ("refuse", "skip"):
+            prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{ratio=0.75,score=random,seed={seed},"
+                                                            f"empty={empty}}}")
+            assert prog.records[0].statistics["heads-removed"] == 6
+            counts = [len(k) for k in prog.graph_module.meta["bmc.prune_heads"].values()]
+            (kept if empty == "refuse" else skipped).append((counts, prog))
+    assert all(0 not in counts for counts, _ in kept)
+    counts, prog = next((c, p) for c, p in skipped if 0 in c)  # some seed empties a layer
+    _check_equivalent(model, inputs, prog)
