@@ -181,7 +181,7 @@ def _hf_llama_train(rank, world_size, pipeline):
     return losses, prog.full_state_dict()
 
 
-@pytest.mark.parametrize("pipeline", [pytest.param("dp", marks=pytest.mark.slow), "zero3,ckpt"])
+@pytest.mark.parametrize("pipeline", [pytest.param("dp", marks=pytest.mark.slow), pytest.param("zero3,ckpt", marks=pytest.mark.slow)])
 def test_hugging_face_llama_trains_the_same_distributed(pipeline):
     ref_losses, ref_params = _hf_llama_reference(2)
     for losses, params in run_ranks(2, _hf_llama_train, pipeline):
