@@ -2,12 +2,14 @@
 
     bmc-opt zoo:gpt2-small --pass=cleanup,analyze --world-size 8 --report
     bmc-opt model.pt2 --pass=dce --dump-dir dumps/ -o out.pt2
+    bmc-opt zoo:gpt-mini --weights trained --pass='prune-heads{score=taylor}' --calibration builtin --eval
 
 User errors print one line, `bmc-opt: error: ...`, and exit with status 2; nothing is written.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -45,12 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="ranks the plan is for (no processes are launched)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the mesh")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree of the mesh")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch per rank for --report")
-    p.add_argument("--seq", type=int, default=None, help="sequence length for --report (default: the traced example's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="micro-batch per rank for --report and --measure (default 1); batch of --calibration "
+                        "(default: the traced example's) and of --eval (default 8)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length for --report, --measure and --calibration (default: the traced example's) "
+                        "and --eval (default: the model's longest up to 128)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd-momentum", "sgd"])
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model's weights before tracing")
     p.add_argument("--device", choices=["meta", "cpu"],
-                   help="where zoo models are built (default: meta, no memory, unless -o needs weights)")
+                   help="where zoo models are built (default: meta, no memory, unless -o, --measure, --weights, "
+                        "--calibration or --eval need real weights)")
+    p.add_argument("--weights", metavar="FILE.safetensors|trained",
+                   help="load these weights into the zoo model before tracing (safetensors only, never pickle; "
+                        "'trained': bmc's trained checkpoint of that model)")
+    p.add_argument("--calibration", metavar="FILE|builtin",
+                   help="cut calibration batches (byte tokens) for data-driven passes such as "
+                        "prune-heads{score=taylor} out of a text file, or 'builtin': the standard library's sources")
+    p.add_argument("--calibration-batches", type=int, default=8, metavar="N", help="how many (default 8)")
+    p.add_argument("--eval", action="store_true",
+                   help="after the pipeline, compare the original causal LM with the transformed one on held-out "
+                        "text: perplexity, cosine of the logits, parameters, weight bytes")
+    p.add_argument("--eval-text", metavar="FILE",
+                   help="the text --eval holds out the last 5%% of (default: the standard library's sources)")
     p.add_argument("--static", action="store_true", help="trace with static shapes (default: batch, seq symbolic)")
     p.add_argument("--example-inputs", metavar="SPEC",
                    help="inputs for models without example_inputs(), e.g. 'i64[2,16]' or 'i64[2,16],f32[2,16,64]'")
@@ -113,6 +132,40 @@ def _check_args(args) -> None:
         raise UsageError("--measure runs the model and needs real weights: drop --device meta (or use --device cpu)")
     if args.measure and (args.tp > 1 or args.pp > 1):
         raise UsageError("--measure runs data-parallel plans only for now: drop --tp/--pp")
+    _check_compression_args(args)
+
+
+def _require_file(flag: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+
+
+def _check_compression_args(args) -> None:
+    """--weights, --calibration and --eval: what can be told from the command line alone,
+    so a typo fails before a model is loaded."""
+    for flag, given in (("--weights", args.weights), ("--calibration", args.calibration), ("--eval", args.eval)):
+        if given and args.device == "meta":
+            raise UsageError(f"{flag} needs real weights: drop --device meta (or use --device cpu)")
+    if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 1):
+        raise UsageError("--batch and --seq must be >= 1")
+    if args.calibration_batches < 1:
+        raise UsageError("--calibration-batches must be >= 1")
+    if args.weights:
+        if not args.model.startswith("zoo:"):
+            raise UsageError(f"--weights loads into zoo models only; {args.model} carries its own weights")
+        if args.weights != "trained":
+            if not args.weights.endswith(".safetensors"):
+                raise UsageError(f"--weights {args.weights}: give a .safetensors file or 'trained' "
+                                 f"(pickled weights are refused: unpickling runs code from the file)")
+            _require_file("--weights", args.weights)
+    if args.calibration and args.calibration != "builtin":
+        _require_file("--calibration", args.calibration)
+    if args.eval_text and not args.eval:
+        raise UsageError("--eval-text is the text --eval scores on: add --eval")
+    if args.eval_text:
+        _require_file("--eval-text", args.eval_text)
+    if args.eval and args.world_size > 1:
+        raise UsageError("--eval runs both models in this one process: drop --world-size (plan with it separately)")
 
 
 def _instruments(args, out):
@@ -132,12 +185,52 @@ def _instruments(args, out):
     return chosen, timing, stats
 
 
+def _needs_weights(args) -> bool:
+    return bool(args.output or args.measure or args.weights or args.calibration or args.eval)
+
+
 def _load(args):
     from bmc.serialize import load_graph
-    device = args.device or ("cpu" if args.output or args.measure else "meta")
+    device = args.device or ("cpu" if _needs_weights(args) else "meta")
     example = parse_example_inputs(args.example_inputs) if args.example_inputs else None
+    if args.weights:
+        from bmc.trace import trace
+        return trace(_zoo_with_weights(args), example, dynamic=not args.static), {}
     return load_graph(args.model, trust_pickle=args.trust_pickle, example_inputs=example,
                       dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
+
+
+def _zoo_with_weights(args) -> torch.nn.Module:
+    """The zoo model of `args.model` on the cpu with --weights loaded, then cast to --dtype."""
+    from bmc import zoo
+    name = args.model.removeprefix("zoo:")
+    zoo.config(name)  # an unknown name gets zoo's "did you mean" before any file is read
+    if args.weights == "trained":
+        from bmc import trained
+        model = trained.load(name)
+    else:
+        model = zoo.build(name, device="cpu")
+        _load_safetensors(model, args.weights, name)
+    return model.to(DTYPES[args.dtype]) if args.dtype else model
+
+
+def _load_safetensors(model: torch.nn.Module, path: str, name: str) -> None:
+    """Every weight of the model from a safetensors file, or a one-line refusal. safetensors'
+    load_model maps a tied weight stored once onto all its names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    try:
+        missing, unexpected = load_model(model, path, strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"cannot read {path} as safetensors: {' '.join(str(exc).split())[:160]}; "
+                         f"write weights with safetensors.torch.save_model") from None
+    except RuntimeError as exc:  # load_state_dict refuses tensors whose shapes differ
+        lines = [line.strip() for line in str(exc).splitlines()]
+        mismatch = next((line for line in lines if line.startswith("size mismatch")), lines[-1])
+        raise UsageError(f"{path} does not fit zoo {name}: {mismatch}") from None
+    if missing or unexpected:
+        raise UsageError(f"{path} does not fit zoo {name}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]} ({len(missing)} and {len(unexpected)} in all)")
 
 
 def _with_status(what: str, work):
@@ -155,12 +248,21 @@ def _with_status(what: str, work):
             sys.stderr.write(f" {time.perf_counter() - start:.1f}s\n")
 
 
-def _traced_seq(gm) -> int | None:
-    """The sequence length of the example the graph was traced with (dim 1 of the first input)."""
+def _traced_shape(gm) -> tuple[int, int] | None:
+    """(batch, seq) of the example the graph was traced with (dims 0 and 1 of its first 2-D input)."""
     from bmc.trace import trace_info
     info = trace_info(gm)
     tensors = [t for t in (*info.args, *info.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 2]
-    return int(tensors[0].shape[1]) if tensors else None
+    return (int(tensors[0].shape[0]), int(tensors[0].shape[1])) if tensors else None
+
+
+def _traced_seq(gm) -> int | None:
+    shape = _traced_shape(gm)
+    return shape[1] if shape else None
+
+
+def _step_batch(args) -> int:
+    return args.batch or 1
 
 
 def _option_of(pipeline, pass_name: str, option: str) -> int | None:
@@ -201,7 +303,7 @@ def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
     try:
         gm = _load(args)[0]
         prog = bmc.compile(gm, passes=pipeline, world_size=world_size)
-        return measure.measure_step(prog, measure.example_batch(gm, args.batch, args.seq or _traced_seq(gm)))
+        return measure.measure_step(prog, measure.example_batch(gm, _step_batch(args), args.seq or _traced_seq(gm)))
     except BmcError as exc:
         return {"error": str(exc)}
 
@@ -212,16 +314,153 @@ def _measure(args, gm, pipeline: str, dp: int) -> str:
     seq = args.seq or _traced_seq(gm)
     if args.world_size == 1:
         prog = bmc.compile(gm, world_size=1)
-        measured = measure.measure_step(prog, measure.example_batch(gm, args.batch, seq))
+        measured = measure.measure_step(prog, measure.example_batch(gm, _step_batch(args), seq))
     else:
         from bmc.local_ranks import run_ranks
         measured = _with_status(f"measuring on {args.world_size} local ranks",
                                 lambda: run_ranks(args.world_size, _measure_rank, args, pipeline))[0]
         if "error" in measured:
             raise BmcError(measured["error"])
-    setting = cost.Setting(batch=args.batch, seq=seq, dp=dp, setup=cost.TrainingSetup(optimizer="adamw"))
+    setting = cost.Setting(batch=_step_batch(args), seq=seq, dp=dp, setup=cost.TrainingSetup(optimizer="adamw"))
     return measure.format_comparison(measured, measure.predicted(gm, setting),
                                      title=f"rank 0 of {args.world_size}")
+
+
+# ------------------------------------------------------------------ calibration and evaluation
+
+BYTE_VOCAB = 256  # --calibration and --eval texts are byte tokens
+EVAL_WINDOWS, EVAL_BATCH, EVAL_SEQ = 32, 8, 128
+
+
+def _token_vocab(gm) -> int | None:
+    """Rows of the first embedding table the graph looks up: the token ids it takes are below."""
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
+        table = node.args[0].meta.get("val")
+        return int(table.shape[0]) if isinstance(table, torch.Tensor) else None
+    return None
+
+
+def _calibration(args, gm) -> list | None:
+    """--calibration: byte-token windows shaped like the traced example (or --batch/--seq),
+    checked against the trace here, so data that does not fit fails before any pass runs
+    (and even when no pass of the pipeline reads it)."""
+    if not args.calibration:
+        return None
+    from bmc import calibration
+    shape = _traced_shape(gm) or (None, None)
+    batch, seq = args.batch or shape[0], args.seq or shape[1]
+    if not batch or not seq:
+        raise UsageError("--calibration cuts [batch, seq] token windows and this model takes no such input: "
+                         "pass calibration batches from Python (bmc.compile(..., calibration=...))")
+    _check_seq(args, "--calibration", seq)
+    path = None if args.calibration == "builtin" else args.calibration
+    data = _text_windows("--calibration", path, lambda: calibration.text_batches(
+        path, count=args.calibration_batches, batch=batch, seq=seq, vocab=_token_vocab(gm) or BYTE_VOCAB))
+    calibration.batches(gm, data, "--calibration")
+    return data
+
+
+def _fixed_dims(gm) -> tuple[int | None, int | None]:
+    """Batch and sequence sizes the trace fixed (None where they stayed symbolic)."""
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    first = next((v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    if first is None:
+        return None, None
+    return tuple(s if isinstance(s, int) else None for s in first.shape[:2])
+
+
+def _zoo_longest_seq(args) -> int | None:
+    """The longest sequence a zoo model takes (None for other models: their graph says)."""
+    if not args.model.startswith("zoo:"):
+        return None
+    from bmc import zoo
+    cfg = zoo.config(args.model.removeprefix("zoo:"))
+    return next((getattr(cfg, f) for f in ("block_size", "max_seq", "max_position") if hasattr(cfg, f)), None)
+
+
+def _check_seq(args, flag: str, seq: int) -> None:
+    longest = _zoo_longest_seq(args)
+    if longest is not None and seq > longest:
+        raise UsageError(f"{flag} needs windows of {seq} tokens and {args.model} takes at most {longest}: "
+                         f"pass a --seq up to {longest}")
+
+
+def _text_windows(flag: str, path: str | None, make):
+    """Cut token windows out of a text; a text too short for them is the flag's fault, so say which."""
+    try:
+        return make()
+    except UsageError:
+        raise
+    except BmcError as exc:
+        raise UsageError(f"{flag} {path or 'builtin'}: {exc}") from None
+
+
+def _run_probe(gm, ids: torch.Tensor) -> torch.Tensor:
+    from bmc.calibration import main_output
+    try:
+        with torch.no_grad():
+            return main_output(gm(ids))
+    except Exception as exc:  # noqa: BLE001 - a guard on the input's size, most likely: say which size
+        raise UsageError(f"--eval cannot run the model on token windows {list(ids.shape)}: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:160]}; pick a --batch/--seq it takes") from None
+
+
+def _check_causal_lm(gm, ids: torch.Tensor) -> None:
+    """--eval's perplexity is next-token loss on token ids: refuse models it means nothing for.
+    Causality is tested, not guessed: changing the last token must leave earlier logits alone."""
+    from bmc.trace import trace_info
+    info = trace_info(gm)
+    takes = [*info.args, *info.kwargs.values()] if info else []
+    if len(takes) != 1 or not isinstance(takes[0], torch.Tensor) or takes[0].is_floating_point() or takes[0].dim() != 2:
+        described = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor)
+                              else type(t).__name__ for t in takes) or "nothing bmc knows of"
+        raise UsageError(f"--eval scores causal language models that take token ids [batch, seq] alone; "
+                         f"this model takes {described}")
+    vocab = _token_vocab(gm)
+    if vocab is not None and vocab < BYTE_VOCAB:
+        raise UsageError(f"--eval's text is byte tokens ({BYTE_VOCAB} ids) and this model's vocabulary has {vocab}")
+    logits = _run_probe(gm, ids)
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape) or logits.shape[-1] < BYTE_VOCAB:
+        raise UsageError(f"--eval scores causal language models: this model returns {list(logits.shape)} for "
+                         f"ids {list(ids.shape)}, not [batch, seq, vocab >= {BYTE_VOCAB}] logits")
+    later = ids.clone()
+    later[:, -1] = (later[:, -1] + 1) % BYTE_VOCAB
+    # a tolerance for kernels that block the sequence differently; an encoder moves far more
+    if not torch.allclose(_run_probe(gm, later)[:, :-1], logits[:, :-1], rtol=1e-4, atol=1e-4):
+        raise UsageError("--eval scores causal language models and this one is not causal: changing the last "
+                         "token changes the outputs at earlier positions (a bidirectional encoder?)")
+
+
+def _prepare_eval(args, gm):
+    """--eval's held-out windows and a copy of the graph as it is before the pipeline (passes
+    rewrite the graph in place), made before any pass runs, so a model --eval cannot score is
+    refused at once. Returns (reference, windows, batch)."""
+    import copy
+    import warnings
+    from bmc.evaluate import EvalData
+    fixed_batch, fixed_seq = _fixed_dims(gm)
+    batch = args.batch or fixed_batch or EVAL_BATCH
+    seq = args.seq or fixed_seq or min(_zoo_longest_seq(args) or _traced_seq(gm) or EVAL_SEQ, EVAL_SEQ)
+    _check_seq(args, "--eval", seq)
+    count = -(-EVAL_WINDOWS // batch) * batch  # whole batches: a fixed batch size must divide them
+    windows = _text_windows("--eval-text", args.eval_text,
+                            lambda: EvalData.held_out(args.eval_text, seq=seq, count=count))
+    _check_causal_lm(gm, windows.windows[:batch, :-1])
+    with warnings.catch_warnings():
+        # copying export's input spec trips a deprecation warning inside torch itself
+        warnings.simplefilter("ignore", FutureWarning)
+        reference = copy.deepcopy(gm)
+    return reference, windows, batch
+
+
+def _evaluate(args, gm, pipeline: str, prepared) -> str:
+    from bmc.evaluate import compare, format_table
+    reference, windows, batch = prepared
+    rows = _with_status("evaluating", lambda: compare(reference, {pipeline: gm}, windows, batch))
+    count, seq = windows.windows.shape[0], windows.windows.shape[1] - 1
+    source = args.eval_text or "the standard library's sources"
+    title = f"held-out evaluation: {count} windows of {seq} tokens from the last 5% of {source}"
+    return format_table(rows, title=title)
 
 
 def _apply_reproducer(args) -> None:
@@ -255,6 +494,11 @@ def run(argv: Sequence[str] | None, out) -> int:
     manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
     manager.check()
     gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
+    calibration = _calibration(args, gm)
+    if calibration is not None:  # the passes take their context when built: build them again with it
+        context = dataclasses.replace(context, calibration=calibration)
+        manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
+    prepared_eval = _prepare_eval(args, gm) if args.eval else None
     out.write(f"pipeline: {pipeline}\n")
     gm = manager.run(gm).graph_module
     for index, record in enumerate(manager.records, start=1):
@@ -265,7 +509,7 @@ def run(argv: Sequence[str] | None, out) -> int:
         from bmc.structure import analyze, format_structure
         out.write("\n" + format_structure(analyze(gm)))
     if args.report:
-        setting = cost.Setting(batch=args.batch, seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
+        setting = cost.Setting(batch=_step_batch(args), seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
                                setup=cost.TrainingSetup(optimizer=args.optimizer))
         out.write("\n" + report.format_report(gm, setting, args.world_size))
         if gm.meta.get("bmc.pp"):
@@ -274,6 +518,8 @@ def run(argv: Sequence[str] | None, out) -> int:
         _dump_stages(gm, args.dump_dir)
     if args.measure:
         out.write("\n" + _measure(args, gm, str(pipeline), dp))
+    if prepared_eval is not None:
+        out.write("\n" + _evaluate(args, gm, str(pipeline), prepared_eval))
     for instrument in (timing, stats):
         if instrument:
             out.write("\n" + instrument.format())

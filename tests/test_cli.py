@@ -177,3 +177,72 @@ def test_3d_plan_shows_each_stage_its_ranks_memory_and_graph(tmp_path):
     assert "param transformer.h.1." in stage1 and "transformer.h.0." not in stage1
     clash = bmc_opt("zoo:gpt-tiny", "--pass=pp{stages=2}", "--world-size", "4", "--pp", "4")
     assert clash.returncode == 2 and "contradicts the pipeline's pp{stages=2}" in clash.stderr
+
+
+# ------------------------------------------------------------------ --weights, --calibration, --eval
+# In-process (main) rather than subprocesses: each bmc-opt process costs ~5 s of imports.
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    from bmc.trained import save_weights
+    d = tmp_path_factory.mktemp("weights")
+    save_weights(zoo.build("gpt-tiny", seed=1), d / "seed1.safetensors")  # not the seed bmc-opt builds with
+    save_weights(zoo.build("llama-tiny"), d / "llama.safetensors")
+    torch.save(zoo.build("gpt-tiny").state_dict(), d / "pickled.pt")
+    return d
+
+
+def _eval_rows(text):
+    rows = {}
+    for line in text[text.index("held-out evaluation"):].splitlines()[3:]:
+        *name, ppl, change, cosine, params, nbytes = line.split()
+        rows[" ".join(name)] = (float(ppl), float(cosine), int(params.replace(",", "")), int(nbytes.replace(",", "")))
+    return rows
+
+
+def test_eval_scores_loaded_weights_before_and_after_the_pipeline(weight_files, capsys):
+    from bmc import evaluate
+    assert main(["zoo:gpt-tiny", "--weights", str(weight_files / "seed1.safetensors"), "--pass=quant-int8",
+                 "--eval"]) == 0
+    rows = _eval_rows(capsys.readouterr().out)
+    assert list(rows) == ["original", "quant-int8"]
+    expected = evaluate.perplexity(zoo.build("gpt-tiny", seed=1).eval(), evaluate.EvalData.held_out(seq=64))
+    assert rows["original"][0] == pytest.approx(expected, abs=1e-4)  # the file's weights, scored on 64-token windows
+    ppl, cosine, params, nbytes = rows["quant-int8"]
+    assert cosine > 0.999 and abs(ppl / expected - 1) < 0.01
+    assert params < rows["original"][2] and nbytes < rows["original"][3]
+
+
+def test_calibration_batches_reach_taylor_head_scores(capsys):
+    assert main(["zoo:gpt-tiny", "--static", "--calibration", "builtin", "--calibration-batches", "2",
+                 "--pass=prune-heads{score=taylor,ratio=0.5}"]) == 0
+    assert "heads-removed=4" in capsys.readouterr().out
+
+
+COMPRESSION_BAD_INPUTS = {
+    "taylor without calibration": (["zoo:gpt-tiny", "--static", "--pass=prune-heads{score=taylor}"],
+                                   r"needs calibration data: .*--calibration FILE\|builtin"),
+    "calibration of the wrong shape": (["zoo:gpt-tiny", "--static", "--seq", "32", "--calibration", "builtin"],
+                                       r"size 32 on dim 1 where the graph was traced with a fixed 16"),
+    "missing calibration text": (["zoo:gpt-tiny", "--calibration", "{d}/nope.txt"],
+                                 r"--calibration .*nope.txt: no such"),
+    "missing eval text": (["zoo:gpt-tiny", "--eval", "--eval-text", "{d}/nope.txt"], r"--eval-text .*: no such file"),
+    "eval on meta": (["zoo:gpt-tiny", "--eval", "--device", "meta"], r"--eval needs real weights"),
+    "eval of an encoder": (["zoo:bert-tiny", "--static", "--eval"],
+                           r"--eval scores causal language models: this model returns \[2, 16, 64\]"),
+    "weights that do not fit": (["zoo:gpt-tiny", "--weights", "{d}/llama.safetensors"],
+                                r"llama.safetensors does not fit zoo gpt-tiny: missing \['transformer"),
+    "pickled weights": (["zoo:gpt-tiny", "--weights", "{d}/pickled.pt"], r"give a .safetensors file .*refused"),
+    "weights for an archive": (["{d}/model.pt2", "--weights", "trained"], r"--weights loads into zoo models only"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPRESSION_BAD_INPUTS))
+def test_compression_flags_refuse_bad_input_in_one_line(case, weight_files, capsys):
+    args, pattern = COMPRESSION_BAD_INPUTS[case]
+    assert main([a.replace("{d}", str(weight_files)) for a in args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bmc-opt: error: ") and re.search(pattern, lines[0]), captured.err
+    assert "Traceback" not in captured.err + captured.out
