@@ -387,7 +387,7 @@ def _dequantized(weight_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax int8 per row (token) of `x`, as integers held in x's dtype."""
     scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
-    return (x / scale).round().clamp(-127, 127), scale
+    return (x * scale.reciprocal()).round_().clamp_(-127, 127), scale
 
 
 @torch.library.custom_op("bmc::int8_linear", mutates_args=())
@@ -398,13 +398,23 @@ def int8_linear(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bi
     token with its own absmax scale, the product accumulated exactly on integers."""
     if act == "dynamic":
         xq, x_scale = _quantize_rows(x.float())
-        # integer products summed in fp32: exact while a row's sum stays under 2^24 (127 * 127 *
-        # in_features < 2^24 up to in_features = 1040; beyond, rounding of a large sum)
-        y = (xq @ weight_q.float().t()) * x_scale * scale.float().reshape(1, -1)
-        y = y.to(x.dtype)
+        y = _integer_matmul(xq, weight_q).mul_(x_scale).mul_(scale.float().reshape(1, -1))  # in place: the
+        y = y.to(x.dtype)  # epilogue passes over the output are what cost most at small widths
+        return y.add_(bias) if bias is not None else y
+    # the bias goes into the same addmm (a separate add costs a pass over the output)
+    return torch.nn.functional.linear(x, _dequantized(weight_q, scale, x.dtype), bias)
+
+
+def _integer_matmul(xq: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
+    """xq @ weight_q^T summed exactly in int32 (torch._int_mm, 2-3x faster than an fp32 matmul
+    on CPU), or in fp32 where no int8 kernel runs (exact while 127 * 127 * in_features < 2^24)."""
+    rows = xq.reshape(-1, xq.shape[-1])
+    if rows.device.type == "cpu" or (rows.is_cuda and rows.shape[0] > 16 and rows.shape[1] % 8 == 0
+                                     and weight_q.shape[0] % 8 == 0):
+        y = torch._int_mm(rows.to(torch.int8), weight_q.t()).float()
     else:
-        y = x @ _dequantized(weight_q, scale, x.dtype).t()
-    return y + bias if bias is not None else y
+        y = rows @ weight_q.float().t()
+    return y.reshape(*xq.shape[:-1], weight_q.shape[0])
 
 
 @int8_linear.register_fake
