@@ -63,7 +63,7 @@ class Row:
     perplexity: float
     relative: float  # perplexity / reference perplexity - 1
     cosine: float
-    params: int
+    weights: int  # parameters plus int8 weights (quantizing keeps the count, pruning lowers it)
     weight_bytes: int
 
 
@@ -84,22 +84,25 @@ def _module(model: Any) -> torch.nn.Module:
 def compare(reference: Any, candidates: dict[str, Any], held_out: EvalData, batch: int = 8) -> list[Row]:
     """The reference's row, then one per candidate, scored on the same held-out windows."""
     base = perplexity(reference, held_out, batch)
-    rows = [Row("original", base, 0.0, 1.0, _params(reference), weight_bytes(_module(reference)))]
+    rows = [Row("original", base, 0.0, 1.0, weight_count(reference), weight_bytes(_module(reference)))]
     for name, model in candidates.items():
         ppl = perplexity(model, held_out, batch)
-        rows.append(Row(name, ppl, ppl / base - 1, cosine(model, reference, held_out, batch), _params(model),
+        rows.append(Row(name, ppl, ppl / base - 1, cosine(model, reference, held_out, batch), weight_count(model),
                         weight_bytes(_module(model))))
     return rows
 
 
-def _params(model: Any) -> int:
-    return sum(p.numel() for p in {id(p): p for p in _module(model).parameters()}.values())
+def weight_count(model: Any) -> int:
+    """Parameters (tied ones once) plus int8 weight buffers: what the model computes with."""
+    module = _module(model)
+    int8 = [b for b in module.buffers() if b.dtype == torch.int8]
+    return sum(t.numel() for t in {id(t): t for t in (*module.parameters(), *int8)}.values())
 
 
 def format_table(rows: Sequence[Row], title: str = "") -> str:
-    header = f"{'model':<36} {'perplexity':>10} {'change':>8} {'cosine':>8} {'params':>11} {'weight bytes':>13}"
+    header = f"{'model':<36} {'perplexity':>10} {'change':>8} {'cosine':>8} {'weights':>11} {'weight bytes':>13}"
     lines = ([title] if title else []) + [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.name:<36} {r.perplexity:>10.4f} {r.relative * 100:>+7.2f}% {r.cosine:>8.5f} "
-                     f"{r.params:>11,} {r.weight_bytes:>13,}")
+                     f"{r.weights:>11,} {r.weight_bytes:>13,}")
     return "\n".join(lines) + "\n"
