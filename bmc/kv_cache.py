@@ -44,6 +44,7 @@ class CacheLayout:
     heads: tuple[int, ...]
     head_dims: tuple[int, ...]
     vocab: int
+    max_positions: int  # rows of the smallest position table: the longest sequence the model takes
 
     @property
     def layers(self) -> int:
@@ -88,6 +89,14 @@ def _rewrite_positions(gm: fx.GraphModule, positions: fx.Node) -> int:
             graph.erase_node(node)
             changed += 1
     return changed
+
+
+def _max_positions(gm: fx.GraphModule, positions: fx.Node) -> int:
+    """Rows of the tables the positions index (wpe, RoPE cos/sin): how far generation can go."""
+    rows = [gm.get_buffer(str(u.args[0].target)).shape[0] if str(u.args[0].target) in dict(gm.named_buffers())
+            else gm.get_parameter(str(u.args[0].target)).shape[0]
+            for u in positions.users if u.target is aten.embedding.default and u.args[0].op == "get_attr"]
+    return int(min(rows)) if rows else 1 << 30
 
 
 def _causal_mask(graph: fx.Graph, q: fx.Node, attention_mask: fx.Node) -> fx.Node:
@@ -139,7 +148,7 @@ def _rewrite_attention(gm: fx.GraphModule, attention_mask: fx.Node) -> tuple[lis
         kwargs = {"scale": args["scale"]} if args.get("scale") is not None else {}
         node.args, node.kwargs = (args["query"], keys, values, mask), kwargs
         presents += [keys, values]
-    return presents, CacheLayout(tuple(heads), tuple(dims), 0)
+    return presents, CacheLayout(tuple(heads), tuple(dims), 0, 0)
 
 
 def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
@@ -166,7 +175,8 @@ def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     step.recompile()
-    layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]))
+    layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]),
+                         _max_positions(step, positions))
     step.meta["bmc.kv_cache"] = layout
     return step, layout
 

@@ -1,0 +1,338 @@
+"""Lowering for the ort-paged backend: the decode step of a causal LM cut into parts (the
+embedding, one part per residual block, the head), each exported to ONNX with torch.onnx, its
+weights in a file of its own.
+
+Each part is a GraphModule of the step's nodes (bmc/kv_cache.py), exported by torch.onnx's
+dynamo exporter with `bmc::int8_linear` translated (custom_translation_table):
+
+- CPU: DynamicQuantizeLinear + MatMulInteger + the scales, the form ONNX Runtime's
+  quantize_dynamic emits and its optimizer fuses (DynamicQuantizeMatMul);
+- GPU providers: DequantizeLinear(axis=0) + MatMul (ONNX Runtime's integer ops fall back to the
+  CPU there).
+
+The exported initializers are written to `part-NN.bin` (64-byte aligned) and the graph twice:
+`part-NN.onnx` reads them as external data (resident blocks: ONNX Runtime folds, prepacks and
+fuses constant weights) and `part-NN.stream.onnx` takes them as inputs (streamed blocks: the
+runtime reads them into a swap slot and feeds them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+import bmc.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
+from bmc import ir
+from bmc.errors import BackendError
+from bmc.structure import structure_of
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+ALIGN = 64
+
+
+@dataclass
+class Part:
+    name: str  # "embed", a block's module path, or "head"
+    nodes: list[fx.Node]
+    inputs: list[fx.Node] = dataclasses.field(default_factory=list)
+    outputs: list[fx.Node] = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------ cutting the step
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def partition(step: fx.GraphModule, block_names: list[str]) -> list[Part]:
+    """Every computing node of the step in one part: the block its module lies in; before the
+    first block, the embedding; nodes outside blocks later on, the first part that reads them
+    (or the head)."""
+    names = ["embed", *block_names, "head"]
+    order = {name: i for i, name in enumerate(names)}
+    where: dict[fx.Node, int] = {}
+    seen_block = False
+    pending = []
+    for node in step.graph.nodes:
+        if node.op != "call_function":
+            continue
+        block = next((b for b in block_names if _within(ir.module_path(node), b)), None)
+        if block is not None:
+            where[node], seen_block = order[block], True
+        elif not seen_block:
+            where[node] = 0
+        else:
+            pending.append(node)
+    for node in reversed(pending):
+        readers = [where[u] for u in node.users if u in where]
+        where[node] = min(readers) if readers else len(names) - 1
+    parts = [Part(name, []) for name in names]
+    for node in step.graph.nodes:
+        if node in where:
+            parts[where[node]].nodes.append(node)
+    _connect(step, parts, where)
+    return [p for p in parts if p.nodes]
+
+
+def _connect(step: fx.GraphModule, parts: list[Part], where: dict[fx.Node, int]) -> None:
+    output = step.graph.output_node()
+    for index, part in enumerate(parts):
+        members = set(part.nodes)
+        for node in part.nodes:
+            for arg in node.all_input_nodes:
+                if arg in members or arg.op == "get_attr" or _is_size(arg):
+                    continue
+                if arg.op == "call_function" and where[arg] > index:
+                    raise BackendError(f"ort-paged: {node.name} in {part.name} reads {arg.name} computed later; "
+                                       f"the graph does not cut into parts in order")
+                if arg not in part.inputs:
+                    part.inputs.append(arg)
+    for index, part in enumerate(parts):
+        members = set(part.nodes)
+        for node in part.nodes:
+            later = any(u not in members and (u is output or where.get(u, -1) > index) for u in node.users)
+            if later and not _is_size(node):
+                part.outputs.append(node)
+
+
+def _is_size(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten.sym_size.int
+
+
+def part_module(step: fx.GraphModule, part: Part) -> fx.GraphModule:
+    """The part as its own GraphModule: its inputs as placeholders (by the step's node names),
+    sizes read off its own inputs, its outputs as a tuple."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in part.inputs:
+        env[node] = graph.placeholder(node.name)
+
+    def value(node: fx.Node) -> fx.Node:
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            env[node] = graph.get_attr(node.target)
+        elif _is_size(node):
+            env[node] = _size_from(graph, node, part, env)
+        else:
+            raise BackendError(f"ort-paged: part {part.name} reads {node.name}, which it has no input for")
+        return env[node]
+
+    for node in part.nodes:
+        env[node] = graph.node_copy(node, value)
+    graph.output(tuple(env[n] for n in part.outputs))
+    module = fx.GraphModule(step, graph, class_name="Part")
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _size_from(graph: fx.Graph, node: fx.Node, part: Part, env: dict) -> fx.Node:
+    """sym_size(x, d) of a tensor outside the part, re-read off an input of the part that has
+    the same size there: the same tensor if it is an input, else the first with that symbol."""
+    source, dim = node.args
+    if source in env:
+        return graph.call_function(aten.sym_size.int, (env[source], dim))
+    want = ir.tensor_val(source).shape[dim] if ir.tensor_val(source) is not None else None
+    for candidate in part.inputs:
+        val = ir.tensor_val(candidate)
+        for axis, size in enumerate(val.shape if val is not None else ()):
+            if want is not None and isinstance(size, torch.SymInt) and str(size) == str(want):
+                return graph.call_function(aten.sym_size.int, (env[candidate], axis))
+    raise BackendError(f"ort-paged: part {part.name} needs the size {node.name} and no input of it has that dim")
+
+
+# ------------------------------------------------------------------ example values
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, keep: set[fx.Node]):
+        super().__init__(module)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node in self.keep:
+            self.values[node] = result
+        return result
+
+
+def record(step: fx.GraphModule, parts: list[Part], inputs: tuple) -> dict[fx.Node, torch.Tensor]:
+    keep = {n for p in parts for n in (*p.inputs, *p.outputs)}
+    recorder = _Recorder(step, keep)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values
+
+
+# ------------------------------------------------------------------ ONNX
+
+
+def _int8_translation(gpu: bool):
+    from onnxscript import opset18 as op
+
+    def int8_linear_cpu(x, weight_q, scale, bias, act: str):
+        xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
+        y = op.MatMulInteger(xq, op.Transpose(weight_q, perm=[1, 0]), x_zero)
+        y = op.Mul(op.Cast(y, to=1), op.Mul(x_scale, scale))
+        return y if bias is None else op.Add(y, bias)
+
+    def int8_linear_gpu(x, weight_q, scale, bias, act: str):
+        weight = op.DequantizeLinear(weight_q, op.CastLike(scale, x), axis=0)
+        y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+        return y if bias is None else op.Add(y, bias)
+
+    return {torch.ops.bmc.int8_linear.default: int8_linear_gpu if gpu else int8_linear_cpu}
+
+
+def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tuple, gpu: bool = False):
+    """The part as an ONNX ModelProto; dims that differ between the two example runs are dynamic."""
+    from torch.export import Dim
+    dynamic = []
+    for a, b in zip(examples, other):
+        dims = {d: Dim.AUTO for d in range(a.dim()) if a.shape[d] != b.shape[d]}
+        dynamic.append(dims or None)
+    names = [n.name for n in part.inputs]
+    try:
+        program = torch.onnx.export(module, examples, dynamo=True, dynamic_shapes=tuple(dynamic),
+                                    input_names=names, output_names=[n.name for n in part.outputs],
+                                    custom_translation_table=_int8_translation(gpu), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx raises many kinds; one line names the part
+        raise BackendError(f"ort-paged: exporting part {part.name} to ONNX failed: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0][:200]}") from exc
+    return program.model_proto
+
+
+SMALL = 1024  # bytes: constants below this (shapes, slice bounds, scalars) stay in the graph, where
+# ONNX Runtime's shape inference reads them; everything larger is a weight and is paged
+
+
+def split_weights(model, weight_path: str) -> list[dict]:
+    """Move the model's weights (initializers of SMALL bytes or more) into one aligned raw file;
+    their table (name, dtype, shape, offset, nbytes)."""
+    from onnx import numpy_helper
+    from bmc.serialize import atomic_write
+    table, chunks, offset = [], [], 0
+    for init in model.graph.initializer:
+        if _nbytes(init) < SMALL:
+            continue
+        array = np.ascontiguousarray(numpy_helper.to_array(init))
+        pad = (-offset) % ALIGN
+        chunks.append(b"\0" * pad)
+        offset += pad
+        data = array.tobytes()
+        table.append({"name": init.name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
+                      "nbytes": len(data), "onnx_type": init.data_type})
+        chunks.append(data)
+        offset += len(data)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+    atomic_write(weight_path, write)
+    return table
+
+
+def _nbytes(init) -> int:
+    from onnx import helper
+    count = 1
+    for d in init.dims:
+        count *= d
+    return count * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
+def _keep_small(proto, table: list[dict]) -> None:
+    paged = {entry["name"] for entry in table}
+    kept = [init for init in proto.graph.initializer if init.name not in paged]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+
+
+def resident_form(model, table: list[dict], weight_file: str):
+    """The graph with its initializers as external data in `weight_file` (offset, length)."""
+    import onnx
+    resident = onnx.ModelProto()
+    resident.CopyFrom(model)
+    _keep_small(resident, table)
+    for entry in table:
+        init = resident.graph.initializer.add()
+        init.name, init.data_type = entry["name"], entry["onnx_type"]
+        init.dims.extend(entry["shape"])
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", weight_file), ("offset", str(entry["offset"])), ("length", str(entry["nbytes"]))):
+            item = init.external_data.add()
+            item.key, item.value = key, val
+    return resident
+
+
+def streamed_form(model, table: list[dict]):
+    """The graph with its initializers as inputs (fed from a swap slot at run time)."""
+    import onnx
+    streamed = onnx.ModelProto()
+    streamed.CopyFrom(model)
+    _keep_small(streamed, table)
+    for entry in table:
+        streamed.graph.input.append(onnx.helper.make_tensor_value_info(entry["name"], entry["onnx_type"],
+                                                                       entry["shape"]))
+    return streamed
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_proto(model, path: str) -> None:
+    from bmc.serialize import atomic_write
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(model.SerializeToString()))
+
+
+def block_names(gm: fx.GraphModule) -> list[str]:
+    blocks = structure_of(gm).blocks
+    if not blocks:
+        raise BackendError("ort-paged pages residual blocks, and the structure analysis found none in this model")
+    return [b.name for b in blocks]
+
+
+def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None) -> dict:
+    """Write the parts of `gm`'s decode step to `directory`; the manifest's `parts` entries."""
+    from bmc import kv_cache
+    names = block_names(gm)
+    step, layout = kv_cache.decode_step(gm)
+    parts = partition(step, names)
+    small = record(step, parts, kv_cache.example_step_inputs(layout, batch=2, new=3, past=2))
+    other = record(step, parts, kv_cache.example_step_inputs(layout, batch=3, new=4, past=5))
+    entries = []
+    os.makedirs(directory, exist_ok=True)
+    for index, part in enumerate(parts):
+        module = part_module(step, part)
+        proto = export_part(module, part, tuple(small[n] for n in part.inputs), tuple(other[n] for n in part.inputs),
+                            gpu=gpu)
+        stem = f"part-{index:02d}"
+        table = split_weights(proto, os.path.join(directory, stem + ".bin"))
+        save_proto(resident_form(proto, table, stem + ".bin"), os.path.join(directory, stem + ".onnx"))
+        save_proto(streamed_form(proto, table), os.path.join(directory, stem + ".stream.onnx"))
+        entries.append({"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
+                        "stem": stem, "inputs": [n.name for n in part.inputs], "outputs": [n.name for n in part.outputs],
+                        "weights": table, "weight_bytes": sum(t["nbytes"] for t in table)})
+        if progress is not None:
+            progress(index + 1, len(parts), part.name)
+    step_outputs = [n.name for n in step.graph.output_node().args[0]]
+    tokens = 2 * 3  # the first example's batch x new tokens
+    widest = max(v.numel() // tokens for v in small.values() if isinstance(v, torch.Tensor) and v.dim() >= 2
+                 and v.shape[0] == 2 and v.numel() % tokens == 0)
+    return {"parts": entries, "outputs": step_outputs, "layout": dataclasses.asdict(layout),
+            "inputs": [n.name for n in step.graph.find_nodes(op="placeholder")],
+            "max_len": layout.max_positions, "widest_per_token": int(widest)}
