@@ -29,4 +29,4 @@ def get_backend(name: str) -> Callable:
 
 
 def _load_builtin() -> None:
-    from bmc.backends import torch_backend  # noqa: F401
+    from bmc.backends import ort_paged, torch_backend  # noqa: F401

@@ -359,3 +359,26 @@ def load(directory: str, **options) -> PagedProgram:
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     return PagedProgram(directory, manifest, **options)
+
+
+def _register() -> None:
+    from bmc.backends import register_backend
+
+    @register_backend("ort-paged")
+    def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
+              providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None):
+        """Build `gm` for ONNX Runtime into `directory` (a temporary one when None; `prog.save`
+        keeps it) and serve it under `budget` bytes."""
+        import tempfile
+        if context.world_size != 1:
+            raise BackendError("ort-paged serves on one process: compile with world_size=1")
+        if budget is not None and budget <= 0:
+            raise BackendError(f"budget must be a positive number of bytes, got {budget}")
+        gpu = any(p != "CPUExecutionProvider" for p in (providers or []) if isinstance(p, str))
+        target = directory or tempfile.mkdtemp(prefix="bmc-ort-")
+        build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu)
+        return load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads, batch=batch,
+                    max_len=max_len)
+
+
+_register()

@@ -90,13 +90,21 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
                           verify=verify, instruments=instruments)
     if len(manager.pipeline):
         gm = manager.run(gm).graph_module
+    context.settings = {**context.settings, "pipeline": str(manager.pipeline)}
     program = lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
     return program
 
 
-def load(path: str) -> Program:
-    """Read a program written by `Program.save` or `bmc-opt -o` (a .pt2 archive)."""
+def load(path: str, **options):
+    """Read a program written by `Program.save` or `bmc-opt -o`: a .pt2 archive, or a directory
+    built by the ort-paged backend (options: budget, prefetch, threads, ... as for serving)."""
+    import os
+    if os.path.isdir(path):
+        from bmc.backends.ort_paged import load as load_paged
+        return load_paged(path, **options)
+    if options:
+        raise BmcError(f"options {sorted(options)} are for ort-paged directories; {path} is a .pt2 archive")
     from bmc.serialize import load_pt2
     gm, meta = load_pt2(path)
     return Program(gm, backend="torch", context=PassContext(), pipeline=meta.get("pipeline", ""))

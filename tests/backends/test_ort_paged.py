@@ -1,0 +1,114 @@
+"""ort-paged: the ONNX Runtime build equals the torch backend (fp32 within 1e-4, int8 within the
+int8 pass's bound), greedy generation gives the torch reference's tokens, streamed blocks give
+what resident ones give, and a damaged or under-budgeted build is refused before it runs."""
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bmc
+from bmc import zoo
+from bmc.backends import ort_paged
+from bmc.errors import BackendError
+
+
+def _torch_greedy(prog, prompt, steps):
+    x = torch.tensor([prompt])
+    for _ in range(steps):
+        x = torch.cat([x, prog(x)[:, -1].argmax(-1, keepdim=True)], 1)
+    return x[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=["gpt-tiny", "llama-tiny"])
+def built(request, tmp_path_factory):
+    import dataclasses
+    torch.manual_seed(0)  # 3 blocks: more than the 2 swap slots, so a tight budget streams them
+    model = zoo.build(dataclasses.replace(zoo.config(request.param), n_layer=3)).eval()
+    reference = bmc.compile(copy.deepcopy(model), example_inputs=model.example_inputs(), dynamic=True)
+    directory = str(tmp_path_factory.mktemp(request.param))
+    served = bmc.compile(copy.deepcopy(model), example_inputs=model.example_inputs(), dynamic=True,
+                         backend="ort-paged", directory=directory)
+    return reference, served, directory
+
+
+def test_outputs_and_greedy_tokens_equal_the_torch_backend(built):
+    reference, served, _ = built
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(served(ids), reference(ids).detach(), atol=1e-4, rtol=1e-4)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]  # a batch of different lengths: left-padded
+    assert served.generate(prompts, 32) == [_torch_greedy(reference, p, 32) for p in prompts]
+
+
+def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
+    _, served, directory = built
+    manifest = served.manifest
+    blocks = [p["weight_bytes_file"] for p in manifest["parts"] if p["kind"] == "block"]
+    fixed = sum(p["weight_bytes_file"] for p in manifest["parts"] if p["kind"] != "block")
+    reserve = ort_paged.reserved_bytes(manifest, 1, 48)
+    budget = fixed + 2 * max(blocks) + reserve  # room for the swap slots only: every block streams
+    for prefetch in (True, False):
+        paged = bmc.load(directory, budget=budget, max_len=48, prefetch=prefetch)
+        assert paged.plan.streamed and not paged.plan.resident and paged.plan.weight_bytes <= budget - reserve
+        assert paged.generate([[7, 7, 1]], 12) == served.generate([[7, 7, 1]], 12)
+        assert paged.runtime.streamer.bytes_read > 0
+    needed = fixed + 2 * max(blocks) + reserve
+    with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
+        bmc.load(directory, budget=needed - 1, max_len=48)
+
+
+def test_residency_spreads_kept_blocks_evenly():
+    plan = ort_paged.plan_residency([10] * 8, fixed_bytes=5, budget=5 + 2 * 10 + 40, reserved=0)
+    assert plan.resident == (0, 2, 5, 7) and plan.streamed == (1, 3, 4, 6)
+    assert ort_paged.plan_residency([10] * 4, 5, None).streamed == ()
+
+
+def test_int8_build_stays_within_the_int8_bound(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.build("gpt-tiny").eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    fp32 = model(ids).detach()
+    served = bmc.compile(copy.deepcopy(model), passes="quant-int8", example_inputs=model.example_inputs(),
+                         dynamic=True, backend="ort-paged", directory=str(tmp_path / "int8"))
+    assert served.manifest["quantized"]
+    error = ((served(ids) - fp32).norm() / fp32.norm()).item()
+    assert error < 0.01, error  # the quant-int8 pass's stated bound against fp32
+    fp32_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "c_attn" in n or "c_fc" in n or "c_proj" in n)
+    int8_bytes = sum(t["nbytes"] for p in served.manifest["parts"] for t in p["weights"] if t["dtype"] == "|i1")
+    assert int8_bytes <= 0.26 * fp32_bytes
+
+
+def test_a_saved_build_loads_in_a_fresh_process_and_damage_is_caught(built, tmp_path):
+    _, served, _ = built
+    saved = str(tmp_path / "served")
+    served.save(saved)
+    code = ("import bmc, json; p = bmc.load(%r); print(json.dumps(p.generate([[1, 2, 3]], 8)))" % saved)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(served.generate([[1, 2, 3]], 8)).replace("'", '"')
+    weights = os.path.join(saved, "part-01.bin")
+    data = bytearray(open(weights, "rb").read())
+    data[100] ^= 0xFF
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(ort_paged.ArtifactError, match="part-01.bin does not match its checksum"):
+        bmc.load(saved)
+    os.remove(weights)
+    with pytest.raises(ort_paged.ArtifactError, match="part-01.bin is missing"):
+        bmc.load(saved)
+    with pytest.raises(ort_paged.ArtifactError, match="manifest.json is missing"):
+        bmc.load(str(tmp_path))
+
+
+def test_sampling_is_seeded_and_stops_at_eos(built):
+    _, served, _ = built
+    a = served.generate([[5, 6, 7]], 10, temperature=1.0, top_k=20, seed=3)
+    assert a == served.generate([[5, 6, 7]], 10, temperature=1.0, top_k=20, seed=3)
+    first = served.generate([[5, 6, 7]], 1)[0][0]
+    assert served.generate([[5, 6, 7]], 10, eos=first) == [[first]]
+    streamed = [tokens for tokens in served.generate([[5, 6, 7], [1]], 4, stream=True)]
+    assert len(streamed) == 4 and all(len(t) == 2 for t in streamed)
+    with pytest.raises(bmc.BmcError, match="exceeds the model's 64 positions"):
+        served.generate([[1] * 60], 10)
