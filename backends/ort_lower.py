@@ -17,10 +17,13 @@ runtime reads them into a swap slot and feeds them).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,6 +196,19 @@ def _int8_translation(gpu: bool):
     return {torch.ops.bmc.int8_linear.default: int8_linear_gpu if gpu else int8_linear_cpu}
 
 
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """torch.onnx logs a warning per missing torchvision op on every export: not ours to show."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tuple, gpu: bool = False):
     """The part as an ONNX ModelProto; dims that differ between the two example runs are dynamic."""
     from torch.export import Dim
@@ -201,10 +217,14 @@ def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tupl
         dims = {d: Dim.AUTO for d in range(a.dim()) if a.shape[d] != b.shape[d]}
         dynamic.append(dims or None)
     names = [n.name for n in part.inputs]
+    chatter = io.StringIO()  # torch.onnx prints its progress and warns about training mode
     try:
-        program = torch.onnx.export(module, examples, dynamo=True, dynamic_shapes=tuple(dynamic),
-                                    input_names=names, output_names=[n.name for n in part.outputs],
-                                    custom_translation_table=_int8_translation(gpu), verbose=False)
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, examples, dynamo=True, dynamic_shapes=tuple(dynamic),
+                                        input_names=names, output_names=[n.name for n in part.outputs],
+                                        custom_translation_table=_int8_translation(gpu), verbose=False)
+        log.debug("torch.onnx on %s: %s", part.name, chatter.getvalue())
     except Exception as exc:  # noqa: BLE001 - torch.onnx raises many kinds; one line names the part
         raise BackendError(f"ort-paged: exporting part {part.name} to ONNX failed: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[0][:200]}") from exc

@@ -1,6 +1,18 @@
-"""`python -m bmc ...` runs bmc-opt."""
+"""`bmc run DIR ...` / `python -m bmc run DIR ...` serves an ort-paged build (bmc/serve.py);
+`python -m bmc ...` otherwise runs bmc-opt."""
 import sys
 
-from bmc.cli import main
 
-sys.exit(main())
+def entry() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        from bmc.serve import main as serve
+        return serve(sys.argv[2:])
+    if sys.argv[0].endswith("bmc") and len(sys.argv) > 1 and sys.argv[1] not in ("run",):
+        sys.stderr.write("bmc: the command is `bmc run DIR --prompt TEXT` (bmc-opt plans and builds)\n")
+        return 2
+    from bmc.cli import main
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verification after each pass")
     p.add_argument("--reproducer", metavar="DIR", help="on a pass failure, write input graph + pipeline to DIR")
     p.add_argument("--run-reproducer", metavar="DIR", help="rerun a reproducer written by --reproducer")
-    p.add_argument("-o", "--output", metavar="OUT.pt2", help="write the transformed graph as a .pt2 archive")
+    p.add_argument("-o", "--output", metavar="OUT.pt2|DIR",
+                   help="write the transformed graph as a .pt2 archive (torch backend) or, with --backend=ort-paged, "
+                        "a directory that `bmc run DIR` serves")
+    p.add_argument("--backend", choices=["torch", "ort-paged"], default="torch",
+                   help="what -o writes: a .pt2 archive (torch) or an ONNX Runtime build with paged blocks")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     return p
 
@@ -124,8 +128,13 @@ def _check_args(args) -> None:
     if args.world_size % (args.tp * args.pp):
         raise UsageError(f"world size {args.world_size} is not divisible by tp*pp = {args.tp * args.pp}; "
                          f"pick degrees whose product divides it")
-    if args.output and not args.output.endswith(".pt2"):
-        raise UsageError(f"-o {args.output}: the output is a torch.export archive and must end in .pt2")
+    if args.backend == "ort-paged" and not args.output:
+        raise UsageError("--backend=ort-paged builds a directory: give it with -o DIR")
+    if args.output and args.backend == "torch" and not args.output.endswith(".pt2"):
+        raise UsageError(f"-o {args.output}: the output is a torch.export archive and must end in .pt2 "
+                         f"(or add --backend=ort-paged to build a served directory)")
+    if args.output and args.backend == "ort-paged" and os.path.isfile(args.output):
+        raise UsageError(f"-o {args.output} is a file; --backend=ort-paged writes a directory")
     if args.output and args.device == "meta":
         raise UsageError("-o needs real weights: drop --device meta (or use --device cpu)")
     if args.measure and args.device == "meta":
@@ -523,11 +532,43 @@ def run(argv: Sequence[str] | None, out) -> int:
     for instrument in (timing, stats):
         if instrument:
             out.write("\n" + instrument.format())
-    if args.output:
+    if args.output and args.backend == "ort-paged":
+        _build_paged(gm, args.output, str(pipeline), out)
+    elif args.output:
         from bmc.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
         out.write(f"\nwrote {args.output}\n")
     return 0
+
+
+def _build_paged(gm, directory: str, pipeline: str, out) -> None:
+    """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
+    import shutil
+    import tempfile
+    from bmc.backends import ort_paged
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".bmc-build-", dir=parent)
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int, name: str) -> None:
+        if show:
+            sys.stderr.write(f"\rbmc-opt: lowering part {done}/{total} ({name})\x1b[K")
+            sys.stderr.flush()
+    try:
+        manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if show:
+            sys.stderr.write("\n")
+    weights = sum(p["weight_bytes"] for p in manifest["parts"])
+    out.write(f"\nwrote {directory}: {len(manifest['parts'])} parts ({len(manifest['blocks'])} blocks), "
+              f"{weights:,} bytes of weights; serve it with: bmc run {directory} --prompt TEXT\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

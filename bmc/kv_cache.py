@@ -20,6 +20,7 @@ it into parts and lowers each.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -155,7 +156,9 @@ def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     """The decode-step graph of a traced causal LM (see the module doc) and its cache layout.
     New nodes carry no `val` meta: the step runs as it is, and the ort-paged lowering traces
     each part of it again."""
-    step = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # deep-copying export's pytree specs warns from inside torch
+        warnings.simplefilter("ignore", FutureWarning)
+        step = copy.deepcopy(gm)
     graph = step.graph
     ids = _token_input(step)
     with graph.inserting_after(ids):

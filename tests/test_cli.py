@@ -246,3 +246,20 @@ def test_compression_flags_refuse_bad_input_in_one_line(case, weight_files, caps
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bmc-opt: error: ") and re.search(pattern, lines[0]), captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
+    from bmc import serve
+    out_dir = tmp_path / "served"
+    assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
+    assert "serve it with: bmc run" in capsys.readouterr().out
+    assert (out_dir / "manifest.json").exists() and not list(tmp_path.glob(".bmc-build-*"))
+    assert serve.main([str(out_dir), "--prompt", "def ", "--max-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "2 blocks resident" in captured.err and "5 tokens in" in captured.err
+    assert serve.main([str(out_dir), "--prompt", "x", "--budget", "10K"]) == 2
+    assert "give --budget" in capsys.readouterr().err
+    assert serve.main([str(tmp_path), "--prompt", "x"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+    assert main(["zoo:gpt-tiny", "--backend=ort-paged"]) == 2
+    assert "give it with -o DIR" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""`bmc run DIR --prompt TEXT`: serve an ort-paged build from the command line.
+
+    bmc run served/ --prompt "def main(" --max-tokens 64 --budget 40M
+    python -m bmc run served/ --prompt-ids 1,2,3 --temperature 0.8 --top-k 40
+
+Byte-level models (a 256-token vocabulary, as the zoo's) read the prompt as UTF-8 bytes and
+print what they generate as text, token by token; others take --prompt-ids and print ids.
+A status line on stderr shows the residency plan and the tokens per second. Errors are one
+line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Sequence
+
+from bmc.errors import BmcError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+class ServeUsageError(BmcError):
+    """A bad `bmc run` command line."""
+
+
+def parse_bytes(text: str) -> int:
+    """'40M', '1.5G', '123456' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ServeUsageError(f"--budget {text!r}: give bytes, optionally with K, M or G (e.g. 40M)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ServeUsageError(f"{message} (see bmc run --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bmc run", description="Generate with an ort-paged build (bmc-opt --backend=ort-paged -o DIR).")
+    p.add_argument("directory", help="the build directory")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    text.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--budget", help="bytes of weights, KV cache and activations to hold (e.g. 40M; default: all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos", type=int, default=None, help="stop a prompt at this token id")
+    p.add_argument("--no-prefetch", action="store_true", help="read streamed blocks without overlapping compute")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    return p
+
+
+def _prompts(args, vocab: int) -> list[list[int]]:
+    if args.prompt_ids:
+        try:
+            prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+        except ValueError:
+            raise ServeUsageError("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ServeUsageError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        return prompts
+    if vocab != 256:
+        raise ServeUsageError(f"this model's vocabulary has {vocab} tokens, not bytes: give --prompt-ids")
+    return [list(p.encode("utf-8")) for p in args.prompt]
+
+
+def run(argv: Sequence[str] | None, out, err) -> int:
+    import bmc
+    args = build_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        raise ServeUsageError("--max-tokens must be >= 1")
+    budget = parse_bytes(args.budget) if args.budget else None
+    started = time.perf_counter()
+    prompts_len = None
+    prog = bmc.load(args.directory, budget=budget, prefetch=not args.no_prefetch, threads=args.threads)
+    vocab = prog.manifest["layout"]["vocab"]
+    prompts = _prompts(args, vocab)
+    prompts_len = max(len(p) for p in prompts)
+    plan = prog.plan
+    err.write(f"bmc run: {prog.manifest['model']} ({prog.manifest['pipeline'] or 'no passes'}), "
+              f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed, "
+              f"{plan.weight_bytes:,} bytes of weights held; loaded in {time.perf_counter() - started:.1f}s\n")
+    as_text = args.prompt is not None
+    pending = [bytearray() for _ in prompts]
+    start, count = time.perf_counter(), 0
+    for tokens in prog.generate(prompts, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                seed=args.seed, eos=args.eos, stream=True):
+        count += sum(t is not None for t in tokens)
+        if len(prompts) == 1 and tokens[0] is not None:  # one prompt: show it as it comes
+            out.write(bytes([tokens[0]]).decode("utf-8", "replace") if as_text else f"{tokens[0]} ")
+            out.flush()
+        for row, token in enumerate(tokens):
+            if token is not None:
+                pending[row].append(token) if as_text else pending[row].extend(str(token).encode() + b" ")
+    seconds = time.perf_counter() - start
+    if len(prompts) > 1:
+        for row, text in enumerate(pending):
+            out.write(f"[{row}] {text.decode('utf-8', 'replace')}\n")
+    else:
+        out.write("\n")
+    err.write(f"bmc run: {count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s, "
+              f"prompt of {prompts_len})\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv, sys.stdout, sys.stderr)
+    except BmcError as exc:
+        sys.stderr.write(f"bmc run: error: {' '.join(str(exc).split())}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("bmc run: interrupted\n")
+        return 130
