@@ -100,12 +100,14 @@ def _max_positions(gm: fx.GraphModule, positions: fx.Node) -> int:
     return int(min(rows)) if rows else 1 << 30
 
 
-def _causal_mask(graph: fx.Graph, q: fx.Node, attention_mask: fx.Node) -> fx.Node:
-    """[B, 1, T, S] bool: slot j visible to query i (slot S - T + i) when j <= S - T + i and
-    attention_mask[b, j], or when j is the query's own slot."""
+def _causal_mask(graph: fx.Graph, ids: fx.Node, attention_mask: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """[B, 1, T, S] additive mask (0 or -inf): slot j visible to query i (slot S - T + i) when
+    j <= S - T + i and attention_mask[b, j], or when j is the query's own slot. Built once for
+    every layer; additive rather than boolean so the attention needs no guard for a fully
+    masked row (there is none), which ONNX exports of boolean masks add."""
     call = graph.call_function
     total = call(aten.sym_size.int, (attention_mask, 1))
-    new = call(aten.sym_size.int, (q, 2))
+    new = call(aten.sym_size.int, (ids, 1))
     slots = call(aten.arange.default, (total,), {"device": torch.device("cpu")})
     offset = call(aten.sub.Tensor, (call(aten.arange.default, (new,), {"device": torch.device("cpu")}), new))
     query_slot = call(aten.unsqueeze.default, (call(aten.add.Tensor, (offset, total)), 1))  # [T, 1]
@@ -113,7 +115,9 @@ def _causal_mask(graph: fx.Graph, q: fx.Node, attention_mask: fx.Node) -> fx.Nod
     own = call(aten.eq.Tensor, (slots, query_slot))
     valid = call(aten.unsqueeze.default, (call(aten.ne.Scalar, (attention_mask, 0)), 1))  # [B, 1, S]
     visible = call(aten.logical_or.default, (call(aten.logical_and.default, (earlier, valid)), own))
-    return call(aten.unsqueeze.default, (visible, 1))
+    blocked = call(aten.masked_fill.Scalar, (call(aten.zeros_like.default, (visible,), {"dtype": dtype}),
+                                              call(aten.logical_not.default, (visible,)), float("-inf")))
+    return call(aten.unsqueeze.default, (blocked, 1))
 
 
 def _named_sdpa(node: fx.Node) -> dict:
@@ -123,13 +127,23 @@ def _named_sdpa(node: fx.Node) -> dict:
     return found
 
 
-def _rewrite_attention(gm: fx.GraphModule, attention_mask: fx.Node) -> tuple[list[fx.Node], CacheLayout]:
+def _rewrite_attention(gm: fx.GraphModule, ids: fx.Node, attention_mask: fx.Node) -> tuple[list[fx.Node], CacheLayout]:
     graph = gm.graph
     sites = list(graph.find_nodes(op="call_function", target=SDPA))
     if not sites:
         raise CacheError("the graph has no scaled_dot_product_attention to give a KV cache")
-    presents, heads, dims = [], [], []
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
+    caches = []
+    for index in range(len(sites)):
+        with graph.inserting_after(last_placeholder):
+            past_k = graph.placeholder(f"past_k_{index}")
+        with graph.inserting_after(past_k):
+            past_v = graph.placeholder(f"past_v_{index}")
+        caches.append((past_k, past_v))
+        last_placeholder = past_v
+    with graph.inserting_before(last_placeholder.next):  # once, before the first layer: every layer reads it
+        mask = _causal_mask(graph, ids, attention_mask, ir.tensor_val(_named_sdpa(sites[0])["query"]).dtype)
+    presents, heads, dims = [], [], []
     for index, node in enumerate(sites):
         args = _named_sdpa(node)
         if not args.get("is_causal") or args.get("attn_mask") is not None or args.get("enable_gqa"):
@@ -138,14 +152,10 @@ def _rewrite_attention(gm: fx.GraphModule, attention_mask: fx.Node) -> tuple[lis
         k_val = ir.tensor_val(args["key"])
         heads.append(int(k_val.shape[1]))
         dims.append(int(k_val.shape[3]))
-        with graph.inserting_after(last_placeholder):
-            past_v = graph.placeholder(f"past_v_{index}")
-            past_k = graph.placeholder(f"past_k_{index}")
-        last_placeholder = past_v
+        past_k, past_v = caches[index]
         with graph.inserting_before(node):
             keys = graph.call_function(aten.cat.default, ([past_k, args["key"]], 2))
             values = graph.call_function(aten.cat.default, ([past_v, args["value"]], 2))
-            mask = _causal_mask(graph, args["query"], attention_mask)
         kwargs = {"scale": args["scale"]} if args.get("scale") is not None else {}
         node.args, node.kwargs = (args["query"], keys, values, mask), kwargs
         presents += [keys, values]
@@ -168,7 +178,7 @@ def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     if not _rewrite_positions(step, positions):
         raise CacheError("found no position source (arange over the sequence, or a slice of a position table) "
                          "to feed position_ids into; this model's positions cannot follow a cache")
-    presents, layout = _rewrite_attention(step, attention_mask)
+    presents, layout = _rewrite_attention(step, ids, attention_mask)
     output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
     output.args = ((logits, *presents),)

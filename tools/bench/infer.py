@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Inference benchmark: the ort-paged backend under a memory budget, and its int8 build against
+ONNX Runtime's own quantize_dynamic, in one run.
+
+    OMP_NUM_THREADS=1 python tools/bench/infer.py
+
+1. Paging (a GPT of 8 blocks x width 512, ~100 MB of fp32 block weights, random init): each
+   configuration serves in a fresh subprocess (batch of prompts, greedy generation), whose peak
+   RSS is read from outside (os.wait4's ru_maxrss); the fixed overhead is the peak RSS of a
+   process that imports the same runtime and loads nothing. Budget 30% of the weight bytes with
+   prefetch on and off, against the fully resident build.
+2. int8 (the trained gpt-mini): latency of a forward of batch x seq token ids, and the output
+   error against the fp32 torch model, for bmc's int8 build, ONNX Runtime's
+   quantize_dynamic(per_channel=True) of the fp32 ONNX export, and the fp32 ONNX build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+try:
+    import bmc.passes  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+    import bmc
+    bmc.__path__.append(str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import bmc  # noqa: E402
+from bmc import trained, zoo  # noqa: E402
+
+PAGING_MODEL = zoo.GPTConfig(n_layer=8, n_head=8, n_embd=512, vocab_size=256, block_size=256)
+
+CHILD = r"""
+import json, sys, time
+import bmc
+args = json.loads(sys.argv[1])
+if args.get("baseline"):
+    import onnxruntime, numpy  # the runtime's own footprint, nothing loaded
+    print(json.dumps({}))
+    sys.exit(0)
+prog = bmc.load(args["dir"], budget=args["budget"], prefetch=args["prefetch"], batch=args["batch"],
+                max_len=args["max_len"], threads=args["threads"])
+prompts = [[(7 * r + i) % 256 for i in range(args["prompt"])] for r in range(args["batch"])]
+prog.generate(prompts, 2)  # warm up
+start = time.perf_counter()
+out = prog.generate(prompts, args["tokens"])
+seconds = time.perf_counter() - start
+print(json.dumps({"tokens_per_s": args["batch"] * args["tokens"] / seconds, "resident": len(prog.plan.resident),
+                  "streamed": len(prog.plan.streamed), "held": prog.plan.weight_bytes,
+                  "reserved": prog.runtime.reserved, "read": prog.runtime.streamer.bytes_read, "out": out}))
+"""
+
+
+def serve_in_child(config: dict) -> dict:
+    """Run one configuration in a fresh process; its output and its peak RSS (bytes)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child failed: {err[-1500:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss"] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    return result
+
+
+def paging(args) -> list[str]:
+    torch.manual_seed(0)
+    model = zoo.build(PAGING_MODEL).eval()
+    directory = tempfile.mkdtemp(prefix="bmc-infer-")
+    start = time.perf_counter()
+    bmc.compile(model, example_inputs=model.example_inputs(), dynamic=True, backend="ort-paged", directory=directory)
+    build_s = time.perf_counter() - start
+    manifest = json.load(open(os.path.join(directory, "manifest.json")))
+    files = sum(os.path.getsize(os.path.join(directory, p["stem"] + ".bin")) for p in manifest["parts"])
+    budget = int(0.3 * files)
+    common = dict(dir=directory, batch=args.batch, prompt=args.prompt, tokens=args.tokens, threads=args.threads,
+                  max_len=args.prompt + args.tokens + 2)
+    baseline = serve_in_child({"baseline": True})["peak_rss"]
+    runs = {}
+    for _ in range(args.repeat):  # interleaved, so drift on the VM hits every configuration alike
+        for name, budget_, prefetch in (("resident", None, True), ("budget 30%, prefetch", budget, True),
+                                        ("budget 30%, no prefetch", budget, False)):
+            runs.setdefault(name, []).append(serve_in_child({**common, "budget": budget_, "prefetch": prefetch}))
+    lines = [f"paging: GPT 8 x 512 (random init), weight files {files:,} bytes, budget {budget:,} (30%), "
+             f"batch {args.batch}, prompt {args.prompt}, {args.tokens} new tokens, {args.threads} ORT thread(s), "
+             f"build {build_s:.0f} s; fixed overhead (python + onnxruntime + bmc imported) {baseline / 2**20:.1f} MiB",
+             "| build | resident / streamed | tokens/s (median) | x resident | peak RSS | RSS - overhead | "
+             "bound: budget + overhead | same tokens |", "|---|---|---|---|---|---|---|---|"]
+    base_tps = statistics.median(r["tokens_per_s"] for r in runs["resident"])
+    reference = runs["resident"][0]["out"]
+    for name, results in runs.items():
+        tps = statistics.median(r["tokens_per_s"] for r in results)
+        peak = max(r["peak_rss"] for r in results)
+        first = results[0]
+        bound = (first["held"] + first["reserved"] + baseline) if name != "resident" else None
+        lines.append(f"| {name} | {first['resident']} / {first['streamed']} | {tps:.1f} | {tps / base_tps:.2f}x | "
+                     f"{peak / 2**20:.1f} MiB | {(peak - baseline) / 2**20:.1f} MiB | "
+                     f"{(budget + baseline) / 2**20:.1f} MiB{' (met)' if bound and peak <= budget + baseline else ''} | "
+                     f"{all(r['out'] == reference for r in results)} |")
+    return lines
+
+
+def _ort_session(path: str, threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _latency(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def int8_against_quantize_dynamic(args) -> list[str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    model = trained.load("gpt-mini")
+    ids = torch.randint(0, 256, (args.int8_batch, args.int8_seq), generator=torch.Generator().manual_seed(0))
+    want = model(ids).detach()
+    work = tempfile.mkdtemp(prefix="bmc-int8-")
+    fp32_onnx, quantized_onnx = os.path.join(work, "fp32.onnx"), os.path.join(work, "int8.onnx")
+    torch.onnx.export(model, (ids,), fp32_onnx, dynamo=True, dynamic_shapes=({0: torch.export.Dim.AUTO,
+                                                                              1: torch.export.Dim.AUTO},))
+    quantize_dynamic(fp32_onnx, quantized_onnx, per_channel=True, weight_type=QuantType.QInt8)
+    ort_int8 = _ort_session(quantized_onnx, args.threads)
+    feed = {ort_int8.get_inputs()[0].name: ids.numpy()}
+    builds = {}
+    for name, passes in (("bmc fp32 build", ""), ("bmc int8 build", "quant-int8")):
+        builds[name] = bmc.compile(model, passes=passes or [],
+                                   example_inputs=model.example_inputs(), dynamic=True, backend="ort-paged",
+                                   directory=os.path.join(work, name.replace(" ", "-")), threads=args.threads)
+    runners = {"bmc int8 build": lambda: builds["bmc int8 build"](ids.numpy()),
+               "ORT quantize_dynamic(per_channel)": lambda: ort_int8.run(None, feed)[0],
+               "bmc fp32 build": lambda: builds["bmc fp32 build"](ids.numpy())}
+    times = {name: [] for name in runners}
+    for _ in range(args.runs):  # interleaved rounds
+        for name, fn in runners.items():
+            times[name].append(_latency(fn, 1))
+    errors = {name: float(np.linalg.norm(fn() - want.numpy()) / np.linalg.norm(want.numpy()))
+              for name, fn in runners.items()}
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    anchor, fp32 = ms["ORT quantize_dynamic(per_channel)"], ms["bmc fp32 build"]
+    lines = [f"int8: trained gpt-mini, forward of {args.int8_batch} x {args.int8_seq} ids, median of {args.runs} "
+             f"interleaved rounds, {args.threads} ORT thread(s)",
+             "| build | latency | x quantize_dynamic | x fp32 build | relative error vs torch fp32 |",
+             "|---|---|---|---|---|"]
+    for name in runners:
+        lines.append(f"| {name} | {ms[name]:.2f} ms | {ms[name] / anchor:.2f}x | {ms[name] / fp32:.2f}x | "
+                     f"{errors[name]:.2e} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--int8-batch", type=int, default=8)
+    p.add_argument("--int8-seq", type=int, default=128)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--only", choices=["paging", "int8"])
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cpus")
+    if args.only in (None, "int8"):
+        print("\n".join(int8_against_quantize_dynamic(args)))
+    if args.only in (None, "paging"):
+        print("\n".join(paging(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
