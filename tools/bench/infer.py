@@ -4,9 +4,9 @@ ONNX Runtime's own quantize_dynamic, in one run.
 
     OMP_NUM_THREADS=1 python tools/bench/infer.py
 
-1. Paging (a GPT of 8 blocks x width 512, ~100 MB of fp32 block weights, random init): each
+1. Paging (a GPT of 16 blocks x width 512, ~200 MB of fp32 block weights, random init): each
    configuration serves in a fresh subprocess (batch of prompts, greedy generation), whose peak
-   RSS is read from outside (os.wait4's ru_maxrss); the fixed overhead is the peak RSS of a
+   RSS is read from outside (/proc/PID/status VmHWM, before it exits); the fixed overhead is the peak RSS of a
    process that imports the same runtime and loads nothing. Budget 30% of the weight bytes with
    prefetch on and off, against the fully resident build.
 2. int8 (the trained gpt-mini): latency of a forward of batch x seq token ids, and the output
@@ -39,18 +39,19 @@ import torch  # noqa: E402
 import bmc  # noqa: E402
 from bmc import trained, zoo  # noqa: E402
 
-PAGING_MODEL = zoo.GPTConfig(n_layer=8, n_head=8, n_embd=512, vocab_size=256, block_size=256)
+PAGING_MODEL = zoo.GPTConfig(n_layer=16, n_head=8, n_embd=512, vocab_size=256, block_size=256)
 
 CHILD = r"""
 import json, sys, time
 import bmc
 args = json.loads(sys.argv[1])
 if args.get("baseline"):
-    import onnxruntime, numpy  # the runtime's own footprint, nothing loaded
-    print(json.dumps({}))
+    import onnxruntime, numpy, bmc.backends.ort_paged  # the runtime's own footprint, nothing loaded
+    print(json.dumps({}), flush=True)
+    sys.stdin.readline()  # the parent reads our peak RSS now
     sys.exit(0)
 prog = bmc.load(args["dir"], budget=args["budget"], prefetch=args["prefetch"], batch=args["batch"],
-                max_len=args["max_len"], threads=args["threads"])
+                max_len=args["max_len"], threads=args["threads"], streaming=args["streaming"])
 prompts = [[(7 * r + i) % 256 for i in range(args["prompt"])] for r in range(args["batch"])]
 prog.generate(prompts, 2)  # warm up
 start = time.perf_counter()
@@ -58,22 +59,33 @@ out = prog.generate(prompts, args["tokens"])
 seconds = time.perf_counter() - start
 print(json.dumps({"tokens_per_s": args["batch"] * args["tokens"] / seconds, "resident": len(prog.plan.resident),
                   "streamed": len(prog.plan.streamed), "held": prog.plan.weight_bytes,
-                  "reserved": prog.runtime.reserved, "read": prog.runtime.streamer.bytes_read, "out": out}))
+                  "reserved": prog.runtime.reserved, "read": prog.runtime.streamer.bytes_read, "out": out}), flush=True)
+sys.stdin.readline()  # the parent reads our peak RSS now
 """
 
 
+def _peak_rss(pid: int) -> int:
+    """VmHWM of a live process, read from outside (bytes)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc: this benchmark reads peak RSS the Linux way")
+
+
 def serve_in_child(config: dict) -> dict:
-    """Run one configuration in a fresh process; its output and its peak RSS (bytes)."""
+    """Run one configuration in a fresh process; its output and its peak RSS, read from
+    /proc/PID/status before it exits (ru_maxrss would carry this big parent's RSS over fork)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(config)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    peak = _peak_rss(proc.pid) if line else 0
+    _, err = proc.communicate("\n", timeout=60)
+    if proc.returncode or not line:
         raise RuntimeError(f"child failed: {err[-1500:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    result = json.loads(line)
+    result["peak_rss"] = peak
     return result
 
 
@@ -92,10 +104,14 @@ def paging(args) -> list[str]:
     baseline = serve_in_child({"baseline": True})["peak_rss"]
     runs = {}
     for _ in range(args.repeat):  # interleaved, so drift on the VM hits every configuration alike
-        for name, budget_, prefetch in (("resident", None, True), ("budget 30%, prefetch", budget, True),
-                                        ("budget 30%, no prefetch", budget, False)):
-            runs.setdefault(name, []).append(serve_in_child({**common, "budget": budget_, "prefetch": prefetch}))
-    lines = [f"paging: GPT 8 x 512 (random init), weight files {files:,} bytes, budget {budget:,} (30%), "
+        for name, budget_, prefetch, streaming in (
+                ("resident", None, True, "mmap"), ("budget 30%, mmap, prefetch", budget, True, "mmap"),
+                ("budget 30%, mmap, no prefetch", budget, False, "mmap"),
+                ("budget 30%, read into slots, prefetch", budget, True, "read"),
+                ("budget 30%, read into slots, no prefetch", budget, False, "read")):
+            runs.setdefault(name, []).append(serve_in_child({**common, "budget": budget_, "prefetch": prefetch,
+                                                             "streaming": streaming}))
+    lines = [f"paging: GPT 16 x 512 (random init), weight files {files:,} bytes, budget {budget:,} (30%), "
              f"batch {args.batch}, prompt {args.prompt}, {args.tokens} new tokens, {args.threads} ORT thread(s), "
              f"build {build_s:.0f} s; fixed overhead (python + onnxruntime + bmc imported) {baseline / 2**20:.1f} MiB",
              "| build | resident / streamed | tokens/s (median) | x resident | peak RSS | RSS - overhead | "
@@ -172,7 +188,7 @@ def int8_against_quantize_dynamic(args) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
