@@ -429,21 +429,12 @@ class PagedProgram:
     def save(self, directory: str) -> None:
         """Copy the build to `directory` (published by rename: a reader sees all of it or none)."""
         import shutil
-        import tempfile
+        from bmc.serialize import staged_directory
         if os.path.abspath(directory) == os.path.abspath(self.directory):
             return  # already there
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".bmc-save-", dir=parent)
-        try:
+        with staged_directory(directory) as staging:
             for name in [*self.manifest["files"], "manifest.json"]:
                 shutil.copyfile(os.path.join(self.directory, name), os.path.join(staging, name))
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def __repr__(self) -> str:
         return (f"PagedProgram({self.manifest['model']}, {len(self.plan.resident)} blocks resident, "

@@ -543,12 +543,8 @@ def run(argv: Sequence[str] | None, out) -> int:
 
 def _build_paged(gm, directory: str, pipeline: str, out) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
-    import shutil
-    import tempfile
     from bmc.backends import ort_paged
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".bmc-build-", dir=parent)
+    from bmc.serialize import staged_directory
     show = sys.stderr.isatty()
 
     def progress(done: int, total: int, name: str) -> None:
@@ -556,13 +552,8 @@ def _build_paged(gm, directory: str, pipeline: str, out) -> None:
             sys.stderr.write(f"\rbmc-opt: lowering part {done}/{total} ({name})\x1b[K")
             sys.stderr.flush()
     try:
-        manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_directory(directory) as staging:
+            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress)
     finally:
         if show:
             sys.stderr.write("\n")

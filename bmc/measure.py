@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from bmc import cost
+from bmc.calibration import main_output
 
 PARTS = ("params", "grads", "optimizer", "activations")
 
@@ -68,23 +69,13 @@ def example_batch(gm: fx.GraphModule, batch: int, seq: int | None) -> tuple[tupl
     return tuple(resize(a) for a in info.args), {k: resize(v) for k, v in info.kwargs.items()}
 
 
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return next(t for t in out if isinstance(t, torch.Tensor))
-
-
 def measure_step(prog, inputs: tuple[tuple, dict], optimizer_cls=torch.optim.AdamW) -> dict[str, int]:
     """One forward, backward and optimizer step of `prog`; the bytes this rank held."""
     args, kwargs = inputs
     opt = prog.optimizer(optimizer_cls, lr=1e-4)
     with SavedBytes(prog.parameters()) as saved:
         out = prog(*args, **kwargs)
-    _first_tensor(out).float().mean().backward()
+    main_output(out).float().mean().backward()
     opt.step()  # states exist and gradients are still held: the peak of model states
     return {**opt.memory(), "activations": saved.total}
 

@@ -8,6 +8,7 @@ that produced the graph in an extra file `bmc.json` inside the archive.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,24 @@ def atomic_write(path: str, write) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str):
+    """A temporary directory beside `directory`, renamed onto it when the block succeeds and
+    removed when it fails: readers see the whole previous directory or the whole new one."""
+    import shutil
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".bmc-staging-", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

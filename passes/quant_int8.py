@@ -35,12 +35,17 @@ class QuantOptions:
     granularity: Literal["row", "tensor"] = "row"
     act: Literal["none", "dynamic"] = "none"
     skip: Optional[tuple[str, ...]] = None  # module-path patterns; None: the output head
+    # a weight tied to an embedding: skip it, or quantize a copy for the projection (the lookup
+    # keeps the fp32 table; +1 byte a weight, for serving builds that quantize the head too)
+    tied: Literal["skip", "copy"] = "skip"
 
     def __post_init__(self):
         if self.granularity not in ("row", "tensor"):
             raise ValueError(f"granularity must be row or tensor, got {self.granularity!r}")
         if self.act not in ("none", "dynamic"):
             raise ValueError(f"act must be none or dynamic, got {self.act!r}")
+        if self.tied not in ("skip", "copy"):
+            raise ValueError(f"tied must be skip or copy, got {self.tied!r}")
 
 
 def quantize(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +73,16 @@ def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
     return (gm.get_submodule(owner) if owner else gm), leaf
 
 
-def _replace_weight(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, granularity: str) -> tuple[fx.Node, fx.Node, int]:
-    """Swap the fp32 weight for int8 + scale buffers on its module; the get_attr nodes for them."""
+def _replace_weight(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, granularity: str,
+                    keep_fp32: bool = False) -> tuple[fx.Node, fx.Node, int]:
+    """Swap the fp32 weight for int8 + scale buffers on its module (beside it, when it is kept
+    for another reader); the get_attr nodes for them."""
     name = str(weight_node.target)
     q, scale = quantize(gm.get_parameter(name), granularity)
     owner, leaf = _owner(gm, name)
     fp32_bytes = q.numel() * 4
-    delattr(owner, leaf)
+    if not keep_fp32:
+        delattr(owner, leaf)
     owner.register_buffer(f"{leaf}_int8", q)
     owner.register_buffer(f"{leaf}_scale", scale)
     with gm.graph.inserting_before(node):
@@ -102,14 +110,16 @@ class QuantInt8(Pass):
         for node in linears:
             weight_node = node.args[1]
             name, path = str(weight_node.target), ir.module_path(node)
-            if any(fnmatch.fnmatch(path, p) for p in patterns) or name in embedded or len(weight_node.users) > 1:
+            shared = name in embedded or len(weight_node.users) > 1
+            if any(fnmatch.fnmatch(path, p) for p in patterns) or (shared and opts.tied == "skip"):
                 stats["skipped"] += 1
                 continue
-            q_node, s_node, fp32_bytes = _replace_weight(gm, node, weight_node, opts.granularity)
+            q_node, s_node, fp32_bytes = _replace_weight(gm, node, weight_node, opts.granularity, keep_fp32=shared)
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             node.target, node.args, node.kwargs = INT8_LINEAR, (node.args[0], q_node, s_node, bias, opts.act), {}
             ir.annotate(node, ir.Quant("int8", opts.granularity, opts.act))
-            gm.graph.erase_node(weight_node)
+            if not weight_node.users:
+                gm.graph.erase_node(weight_node)
             stats["quantized"] += 1
             stats["fp32-bytes"] += fp32_bytes
             stats["int8-bytes"] += ir.tensor_val(q_node).numel() + ir.tensor_val(s_node).numel() * 4

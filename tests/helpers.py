@@ -50,3 +50,14 @@ def saved_activation_bytes(model, example_inputs) -> int:
     with SavedBytes(model.parameters()) as saved:
         run(model, example_inputs)
     return saved.total
+
+
+def model_and_inputs(name: str):
+    """A seeded test model and its example inputs: a zoo name, or "hf-<name>" (tests/hf_models.py)."""
+    import hf_models
+    from bmc import zoo
+    torch.manual_seed(0)
+    if name.startswith("hf-"):
+        return hf_models.build(name[3:]), hf_models.example_inputs()
+    model = zoo.build(name)
+    return model, model.example_inputs()

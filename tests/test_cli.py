@@ -253,7 +253,7 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     out_dir = tmp_path / "served"
     assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
     assert "serve it with: bmc run" in capsys.readouterr().out
-    assert (out_dir / "manifest.json").exists() and not list(tmp_path.glob(".bmc-build-*"))
+    assert (out_dir / "manifest.json").exists() and not list(tmp_path.glob(".bmc-staging-*"))
     assert serve.main([str(out_dir), "--prompt", "def ", "--max-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert "2 blocks resident" in captured.err and "5 tokens in" in captured.err

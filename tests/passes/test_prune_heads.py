@@ -7,19 +7,14 @@ import pytest
 import torch
 
 import bmc
-import hf_models
 from bmc import calibration, zoo
 from bmc.errors import PipelineError
 from bmc.structure import structure_of
-from helpers import run
+from helpers import model_and_inputs, run
 
 
 def _model(name):
-    torch.manual_seed(0)
-    if name.startswith("hf-"):
-        return hf_models.build(name[3:]), hf_models.example_inputs()
-    model = zoo.build(name)
-    return model, model.example_inputs()
+    return model_and_inputs(name)
 
 
 def _masked(model, inputs, kept: dict):

@@ -108,3 +108,23 @@ def test_compression_passes_compose_in_either_order_and_stay_traceable():
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(PipelineError, match="prune-ffn after quant-int8: prune before quantizing"):
         bmc.compile(copy.deepcopy(model), passes="quant-int8,prune-ffn")
+
+
+def test_tied_copy_quantizes_the_head_and_keeps_the_lookup_fp32():
+    model = _model()  # gpt-tiny: lm_head.weight is the token embedding
+    x = model.example_inputs()
+    prog = bmc.compile(copy.deepcopy(model), passes="quant-int8{skip=[],tied=copy},verify")
+    buffers = dict(prog.graph_module.named_buffers())
+    assert "lm_head.weight_int8" in buffers and prog.records[0].statistics["skipped"] == 0
+    assert dict(prog.graph_module.named_parameters(remove_duplicate=False))["lm_head.weight"].dtype == torch.float32
+    ref = copy.deepcopy(model)
+    head = buffers["lm_head.weight_int8"].float() * buffers["lm_head.weight_scale"].reshape(-1, 1)
+    for name, buffer in buffers.items():
+        if name.endswith("_int8") and not name.startswith("lm_head"):
+            with torch.no_grad():
+                ref.get_parameter(name.removesuffix("_int8")).copy_(
+                    buffer.float() * buffers[name.removesuffix("_int8") + "_scale"].reshape(-1, 1))
+    ref.lm_head = torch.nn.Linear(64, 256, bias=False)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(head)  # untied in the reference: the head reads the dequantized copy
+    torch.testing.assert_close(prog(*x), ref(*x), atol=1e-5, rtol=1e-5)

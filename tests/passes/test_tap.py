@@ -9,22 +9,17 @@ import pytest
 import torch
 
 import bmc
-import hf_models
 from bmc import zoo
 from bmc.errors import PipelineError
 from bmc.structure import structure_of
 from bmc.trace import normalize_example_inputs
-from helpers import first_tensor, run
+from helpers import first_tensor, model_and_inputs, run
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
 
 def _model(name):
-    torch.manual_seed(0)
-    if name.startswith("hf-"):
-        return hf_models.build(name[3:]), hf_models.example_inputs()
-    model = zoo.build(name)
-    return model, model.example_inputs()
+    return model_and_inputs(name)
 
 
 def _hooked(model, inputs, paths):

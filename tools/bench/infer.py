@@ -10,8 +10,10 @@ ONNX Runtime's own quantize_dynamic, in one run.
    process that imports the same runtime and loads nothing. Budget 30% of the weight bytes with
    prefetch on and off, against the fully resident build.
 2. int8 (the trained gpt-mini): latency of a forward of batch x seq token ids, and the output
-   error against the fp32 torch model, for bmc's int8 build, ONNX Runtime's
-   quantize_dynamic(per_channel=True) of the fp32 ONNX export, and the fp32 ONNX build.
+   error against the fp32 torch model, for bmc's int8 build (the tied head fp32, quant-int8's
+   default; and the head quantized too, `quant-int8{skip=[],tied=copy}`, as quantize_dynamic
+   does), ONNX Runtime's quantize_dynamic(per_channel=True) of the fp32 ONNX export, and the
+   fp32 ONNX build.
 """
 from __future__ import annotations
 
@@ -161,11 +163,13 @@ def int8_against_quantize_dynamic(args) -> list[str]:
     ort_int8 = _ort_session(quantized_onnx, args.threads)
     feed = {ort_int8.get_inputs()[0].name: ids.numpy()}
     builds = {}
-    for name, passes in (("bmc fp32 build", ""), ("bmc int8 build", "quant-int8")):
+    for name, passes in (("bmc fp32 build", ""), ("bmc int8 build", "quant-int8"),
+                         ("bmc int8 build, head too", "quant-int8{skip=[],tied=copy}")):
         builds[name] = bmc.compile(model, passes=passes or [],
                                    example_inputs=model.example_inputs(), dynamic=True, backend="ort-paged",
                                    directory=os.path.join(work, name.replace(" ", "-")), threads=args.threads)
     runners = {"bmc int8 build": lambda: builds["bmc int8 build"](ids.numpy()),
+               "bmc int8 build, head too": lambda: builds["bmc int8 build, head too"](ids.numpy()),
                "ORT quantize_dynamic(per_channel)": lambda: ort_int8.run(None, feed)[0],
                "bmc fp32 build": lambda: builds["bmc fp32 build"](ids.numpy())}
     times = {name: [] for name in runners}
