@@ -71,16 +71,14 @@ def plan_residency(block_bytes: list[int], fixed_bytes: int, budget: int | None,
                            f"{fixed_bytes:,}, {SLOTS} swap slots of the largest block {largest:,}, KV cache and "
                            f"activations {reserved:,}); give --budget {need} or more")
     room = budget - need
-    order = sorted(range(total), key=lambda i: block_bytes[i])
-    count = 0
+    count = 0  # how many could fit at best (the smallest ones)
     while count < total and sum(sorted(block_bytes)[:count + 1]) <= room:
         count += 1
-    # spread the resident blocks evenly; sizes differ only after per-layer pruning, and then the
-    # even spread is taken over the blocks that fit, smallest first
+    # evenly spread; with blocks of different sizes (per-layer pruning) the spread may not fit
+    # where the smallest would, and one fewer is kept
     resident = spread(count, total)
     while sum(block_bytes[i] for i in resident) > room and resident:
         resident = spread(len(resident) - 1, total)
-    del order
     streamed = tuple(i for i in range(total) if i not in resident)
     slot = max((block_bytes[i] for i in streamed), default=0)
     held = fixed_bytes + sum(block_bytes[i] for i in resident) + SLOTS * slot
