@@ -27,7 +27,8 @@ def _torch_greedy(prog, prompt, steps):
 PASSES = {"gpt-tiny": "prune-heads{heads=[1:0,1:3]}", "llama-tiny": ""}
 
 
-@pytest.fixture(scope="module", params=["gpt-tiny", "llama-tiny"])
+# LLaMA (GQA, RoPE positions) runs with -m slow; its decode step is checked in CI by test_kv_cache.py
+@pytest.fixture(scope="module", params=["gpt-tiny", pytest.param("llama-tiny", marks=pytest.mark.slow)])
 def built(request, tmp_path_factory):
     import dataclasses
     torch.manual_seed(0)  # 3 blocks: more than the 2 swap slots, so a tight budget streams them
