@@ -79,7 +79,6 @@ def run(argv: Sequence[str] | None, out, err) -> int:
         raise ServeUsageError("--max-tokens must be >= 1")
     budget = parse_bytes(args.budget) if args.budget else None
     started = time.perf_counter()
-    prompts_len = None
     prog = bmc.load(args.directory, budget=budget, prefetch=not args.no_prefetch, threads=args.threads)
     vocab = prog.manifest["layout"]["vocab"]
     prompts = _prompts(args, vocab)

@@ -10,7 +10,6 @@ import copy
 import functools
 
 import pytest
-import torch
 
 import bmc
 from bmc import calibration, evaluate, trained
