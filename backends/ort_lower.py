@@ -11,9 +11,12 @@ dynamo exporter with `bmc::int8_linear` translated (custom_translation_table):
   CPU there).
 
 The exported initializers are written to `part-NN.bin` (64-byte aligned) and the graph twice:
-`part-NN.onnx` reads them as external data (resident blocks: ONNX Runtime folds, prepacks and
-fuses constant weights) and `part-NN.stream.onnx` takes them as inputs (streamed blocks: the
-runtime reads them into a swap slot and feeds them).
+`part-NN.onnx` reads them as external data (ONNX Runtime folds, prepacks and fuses constant
+weights) and `part-NN.stream.onnx` takes them as inputs (fed from a swap slot at run time).
+CPU builds add a third form, `part-NN.packed.onnx` + `.packed.bin`: the graph as ONNX Runtime
+optimized it, its prepacked weights saved to the data file
+(`session.save_external_prepacked_constant_initializers`), which ONNX Runtime memory-maps on
+load; the runtime pages those mapped weights (ort_paged.py).
 """
 from __future__ import annotations
 
@@ -306,6 +309,65 @@ def streamed_form(model, table: list[dict]):
     return streamed
 
 
+def write_prepacked(directory: str, stem: str) -> list[str]:
+    """`stem.packed.onnx` + `stem.packed.bin`: ONNX Runtime's optimized graph of `stem.onnx` with
+    its constant weights prepacked (the layout its kernels read) and saved as external data, so
+    a session maps them from the file instead of packing them on the heap. ONNX Runtime writes
+    both files itself; they are made under temporary names and renamed (written whole or not
+    at all). Prepacked layouts belong to this ONNX Runtime and this CPU's kernels (the
+    manifest records both: `machine_key`)."""
+    import onnxruntime as ort
+    graph, data = stem + ".packed.onnx", stem + ".packed.bin"
+    staging = f".{stem}.packing"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads, options.log_severity_level = 1, 3
+    options.optimized_model_filepath = os.path.join(directory, staging + ".onnx")
+    for key, value in (("session.optimized_model_external_initializers_file_name", staging + ".bin"),
+                       ("session.optimized_model_external_initializers_min_size_in_bytes", str(SMALL)),
+                       ("session.save_external_prepacked_constant_initializers", "1")):
+        options.add_session_config_entry(key, value)
+    ort.InferenceSession(os.path.join(directory, stem + ".onnx"), options, providers=["CPUExecutionProvider"])
+    import onnx
+    model = onnx.load(os.path.join(directory, staging + ".onnx"), load_external_data=False)
+    for tensor in _external_tensors(model):  # the graph names its data file: point it at the final name
+        for item in tensor.external_data:
+            if item.key == "location":
+                item.value = data
+    if os.path.exists(os.path.join(directory, staging + ".bin")):
+        os.replace(os.path.join(directory, staging + ".bin"), os.path.join(directory, data))
+    else:  # nothing large enough to externalize: an empty data file keeps the file set uniform
+        open(os.path.join(directory, data), "wb").close()
+    save_proto(model, os.path.join(directory, graph))
+    os.remove(os.path.join(directory, staging + ".onnx"))
+    return [graph, data]
+
+
+def _external_tensors(model):
+    import onnx
+    # an optimized part has no subgraphs (no If/Loop in a block): the top graph's initializers are all
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def machine_key() -> str:
+    """What prepacked weights are valid for: the ONNX Runtime version and the CPU's vector
+    extensions (its kernels, chosen by them, fix the packed layout)."""
+    import platform
+    import onnxruntime as ort
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = " ".join(sorted(x for x in line.split(":", 1)[1].split()
+                                            if x.startswith(("avx", "amx", "sse", "fma", "f16c", "neon", "asimd", "sve"))))
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"onnxruntime-{ort.__version__}/{platform.machine()}/{digest}"
+
+
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -344,9 +406,10 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
         table = split_weights(proto, os.path.join(directory, stem + ".bin"))
         save_proto(resident_form(proto, table, stem + ".bin"), os.path.join(directory, stem + ".onnx"))
         save_proto(streamed_form(proto, table), os.path.join(directory, stem + ".stream.onnx"))
+        packed = [] if gpu else write_prepacked(directory, stem)
         entries.append({"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
                         "stem": stem, "inputs": [n.name for n in part.inputs], "outputs": [n.name for n in part.outputs],
-                        "weights": table, "weight_bytes": sum(t["nbytes"] for t in table)})
+                        "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed})
         if progress is not None:
             progress(index + 1, len(parts), part.name)
     step_outputs = [n.name for n in step.graph.output_node().args[0]]
@@ -355,4 +418,5 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
                  and v.shape[0] == 2 and v.numel() % tokens == 0)
     return {"parts": entries, "outputs": step_outputs, "layout": dataclasses.asdict(layout),
             "inputs": [n.name for n in step.graph.find_nodes(op="placeholder")],
-            "max_len": layout.max_positions, "widest_per_token": int(widest)}
+            "max_len": layout.max_positions, "widest_per_token": int(widest),
+            "prepacked_for": None if gpu else machine_key()}

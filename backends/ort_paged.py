@@ -2,16 +2,21 @@
 weights paged under a memory budget (BMInf's policy) and loading overlapped with compute.
 
     prog = bmc.compile(model, passes="quant-int8", backend="ort-paged", budget=40 << 20)
-    prog.save("served/")                       # manifest, part-NN.onnx / .stream.onnx / .bin
+    prog.save("served/")                       # manifest; per part .onnx, .stream.onnx, .bin, .packed.*
     served = bmc.load("served/", budget=...)   # checksums verified before anything runs
     for tokens in served.generate(prompts, max_new_tokens=32, stream=True): ...
 
 Policy (`plan_residency`): the embedding and the head stay resident; as many blocks as fit in
 what the budget leaves after them, the KV cache, the activations and the swap slots are
 resident, spread evenly over the depth; the others are streamed through two swap slots, the
-next streamed block read from its weight file on a background thread while the current one
-computes. Resident blocks keep ONNX Runtime's optimizations (constant weights folded, prepacked
-and fused); streamed blocks take their weights as inputs from the slot (no copy).
+next streamed block brought in on a background thread while the current one computes.
+
+How streamed blocks get their weights (`streaming=`, measured in tools/bench/infer.py): by
+default ("prepacked", CPU) every block, resident or streamed, runs in its own session over
+ONNX Runtime's prepacked weights, memory-mapped from the build's `part-NN.packed.bin`; paging
+a block is faulting its mapped pages in ahead and dropping them after it ran, so a streamed
+block computes exactly as fast as a resident one. Feeding the plain weights as inputs
+("mmap", "read") loses the prepacking: ONNX Runtime packs an input weight on every run.
 """
 from __future__ import annotations
 
@@ -166,27 +171,75 @@ class _Slot:
         self.ready = threading.Event()
 
 
+_DONTNEED = 4  # MADV_DONTNEED
+
+
+def _advise(ranges: list[tuple[int, int]], advice: int) -> None:
+    """madvise each (address, length) range of ONNX Runtime's mappings. Where the kernel lacks
+    MADV_POPULATE_READ (before Linux 5.14) the pages are faulted in by reading a byte of each."""
+    import ctypes
+    libc = _libc()
+    for start, length in ranges:
+        if libc is not None and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
+            continue
+        if advice == _POPULATE_READ:
+            np.frombuffer((ctypes.c_char * length).from_address(start), dtype=np.uint8)[::4096].sum()
+            continue
+        errno = ctypes.get_errno() if libc is not None else 0
+        raise BackendError(f"ort-paged: madvise({advice}) on ONNX Runtime's mapped weights failed "
+                           f"({os.strerror(errno)}); pass streaming='mmap'")
+
+
+def mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """The address ranges of this process that map `path` (Linux: /proc/self/maps)."""
+    real = os.path.realpath(path)
+    found = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end - start))
+    return found
+
+
 class _Streamer:
     """Brings streamed blocks' weights into memory, the next one ahead on a thread, at most
-    SLOTS blocks at a time.
+    SLOTS blocks at a time. Modes:
 
-    mode "mmap" (the default): each weight file is mapped read-only; bringing a block in touches
-    its pages (a minor fault each, from the page cache), and after the block ran its pages are
-    dropped from this process (MADV_DONTNEED), so resident memory stays at SLOTS blocks. Measured
-    here at 12.6 MB a block: 1.1 ms to fault a block back in against 2.8 ms to read it into a
-    buffer, and ONNX Runtime reads the mapped arrays without a copy. mode "read": the file is
-    read into one of SLOTS preallocated buffers (BMInf's swap slots, what a device copy needs).
+    "prepacked" (the default on CPU): every block has its own session over its prepacked
+    weights, which ONNX Runtime maps from `part-NN.packed.bin`; a streamed block's mapped pages
+    are faulted in ahead (MADV_POPULATE_READ on ONNX Runtime's own mapping, found in
+    /proc/self/maps) and dropped after it ran (MADV_DONTNEED: they stay in the page cache,
+    not in this process). A streamed block computes exactly as a resident one, prepacked.
+    "mmap": the block's plain weights are fed as inputs from a read-only mapping of
+    `part-NN.bin` (faulted in ahead, dropped after); no prepacking, as ONNX Runtime packs
+    weights that are inputs on every run (measured: ~2.7x a resident block's time).
+    "read": the file is read into one of SLOTS preallocated buffers (BMInf's swap slots, what
+    a device copy needs) and fed as inputs.
     """
+
+    MODES = ("prepacked", "mmap", "read")
 
     def __init__(self, directory: str, parts: list[dict], streamed: tuple[int, ...], slot_bytes: int, prefetch: bool,
                  mode: str = "mmap"):
-        if mode not in ("mmap", "read"):
-            raise BackendError(f"streaming mode must be mmap or read, got {mode!r}")
+        if mode not in self.MODES:
+            raise BackendError(f"streaming mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.directory, self.parts, self.order, self.prefetch, self.mode = directory, parts, list(streamed), prefetch, mode
         self.slots = [_Slot(slot_bytes if mode == "read" else 0) for _ in range(SLOTS)] if streamed else []
         self.maps = {block: self._map(block) for block in streamed} if mode == "mmap" else {}
+        self.ranges: dict[int, list[tuple[int, int]]] = {}  # prepacked: ONNX Runtime's mappings per block
         self.bytes_read = 0
         self._threads: list[threading.Thread] = []
+
+    def track(self, block: int, path: str, before: list[tuple[int, int]]) -> int:
+        """A streamed block's session was made over `path`: remember the mappings it added to
+        those `before` (another session may map the same file) and drop their pages now (they
+        come back when the block is next due); the bytes mapped."""
+        ranges = [r for r in mapped_ranges(path) if r not in set(before)]
+        self.ranges[block] = ranges
+        _advise(ranges, _DONTNEED)
+        return sum(length for _, length in ranges)
 
     def _path(self, block: int) -> str:
         return os.path.join(self.directory, self.parts[block]["stem"] + ".bin")
@@ -197,10 +250,14 @@ class _Streamer:
             return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
     def _read(self, slot: _Slot, block: int) -> None:
-        size = self.parts[block]["weight_bytes_file"]
-        if self.mode == "mmap":
+        if self.mode == "prepacked":
+            _advise(self.ranges[block], _POPULATE_READ)
+            size = sum(length for _, length in self.ranges[block])
+        elif self.mode == "mmap":
+            size = self.parts[block]["weight_bytes_file"]
             _populate(self.maps[block], size)
         else:
+            size = self.parts[block]["weight_bytes_file"]
             with open(self._path(block), "rb", buffering=0) as f:
                 f.readinto(memoryview(slot.buffer)[:size])
         self.bytes_read += size
@@ -223,8 +280,8 @@ class _Streamer:
             self._start(self.slots[0], self.order[0])
 
     def weights(self, block: int) -> dict[str, np.ndarray]:
-        """The block's weights (waiting for them), and the next streamed block started into the
-        other slot."""
+        """Wait for the block's weights and start the next streamed block into the other slot;
+        the weights to feed (none in prepacked mode: the session maps its own)."""
         position = self.order.index(block)
         slot = self.slots[position % SLOTS]
         if slot.block != block:
@@ -232,13 +289,17 @@ class _Streamer:
         slot.ready.wait()
         if position + 1 < len(self.order):
             self._start(self.slots[(position + 1) % SLOTS], self.order[position + 1])
+        if self.mode == "prepacked":
+            return {}
         source = self.maps[block] if self.mode == "mmap" else slot.buffer
         return {t["name"]: np.frombuffer(source, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])),
                                          offset=t["offset"]).reshape(t["shape"]) for t in self.parts[block]["weights"]}
 
     def release(self, block: int) -> None:
         """The block ran: its mapped pages leave this process's memory (they stay in the page cache)."""
-        if self.mode == "mmap" and block in self.maps:
+        if self.mode == "prepacked":
+            _advise(self.ranges[block], _DONTNEED)
+        elif self.mode == "mmap" and block in self.maps:
             import mmap
             self.maps[block].madvise(mmap.MADV_DONTNEED)
 
@@ -251,13 +312,36 @@ class _Streamer:
 # ------------------------------------------------------------------ the runtime
 
 
+_SHARED_ARENA = False
+
+
+def _shared_arena() -> None:
+    """One CPU arena for every session of the process (ONNX Runtime's environment allocator).
+    A session's own arena keeps its high-water mark for good: with one per block that is the
+    activations of every block at once (+86 MiB at 16 blocks x 512, batch 4, measured), where
+    parts run one after the other and one arena the size of one part's working set serves them
+    all. Its chunks grow by doubling (kNextPowerOfTwo): growing them as requested left a new
+    chunk per decode step, as each step's working set is a little larger (+160 MiB over 32
+    steps, measured, against +18 MiB); without an arena a decode step ran 1.5x slower."""
+    global _SHARED_ARENA
+    if _SHARED_ARENA:
+        return
+    import onnxruntime as ort
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0}))
+    _SHARED_ARENA = True
+
+
 def _session_options(threads: int | None, arena: bool = True):
-    """`arena=False` for the streamed blocks' shared session: ORT's arena grows in doubling
-    chunks and keeps its high-water mark for good (+100 MiB here, measured), where malloc per
-    run costs little beside bringing a block's weights in."""
+    """Sessions allocate from the process's shared arena (`_shared_arena`); `arena=False` for
+    the shared session of blocks fed their weights as inputs, where malloc per run costs
+    little beside bringing a block's weights in."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
+    if arena:
+        _shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
@@ -305,75 +389,138 @@ def canonical_form(model) -> tuple[bytes, dict[str, str]]:
     return canon.SerializeToString(), names
 
 
+def packed_bytes(directory: str, part: dict) -> int:
+    """The weight bytes a session over the part's prepacked form holds: for each external
+    initializer its prepacked buffers where it has them (ONNX Runtime then leaves the plain
+    copy unread), else itself. Read off the graph's external-data entries
+    (`prepacked_N: "kernel+hash|offset;length;alignment"`)."""
+    import onnx
+    from bmc.backends.ort_lower import SMALL
+    model = onnx.load(os.path.join(directory, part["stem"] + ".packed.onnx"), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        entries = {item.key: item.value for item in tensor.external_data}
+        packed = [v for k, v in entries.items() if k.startswith("prepacked")]
+        if packed:
+            total += sum(int(group.split(";")[1]) for v in packed for group in v.split("|")[1:])
+        elif "length" in entries and int(entries["length"]) >= SMALL:
+            total += int(entries["length"])
+    return total
+
+
+def choose_streaming(manifest: dict, requested: str, providers: list) -> str:
+    """`requested` ("auto": prepacked where the build's prepacked weights fit this machine, else
+    mmap), or why it cannot be had."""
+    from bmc.backends.ort_lower import machine_key
+    usable, why = True, ""
+    if not all(part.get("packed") for part in manifest["parts"]):
+        usable, why = False, "the build has no prepacked weights (a GPU build, or made by an older bmc)"
+    elif manifest.get("prepacked_for") != machine_key():
+        usable, why = False, (f"its prepacked weights were made for {manifest.get('prepacked_for')}, this machine "
+                              f"is {machine_key()}; rebuild the directory here (bmc-opt ... --backend=ort-paged -o DIR)")
+    elif not os.path.exists("/proc/self/maps") or list(providers) != ["CPUExecutionProvider"]:
+        usable, why = False, "paging mapped prepacked weights needs Linux and the CPU execution provider"
+    if requested == "auto":
+        if not usable:
+            log.warning("ort-paged: streaming blocks' weights as inputs (slower): %s", why)
+        return "prepacked" if usable else "mmap"
+    if requested == "prepacked" and not usable:
+        raise BackendError(f"streaming='prepacked' is not available: {why}; or pass streaming='mmap'")
+    return requested
+
+
 class PagedRuntime:
     """Runs the decode step part by part; block weights resident or streamed as planned."""
 
     def __init__(self, directory: str, manifest: dict, budget: int | None = None, *, prefetch: bool = True,
                  providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
-                 streaming: str = "mmap"):
-        import onnxruntime as ort
+                 streaming: str = "auto"):
         _bound_malloc()
         self.directory, self.manifest = directory, manifest
         self.parts = manifest["parts"]
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.streaming = choose_streaming(manifest, streaming, self.providers)
         for part in self.parts:
             part["weight_bytes_file"] = os.path.getsize(os.path.join(directory, part["stem"] + ".bin"))
+            part["held_bytes"] = (packed_bytes(directory, part) if self.streaming == "prepacked"
+                                  else part["weight_bytes_file"])
         blocks = [i for i, p in enumerate(self.parts) if p["kind"] == "block"]
-        fixed = sum(p["weight_bytes_file"] for i, p in enumerate(self.parts) if i not in blocks)
+        fixed = sum(p["held_bytes"] for i, p in enumerate(self.parts) if i not in blocks)
         self.max_len = max_len or manifest["max_len"]
         self.reserved = reserved_bytes(manifest, batch, self.max_len)
-        plan = plan_residency([self.parts[i]["weight_bytes_file"] for i in blocks], fixed, budget, self.reserved)
+        plan = plan_residency([self.parts[i]["held_bytes"] for i in blocks], fixed, budget, self.reserved)
         self.plan = Plan(tuple(blocks[i] for i in plan.resident), tuple(blocks[i] for i in plan.streamed),
                          plan.slot_bytes, plan.weight_bytes)
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.streamer = _Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
+                                  self.streaming)
+        self._open_sessions(threads)
+        self.last_use = {}
+        for index, part in enumerate(self.parts):
+            for name in part["inputs"]:
+                self.last_use[name] = index
+        log.info("ort-paged: %d blocks resident, %d streamed (%s), %s bytes of weights held",
+                 len(self.plan.resident), len(self.plan.streamed), self.streaming, f"{self.plan.weight_bytes:,}")
+
+    def _open_sessions(self, threads: int | None) -> None:
+        """One session per part. Streamed blocks fed as inputs share one session per distinct
+        block shape (canonical_form); in prepacked mode each part has its own, and a streamed
+        block's mapped weights are dropped right after its session is made, so loading never
+        holds more than one streamed block."""
+        import onnx
+        import onnxruntime as ort
         self.sessions, self.renames = [], []
         shared: dict[bytes, object] = {}
         for index, part in enumerate(self.parts):
-            if index in self.plan.streamed:  # one session per distinct block shape
-                import onnx
-                graph, names = canonical_form(onnx.load(os.path.join(directory, part["stem"] + ".stream.onnx")))
+            streamed = index in self.plan.streamed
+            if streamed and self.streaming != "prepacked":
+                graph, names = canonical_form(onnx.load(os.path.join(self.directory, part["stem"] + ".stream.onnx")))
                 if graph not in shared:
                     shared[graph] = ort.InferenceSession(graph, _session_options(threads, arena=False),
                                                          providers=self.providers)
                 self.sessions.append(shared[graph])
                 self.renames.append(names)
                 continue
-            self.sessions.append(ort.InferenceSession(os.path.join(directory, part["stem"] + ".onnx"),
+            suffix = ".packed.onnx" if self.streaming == "prepacked" else ".onnx"
+            packed_weights = os.path.join(self.directory, part["stem"] + ".packed.bin")
+            before = mapped_ranges(packed_weights) if streamed else []
+            self.sessions.append(ort.InferenceSession(os.path.join(self.directory, part["stem"] + suffix),
                                                       _session_options(threads), providers=self.providers))
             self.renames.append(None)
+            if streamed:
+                mapped = self.streamer.track(index, packed_weights, before)
+                if mapped < part["held_bytes"] // 2:  # ONNX Runtime copied them to its heap instead
+                    raise BackendError(f"ort-paged: ONNX Runtime holds block {part['name']}'s prepacked weights on "
+                                       f"its heap ({mapped:,} of {part['held_bytes']:,} bytes mapped), so they "
+                                       f"cannot be paged; pass streaming='mmap'")
         self.streamed_sessions = len(shared)
-        self.streamer = _Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch, streaming)
-        self.last_use = {}
-        for index, part in enumerate(self.parts):
-            for name in part["inputs"]:
-                self.last_use[name] = index
-        log.info("ort-paged: %d blocks resident, %d streamed (through %d shared sessions), %s bytes of weights held",
-                 len(self.plan.resident), len(self.plan.streamed), self.streamed_sessions, f"{self.plan.weight_bytes:,}")
 
-    def step(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One decode step: feeds by input name; the step's outputs (logits, present caches).
-        Values between parts stay ONNX Runtime's own (OrtValues: no copy into numpy and back
-        per part, which cost ~5% of a forward at gpt-mini's size); numpy arrays are wrapped
-        without a copy."""
+    def step(self, feeds: dict) -> list:
+        """One decode step: feeds by input name (numpy arrays, wrapped without a copy, or the
+        OrtValues an earlier step returned); the step's outputs (logits, present caches) as
+        OrtValues. Values between parts, and the caches between steps, stay ONNX Runtime's own:
+        no copy into numpy and back per part (~5% of a forward at gpt-mini's size) and no third
+        copy of the cache at the end of a step."""
         from onnxruntime import OrtValue
-        env = {name: OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for name, v in feeds.items()}
+        env = {name: v if isinstance(v, OrtValue) else OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+               for name, v in feeds.items()}
         keep = set(self.manifest["outputs"])
         self.streamer.begin()
         for index, (part, session) in enumerate(zip(self.parts, self.sessions)):
             inputs = {name: env[name] for name in part["inputs"]}
-            names = self.renames[index]
-            if names is not None:
+            streamed, names, wanted = index in self.plan.streamed, self.renames[index], part["outputs"]
+            if streamed:  # waits for its weights (fed, or mapped in by the session's own mapping)
                 inputs.update({k: OrtValue.ortvalue_from_numpy(v) for k, v in self.streamer.weights(index).items()})
-                inputs = {names[k]: v for k, v in inputs.items()}
-                outputs = session.run_with_ort_values([names[n] for n in part["outputs"]], inputs)
-                del inputs
+            if names is not None:
+                inputs, wanted = {names[k]: v for k, v in inputs.items()}, [names[n] for n in wanted]
+            outputs = session.run_with_ort_values(wanted, inputs)
+            del inputs
+            if streamed:
                 self.streamer.release(index)
-            else:
-                outputs = session.run_with_ort_values(part["outputs"], inputs)
             env.update(zip(part["outputs"], outputs))
             for name in part["inputs"]:
                 if self.last_use.get(name) == index and name not in keep:
                     env.pop(name, None)  # free what no later part reads
-        return [env[name].numpy() for name in self.manifest["outputs"]]
+        return [env[name] for name in self.manifest["outputs"]]
 
 
 # ------------------------------------------------------------------ the program
@@ -387,7 +534,7 @@ class PagedProgram:
 
     def __init__(self, directory: str, manifest: dict, *, budget: int | None = None, prefetch: bool = True,
                  providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
-                 streaming: str = "mmap"):
+                 streaming: str = "auto"):
         self.directory, self.manifest, self.pipeline = directory, manifest, manifest.get("pipeline", "")
         self.runtime = PagedRuntime(directory, manifest, budget, prefetch=prefetch, providers=providers,
                                     threads=threads, batch=batch, max_len=max_len, streaming=streaming)
@@ -405,7 +552,7 @@ class PagedProgram:
         names = self.manifest["inputs"]
         feeds = dict(zip(names, [ids, positions, mask, *caches]))
         out = self.runtime.step(feeds)
-        return out[0], out[1:]
+        return out[0].numpy(), out[1:]  # the caches stay OrtValues: only the next step reads them
 
     def __call__(self, input_ids):
         """Logits of whole sequences (no cache), as a torch tensor when given one."""
@@ -462,8 +609,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress)
     files = {}
     for part in lowered["parts"]:
-        for suffix in (".onnx", ".stream.onnx", ".bin"):
-            name = part["stem"] + suffix
+        for name in [part["stem"] + suffix for suffix in (".onnx", ".stream.onnx", ".bin")] + part["packed"]:
             files[name] = ort_lower.sha256(os.path.join(directory, name))
     info = trace_info(gm)
     manifest = {"format": FORMAT, "model": info.model_name if info else "graph", "pipeline": pipeline,
@@ -487,7 +633,7 @@ def _register() -> None:
     @register_backend("ort-paged")
     def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
-              streaming: str = "mmap"):
+              streaming: str = "auto"):
         """Build `gm` for ONNX Runtime into `directory` (a temporary one when None; `prog.save`
         keeps it) and serve it under `budget` bytes."""
         import tempfile

@@ -48,23 +48,64 @@ def test_outputs_and_greedy_tokens_equal_the_torch_backend(built):
     assert served.generate(prompts, 32) == [_torch_greedy(reference, p, 32) for p in prompts]
 
 
+def _mapped_kib(ranges):
+    """Rss and Anonymous kB of this process's mappings that start at one of `ranges`."""
+    starts, rss, anonymous, current = {start for start, _ in ranges}, 0, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                current = int(head.split("-")[0], 16) in starts
+            elif current and head in ("Rss:", "Anonymous:"):
+                kib = int(line.split()[1])
+                rss, anonymous = (rss + kib, anonymous) if head == "Rss:" else (rss, anonymous + kib)
+    return rss, anonymous
+
+
 def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
     _, served, directory = built
     manifest = served.manifest
-    blocks = [p["weight_bytes_file"] for p in manifest["parts"] if p["kind"] == "block"]
-    fixed = sum(p["weight_bytes_file"] for p in manifest["parts"] if p["kind"] != "block")
+    # what a block holds: its weight file, or its prepacked weights (the larger, so both modes stream)
+    held = [max(os.path.getsize(os.path.join(directory, p["stem"] + ".bin")), ort_paged.packed_bytes(directory, p))
+            for p in manifest["parts"]]
+    blocks = [h for h, p in zip(held, manifest["parts"]) if p["kind"] == "block"]
+    fixed = sum(h for h, p in zip(held, manifest["parts"]) if p["kind"] != "block")
     reserve = ort_paged.reserved_bytes(manifest, 1, 48)
     if served.manifest["pipeline"]:
         assert len(set(blocks)) > 1  # the pruned block is smaller
     budget = fixed + 2 * max(blocks) + reserve  # room for the swap slots only: every block streams
-    for prefetch, streaming in ((True, "mmap"), (False, "mmap"), (True, "read")):
+    for prefetch, streaming in ((True, "prepacked"), (False, "prepacked"), (True, "mmap"), (False, "mmap"),
+                                (True, "read")):
         paged = bmc.load(directory, budget=budget, max_len=48, prefetch=prefetch, streaming=streaming)
         assert paged.plan.streamed and not paged.plan.resident and paged.plan.weight_bytes <= budget - reserve
         assert paged.generate([[7, 7, 1]], 12) == served.generate([[7, 7, 1]], 12)
         assert paged.runtime.streamer.bytes_read > 0
+        if streaming == "prepacked":  # ONNX Runtime's own mappings were paged: out of memory after each run,
+            for block in paged.plan.streamed:  # never copied on write (so dropping their pages loses nothing)
+                ranges = paged.runtime.streamer.ranges[block]
+                assert ranges and _mapped_kib(ranges) == (0, 0), (block, _mapped_kib(ranges))
     needed = fixed + 2 * max(blocks) + reserve
     with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
         bmc.load(directory, budget=needed - 1, max_len=48)
+
+
+def test_prepacked_weights_made_elsewhere_fall_back_to_weights_as_inputs(built, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+    _, served, directory = built
+    moved = str(tmp_path / "moved")
+    shutil.copytree(directory, moved)
+    path = os.path.join(moved, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["prepacked_for"] = "onnxruntime-0.0.0/riscv64/000000000000"
+    json.dump(manifest, open(path, "w"))
+    with caplog.at_level(logging.WARNING, logger="bmc"):
+        paged = bmc.load(moved, max_len=48)
+    assert paged.runtime.streaming == "mmap" and "made for onnxruntime-0.0.0/riscv64" in caplog.text
+    assert paged.generate([[7, 7, 1]], 6) == served.generate([[7, 7, 1]], 6)
+    with pytest.raises(BackendError, match="streaming='prepacked' is not available.*rebuild the directory here"):
+        bmc.load(moved, streaming="prepacked")
 
 
 def test_residency_spreads_kept_blocks_evenly():

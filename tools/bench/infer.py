@@ -107,10 +107,10 @@ def paging(args) -> list[str]:
     runs = {}
     for _ in range(args.repeat):  # interleaved, so drift on the VM hits every configuration alike
         for name, budget_, prefetch, streaming in (
-                ("resident", None, True, "mmap"), ("budget 30%, mmap, prefetch", budget, True, "mmap"),
-                ("budget 30%, mmap, no prefetch", budget, False, "mmap"),
-                ("budget 30%, read into slots, prefetch", budget, True, "read"),
-                ("budget 30%, read into slots, no prefetch", budget, False, "read")):
+                ("resident", None, True, "auto"), ("budget 30%, prepacked mapped, prefetch", budget, True, "prepacked"),
+                ("budget 30%, prepacked mapped, no prefetch", budget, False, "prepacked"),
+                ("budget 30%, plain weights as inputs (mmap), prefetch", budget, True, "mmap"),
+                ("budget 30%, plain weights read into slots, prefetch", budget, True, "read")):
             runs.setdefault(name, []).append(serve_in_child({**common, "budget": budget_, "prefetch": prefetch,
                                                              "streaming": streaming}))
     lines = [f"paging: GPT 16 x 512 (random init), weight files {files:,} bytes, budget {budget:,} (30%), "
