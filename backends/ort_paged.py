@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,7 +168,7 @@ class _Slot:
     def __init__(self, nbytes: int):
         self.buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
         self.block: int | None = None
-        self.ready = threading.Event()
+        self.pending = None  # the prefetch worker's Future bringing `block` in
 
 
 _DONTNEED = 4  # MADV_DONTNEED
@@ -230,7 +230,9 @@ class _Streamer:
         self.maps = {block: self._map(block) for block in streamed} if mode == "mmap" else {}
         self.ranges: dict[int, list[tuple[int, int]]] = {}  # prepacked: ONNX Runtime's mappings per block
         self.bytes_read = 0
-        self._threads: list[threading.Thread] = []
+        # one worker, first in first out: a block's drop runs before the bring-in queued after it
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="bmc-prefetch") if prefetch and streamed else None
+        self._drops: list = []
 
     def track(self, block: int, path: str, before: list[tuple[int, int]]) -> int:
         """A streamed block's session was made over `path`: remember the mappings it added to
@@ -261,22 +263,18 @@ class _Streamer:
             with open(self._path(block), "rb", buffering=0) as f:
                 f.readinto(memoryview(slot.buffer)[:size])
         self.bytes_read += size
-        slot.ready.set()
 
     def _start(self, slot: _Slot, block: int) -> None:
         slot.block = block
-        slot.ready.clear()
-        if self.prefetch:
-            thread = threading.Thread(target=self._read, args=(slot, block), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        else:
+        if self._worker is None:
+            slot.pending = None
             self._read(slot, block)
+        else:
+            slot.pending = self._worker.submit(self._read, slot, block)
 
     def begin(self) -> None:
         """A forward pass starts: the first streamed block into slot 0."""
         if self.order:
-            self._join()
             self._start(self.slots[0], self.order[0])
 
     def weights(self, block: int) -> dict[str, np.ndarray]:
@@ -286,7 +284,10 @@ class _Streamer:
         slot = self.slots[position % SLOTS]
         if slot.block != block:
             self._start(slot, block)
-        slot.ready.wait()
+        if slot.pending is not None:
+            slot.pending.result()  # re-raises what went wrong on the worker
+        while self._drops and self._drops[0].done():
+            self._drops.pop(0).result()
         if position + 1 < len(self.order):
             self._start(self.slots[(position + 1) % SLOTS], self.order[position + 1])
         if self.mode == "prepacked":
@@ -296,51 +297,64 @@ class _Streamer:
                                          offset=t["offset"]).reshape(t["shape"]) for t in self.parts[block]["weights"]}
 
     def release(self, block: int) -> None:
-        """The block ran: its mapped pages leave this process's memory (they stay in the page cache)."""
+        """The block ran: its mapped pages leave this process's memory (they stay in the page
+        cache). On the worker, ahead of the next block it brings in: never more than SLOTS
+        blocks in memory, and the compute thread does not wait on the drop."""
+        if self.mode == "read":
+            return  # the slot's buffer is reused by the block after next
+        if self._worker is None:
+            self._drop(block)
+        else:
+            self._drops.append(self._worker.submit(self._drop, block))
+
+    def _drop(self, block: int) -> None:
         if self.mode == "prepacked":
             _advise(self.ranges[block], _DONTNEED)
-        elif self.mode == "mmap" and block in self.maps:
+        elif block in self.maps:
             import mmap
             self.maps[block].madvise(mmap.MADV_DONTNEED)
-
-    def _join(self) -> None:
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
 
 
 # ------------------------------------------------------------------ the runtime
 
 
-_SHARED_ARENA = False
+_SHARED_ARENA = 0  # the first chunk's size, once made
 
 
-def _shared_arena() -> None:
+def _shared_arena(first_chunk: int) -> None:
     """One CPU arena for every session of the process (ONNX Runtime's environment allocator).
     A session's own arena keeps its high-water mark for good: with one per block that is the
     activations of every block at once (+86 MiB at 16 blocks x 512, batch 4, measured), where
     parts run one after the other and one arena the size of one part's working set serves them
     all. Its chunks grow by doubling (kNextPowerOfTwo): growing them as requested left a new
     chunk per decode step, as each step's working set is a little larger (+160 MiB over 32
-    steps, measured, against +18 MiB); without an arena a decode step ran 1.5x slower."""
+    steps, measured, against +18 MiB); without an arena a decode step ran 1.5x slower. Its first
+    chunk is the plan's reserve for the cache and activations (`first_chunk`), so a step that
+    holds what the plan counted never extends it (pages of it that are never touched cost no
+    memory); the process's first runtime sets it."""
     global _SHARED_ARENA
     if _SHARED_ARENA:
+        if first_chunk > _SHARED_ARENA:
+            log.info("ort-paged: the process's ONNX Runtime arena was made for %s bytes; it grows past them",
+                     f"{_SHARED_ARENA:,}")
         return
     import onnxruntime as ort
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0}))
-    _SHARED_ARENA = True
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0,
+                                                             "initial_chunk_size_bytes": first_chunk}))
+    _SHARED_ARENA = first_chunk
 
 
-def _session_options(threads: int | None, arena: bool = True):
-    """Sessions allocate from the process's shared arena (`_shared_arena`); `arena=False` for
-    the shared session of blocks fed their weights as inputs, where malloc per run costs
-    little beside bringing a block's weights in."""
+def _session_options(threads: int | None, arena_bytes: int = 0):
+    """Sessions allocate from the process's shared arena (`_shared_arena`, first chunk
+    `arena_bytes`); 0 for the shared session of blocks fed their weights as inputs, where
+    malloc per run costs little beside bringing a block's weights in."""
     import onnxruntime as ort
     options = ort.SessionOptions()
+    arena = arena_bytes > 0
     options.enable_cpu_mem_arena = arena
     if arena:
-        _shared_arena()
+        _shared_arena(arena_bytes)
         options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -351,11 +365,18 @@ def _session_options(threads: int | None, arena: bool = True):
 
 
 def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
-    """KV cache for `batch` sequences of `max_len` slots, plus activations: four live tensors
-    of the widest per-token value the lowering recorded, for a whole prompt (fp32)."""
+    """What a step holds beside the weights, for `batch` sequences of up to `max_len` tokens
+    (fp32): the KV cache, one block's new cache besides it (each block's old cache is freed as
+    soon as that block ran: PagedRuntime.step), and a block's working set for a whole prompt:
+    four live values of the widest per-token value, the widest of the MLP's hidden width, the
+    fused qkv, the vocabulary (the largest dimension of any weight) and the attention scores
+    (heads x positions)."""
     layout = manifest["layout"]
-    cache = sum(2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"]))
-    return cache + 4 * manifest["widest_per_token"] * batch * max_len * 4
+    per_block = [2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"])]
+    widest_weight = max((max(t["shape"]) for part in manifest["parts"] for t in part["weights"] if t["shape"]),
+                        default=0)
+    widest = max(manifest["widest_per_token"], widest_weight, max(layout["heads"]) * max_len)
+    return sum(per_block) + max(per_block) + 4 * widest * batch * max_len * 4
 
 
 def canonical_form(model) -> tuple[bytes, dict[str, str]]:
@@ -475,7 +496,7 @@ class PagedRuntime:
             if streamed and self.streaming != "prepacked":
                 graph, names = canonical_form(onnx.load(os.path.join(self.directory, part["stem"] + ".stream.onnx")))
                 if graph not in shared:
-                    shared[graph] = ort.InferenceSession(graph, _session_options(threads, arena=False),
+                    shared[graph] = ort.InferenceSession(graph, _session_options(threads),
                                                          providers=self.providers)
                 self.sessions.append(shared[graph])
                 self.renames.append(names)
@@ -484,7 +505,8 @@ class PagedRuntime:
             packed_weights = os.path.join(self.directory, part["stem"] + ".packed.bin")
             before = mapped_ranges(packed_weights) if streamed else []
             self.sessions.append(ort.InferenceSession(os.path.join(self.directory, part["stem"] + suffix),
-                                                      _session_options(threads), providers=self.providers))
+                                                      _session_options(threads, self.reserved),
+                                                      providers=self.providers))
             self.renames.append(None)
             if streamed:
                 mapped = self.streamer.track(index, packed_weights, before)
@@ -499,10 +521,14 @@ class PagedRuntime:
         OrtValues an earlier step returned); the step's outputs (logits, present caches) as
         OrtValues. Values between parts, and the caches between steps, stay ONNX Runtime's own:
         no copy into numpy and back per part (~5% of a forward at gpt-mini's size) and no third
-        copy of the cache at the end of a step."""
+        copy of the cache at the end of a step. `feeds` is consumed (emptied as parts read it):
+        a block's old cache is freed once that block ran, when the caller keeps no other
+        reference, so a step holds one cache and one block's new one, not two caches."""
         from onnxruntime import OrtValue
-        env = {name: v if isinstance(v, OrtValue) else OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-               for name, v in feeds.items()}
+        env = feeds
+        for name, value in env.items():
+            if not isinstance(value, OrtValue):
+                env[name] = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
         keep = set(self.manifest["outputs"])
         self.streamer.begin()
         for index, (part, session) in enumerate(zip(self.parts, self.sessions)):
@@ -548,9 +574,11 @@ class PagedProgram:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), dtype=np.float32) for h, d in zip(self.heads, self.head_dims) for _ in (0, 1)]
 
-    def step(self, ids, positions, mask, caches):
-        names = self.manifest["inputs"]
-        feeds = dict(zip(names, [ids, positions, mask, *caches]))
+    def step(self, ids, positions, mask, caches: list):
+        """The decode step of bmc/generate.py. `caches` is consumed (emptied): the runtime frees
+        each block's old cache as soon as that block ran (PagedRuntime.step)."""
+        feeds = dict(zip(self.manifest["inputs"], [ids, positions, mask, *caches]))
+        caches.clear()
         out = self.runtime.step(feeds)
         return out[0].numpy(), out[1:]  # the caches stay OrtValues: only the next step reads them
 

@@ -2,8 +2,11 @@
 backend): a batch of prompts, left-padded, greedy or sampled, stopping at EOS or max tokens,
 with the new tokens yielded step by step when streaming.
 
-`step(ids, positions, mask, caches) -> (logits, caches)` takes and returns numpy arrays:
-ids/positions [B, T] int64, mask [B, S] int64, caches a list of [B, heads, P, head_dim].
+`step(ids, positions, mask, caches) -> (logits, caches)`: ids/positions [B, T] int64, mask
+[B, S] int64 and logits are numpy arrays; caches a list of [B, heads, P, head_dim], numpy or
+the backend's own values (ONNX Runtime's OrtValues), passed back as the step returned them.
+The step may consume the list it is given (ort-paged frees each block's old cache as soon as
+the block ran), so nothing here keeps a reference to it past the call.
 """
 from __future__ import annotations
 
