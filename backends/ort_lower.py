@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -36,6 +35,7 @@ import torch.fx as fx
 import bmc.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
 from bmc import ir
 from bmc.errors import BackendError
+from bmc.backends.ort_artifacts import SMALL, machine_key
 from bmc.structure import structure_of
 
 log = logging.getLogger(__name__)
@@ -234,10 +234,6 @@ def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tupl
     return program.model_proto
 
 
-SMALL = 1024  # bytes: constants below this (shapes, slice bounds, scalars) stay in the graph, where
-# ONNX Runtime's shape inference reads them; everything larger is a weight and is paged
-
-
 def split_weights(model, weight_path: str) -> list[dict]:
     """Move the model's weights (initializers of SMALL bytes or more) into one aligned raw file;
     their table (name, dtype, shape, offset, nbytes)."""
@@ -347,33 +343,6 @@ def _external_tensors(model):
     import onnx
     # an optimized part has no subgraphs (no If/Loop in a block): the top graph's initializers are all
     return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-
-
-def machine_key() -> str:
-    """What prepacked weights are valid for: the ONNX Runtime version and the CPU's vector
-    extensions (its kernels, chosen by them, fix the packed layout)."""
-    import platform
-    import onnxruntime as ort
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = " ".join(sorted(x for x in line.split(":", 1)[1].split()
-                                            if x.startswith(("avx", "amx", "sse", "fma", "f16c", "neon", "asimd", "sve"))))
-                    break
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"onnxruntime-{ort.__version__}/{platform.machine()}/{digest}"
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_proto(model, path: str) -> None:

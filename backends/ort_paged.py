@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -107,7 +108,7 @@ def read_manifest(directory: str) -> dict:
 
 def verify_files(directory: str, manifest: dict) -> None:
     """Every file the manifest lists exists and has its checksum, before anything is loaded."""
-    from bmc.backends.ort_lower import sha256
+    from bmc.backends.ort_artifacts import sha256
     for name, digest in manifest["files"].items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
@@ -416,7 +417,7 @@ def packed_bytes(directory: str, part: dict) -> int:
     copy unread), else itself. Read off the graph's external-data entries
     (`prepacked_N: "kernel+hash|offset;length;alignment"`)."""
     import onnx
-    from bmc.backends.ort_lower import SMALL
+    from bmc.backends.ort_artifacts import SMALL
     model = onnx.load(os.path.join(directory, part["stem"] + ".packed.onnx"), load_external_data=False)
     total = 0
     for tensor in model.graph.initializer:
@@ -432,7 +433,7 @@ def packed_bytes(directory: str, part: dict) -> int:
 def choose_streaming(manifest: dict, requested: str, providers: list) -> str:
     """`requested` ("auto": prepacked where the build's prepacked weights fit this machine, else
     mmap), or why it cannot be had."""
-    from bmc.backends.ort_lower import machine_key
+    from bmc.backends.ort_artifacts import machine_key
     usable, why = True, ""
     if not all(part.get("packed") for part in manifest["parts"]):
         usable, why = False, "the build has no prepacked weights (a GPU build, or made by an older bmc)"
@@ -467,7 +468,7 @@ class PagedRuntime:
                                   else part["weight_bytes_file"])
         blocks = [i for i, p in enumerate(self.parts) if p["kind"] == "block"]
         fixed = sum(p["held_bytes"] for i, p in enumerate(self.parts) if i not in blocks)
-        self.max_len = max_len or manifest["max_len"]
+        self.batch, self.max_len = batch, max_len or manifest["max_len"]
         self.reserved = reserved_bytes(manifest, batch, self.max_len)
         plan = plan_residency([self.parts[i]["held_bytes"] for i in blocks], fixed, budget, self.reserved)
         self.plan = Plan(tuple(blocks[i] for i in plan.resident), tuple(blocks[i] for i in plan.streamed),
@@ -584,8 +585,8 @@ class PagedProgram:
 
     def __call__(self, input_ids):
         """Logits of whole sequences (no cache), as a torch tensor when given one."""
-        import torch
-        as_torch = isinstance(input_ids, torch.Tensor)
+        torch = sys.modules.get("torch")  # a torch tensor means torch is imported; serving never imports it
+        as_torch = torch is not None and isinstance(input_ids, torch.Tensor)
         ids = input_ids.cpu().numpy() if as_torch else np.asarray(input_ids)
         batch, seq = ids.shape
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
@@ -596,6 +597,11 @@ class PagedProgram:
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                  eos: int | None = None, stream: bool = False):
         from bmc import generate as gen
+        longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+        if len(prompts) > self.runtime.batch or longest > self.runtime.max_len:
+            log.warning("ort-paged: %d prompts of up to %d positions exceed what the budget's reserve was sized "
+                        "for (batch=%d, max_len=%d): memory may go past the budget; load with batch= and max_len=",
+                        len(prompts), longest, self.runtime.batch, self.runtime.max_len)
         kw = dict(max_new_tokens=max_new_tokens, sampling=gen.Sampling(temperature, top_k, seed), eos=eos,
                   max_len=self.manifest["max_len"])
         if stream:
@@ -631,6 +637,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     without one is not a build)."""
     from bmc import ir
     from bmc.backends import ort_lower
+    from bmc.backends.ort_artifacts import sha256
     from bmc.serialize import atomic_write_text
     from bmc.structure import structure_of
     from bmc.trace import trace_info
@@ -638,7 +645,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     files = {}
     for part in lowered["parts"]:
         for name in [part["stem"] + suffix for suffix in (".onnx", ".stream.onnx", ".bin")] + part["packed"]:
-            files[name] = ort_lower.sha256(os.path.join(directory, name))
+            files[name] = sha256(os.path.join(directory, name))
     info = trace_info(gm)
     manifest = {"format": FORMAT, "model": info.model_name if info else "graph", "pipeline": pipeline,
                 "blocks": [b.name for b in structure_of(gm).blocks], "dtype": "float32", "gpu": gpu,

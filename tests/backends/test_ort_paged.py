@@ -133,9 +133,10 @@ def test_a_saved_build_loads_in_a_fresh_process_and_damage_is_caught(built, tmp_
     _, served, _ = built
     saved = str(tmp_path / "served")
     served.save(saved)
-    code = ("import bmc, json; p = bmc.load(%r); print(json.dumps(p.generate([[1, 2, 3]], 8)))" % saved)
+    code = ("import bmc, json, sys; p = bmc.load(%r); print(json.dumps(p.generate([[1, 2, 3]], 8)));"
+            "sys.exit(3 if 'torch' in sys.modules else 0)" % saved)  # serving never imports torch
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.strip().splitlines()[-1] == str(served.generate([[1, 2, 3]], 8)).replace("'", '"')
     weights = os.path.join(saved, "part-01.bin")
     data = bytearray(open(weights, "rb").read())
