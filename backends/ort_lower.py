@@ -357,14 +357,67 @@ def block_names(gm: fx.GraphModule) -> list[str]:
     return [b.name for b in blocks]
 
 
+def task_of(gm: fx.GraphModule) -> str:
+    """"causal-lm" when every attention is causal sdpa (served as its decode step with a KV
+    cache), "encoder" when none is (served as its forward: token ids in, hidden states out)."""
+    from bmc import kv_cache
+    causal = {bool(kv_cache.sdpa_arguments(n).get("is_causal"))
+              for n in gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)}
+    if causal == {True}:
+        return "causal-lm"
+    if causal == {False}:
+        return "encoder"
+    raise BackendError("ort-paged serves causal LMs (every attention causal sdpa) and encoders (none causal); "
+                       + ("this graph has no scaled_dot_product_attention" if not causal else "this one mixes both"))
+
+
+def encoder_step(gm: fx.GraphModule):
+    """The forward of an encoder as the step to cut into parts: positional inputs, the hidden
+    states (the first output) out; its layout has no cache, and max_positions is the rows of
+    the position table an arange indexes."""
+    import copy
+    from bmc import kv_cache
+    with warnings.catch_warnings():  # deep-copying export's pytree specs warns from inside torch
+        warnings.simplefilter("ignore", FutureWarning)
+        step = copy.deepcopy(gm)
+    graph = step.graph
+    output = graph.output_node()
+    hidden = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+    output.args = ((hidden,),)
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a flat tuple out
+    for node in graph.find_nodes(op="call_module"):  # export's input guards checked the old signature
+        if node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    step.recompile()
+    rows = [step.get_parameter(str(n.args[0].target)).shape[0]
+            for n in graph.find_nodes(op="call_function", target=aten.embedding.default)
+            if n.args[0].op == "get_attr" and isinstance(n.args[1], fx.Node) and n.args[1].target is aten.arange.default]
+    heads = tuple(int(ir.tensor_val(kv_cache.sdpa_arguments(n)["query"]).shape[1])
+                  for n in graph.find_nodes(op="call_function", target=kv_cache.SDPA))
+    layout = kv_cache.CacheLayout((), (), vocab=0, max_positions=int(min(rows)) if rows else 1 << 30)
+    return step, layout, heads
+
+
 def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None) -> dict:
-    """Write the parts of `gm`'s decode step to `directory`; the manifest's `parts` entries."""
+    """Write the parts of `gm`'s step (a causal LM's decode step, an encoder's forward) to
+    `directory`; the manifest's `parts` entries."""
     from bmc import kv_cache
     names = block_names(gm)
-    step, layout = kv_cache.decode_step(gm)
+    task = task_of(gm)
+    if task == "causal-lm":
+        step, layout = kv_cache.decode_step(gm)
+        heads = layout.heads
+        examples = [kv_cache.example_step_inputs(layout, batch=2, new=3, past=2),
+                    kv_cache.example_step_inputs(layout, batch=3, new=4, past=5)]
+    else:
+        step, layout, heads = encoder_step(gm)
+        count = len(step.graph.find_nodes(op="placeholder"))
+        if count != 1:
+            raise BackendError(f"ort-paged serves encoders that take token ids alone; this one takes {count} inputs")
+        examples = [(torch.zeros(2, 3, dtype=torch.long),), (torch.zeros(3, 4, dtype=torch.long),)]
     parts = partition(step, names)
-    small = record(step, parts, kv_cache.example_step_inputs(layout, batch=2, new=3, past=2))
-    other = record(step, parts, kv_cache.example_step_inputs(layout, batch=3, new=4, past=5))
+    small, other = (record(step, parts, inputs) for inputs in examples)
     entries = []
     os.makedirs(directory, exist_ok=True)
     for index, part in enumerate(parts):
@@ -387,5 +440,6 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
                  and v.shape[0] == 2 and v.numel() % tokens == 0)
     return {"parts": entries, "outputs": step_outputs, "layout": dataclasses.asdict(layout),
             "inputs": [n.name for n in step.graph.find_nodes(op="placeholder")],
-            "max_len": layout.max_positions, "widest_per_token": int(widest),
+            "max_len": layout.max_positions, "widest_per_token": int(widest), "task": task,
+            "attention_heads": max(heads, default=0),
             "prepacked_for": None if gpu else machine_key()}

@@ -1,5 +1,6 @@
-"""The ort-paged backend: a causal LM served by ONNX Runtime, block by block, with its block
-weights paged under a memory budget (BMInf's policy) and loading overlapped with compute.
+"""The ort-paged backend: a causal LM (or an encoder, hidden states out) served by ONNX
+Runtime, block by block, with its block weights paged under a memory budget (BMInf's policy)
+and loading overlapped with compute.
 
     prog = bmc.compile(model, passes="quant-int8", backend="ort-paged", budget=40 << 20)
     prog.save("served/")                       # manifest; per part .onnx, .stream.onnx, .bin, .packed.*
@@ -373,11 +374,13 @@ def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
     fused qkv, the vocabulary (the largest dimension of any weight) and the attention scores
     (heads x positions)."""
     layout = manifest["layout"]
+    # an encoder has no cache: no per-block entries
     per_block = [2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"])]
     widest_weight = max((max(t["shape"]) for part in manifest["parts"] for t in part["weights"] if t["shape"]),
                         default=0)
-    widest = max(manifest["widest_per_token"], widest_weight, max(layout["heads"]) * max_len)
-    return sum(per_block) + max(per_block) + 4 * widest * batch * max_len * 4
+    heads = manifest.get("attention_heads") or max(layout["heads"], default=0)
+    widest = max(manifest["widest_per_token"], widest_weight, heads * max_len)
+    return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4
 
 
 def canonical_form(model) -> tuple[bytes, dict[str, str]]:
@@ -583,20 +586,31 @@ class PagedProgram:
         out = self.runtime.step(feeds)
         return out[0].numpy(), out[1:]  # the caches stay OrtValues: only the next step reads them
 
+    @property
+    def task(self) -> str:
+        return self.manifest.get("task", "causal-lm")
+
     def __call__(self, input_ids):
-        """Logits of whole sequences (no cache), as a torch tensor when given one."""
+        """Logits of whole sequences (no cache), or an encoder's hidden states; a torch tensor
+        when given one."""
         torch = sys.modules.get("torch")  # a torch tensor means torch is imported; serving never imports it
         as_torch = torch is not None and isinstance(input_ids, torch.Tensor)
-        ids = input_ids.cpu().numpy() if as_torch else np.asarray(input_ids)
+        ids = (input_ids.cpu().numpy() if as_torch else np.asarray(input_ids)).astype(np.int64)
         batch, seq = ids.shape
-        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-        logits, _ = self.step(ids.astype(np.int64), positions, np.ones((batch, seq), dtype=np.int64),
-                              self.empty_cache(batch))
-        return torch.from_numpy(logits) if as_torch else logits
+        if seq > self.manifest["max_len"]:
+            raise BackendError(f"{seq} tokens exceed the model's {self.manifest['max_len']} positions")
+        if self.task == "encoder":
+            out = self.runtime.step({self.manifest["inputs"][0]: ids})[0].numpy()
+        else:
+            positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+            out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch))
+        return torch.from_numpy(out) if as_torch else out
 
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                  eos: int | None = None, stream: bool = False):
         from bmc import generate as gen
+        if self.task == "encoder":
+            raise BackendError("this build is an encoder: it gives hidden states (prog(input_ids)), not tokens")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
         if len(prompts) > self.runtime.batch or longest > self.runtime.max_len:
             log.warning("ort-paged: %d prompts of up to %d positions exceed what the budget's reserve was sized "

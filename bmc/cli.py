@@ -559,7 +559,9 @@ def _build_paged(gm, directory: str, pipeline: str, out) -> None:
             sys.stderr.write("\n")
     weights = sum(p["weight_bytes"] for p in manifest["parts"])
     out.write(f"\nwrote {directory}: {len(manifest['parts'])} parts ({len(manifest['blocks'])} blocks), "
-              f"{weights:,} bytes of weights; serve it with: bmc run {directory} --prompt TEXT\n")
+              f"{weights:,} bytes of weights; " + (f"hidden states from python: bmc.load({directory!r})(ids)\n"
+                                                     if manifest.get("task") == "encoder" else
+                                                     f"serve it with: bmc run {directory} --prompt TEXT\n"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,7 +120,7 @@ def _causal_mask(graph: fx.Graph, ids: fx.Node, attention_mask: fx.Node, dtype: 
     return call(aten.unsqueeze.default, (blocked, 1))
 
 
-def _named_sdpa(node: fx.Node) -> dict:
+def sdpa_arguments(node: fx.Node) -> dict:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     found = dict(zip(names, node.args))
     found.update(node.kwargs)
@@ -142,10 +142,10 @@ def _rewrite_attention(gm: fx.GraphModule, ids: fx.Node, attention_mask: fx.Node
         caches.append((past_k, past_v))
         last_placeholder = past_v
     with graph.inserting_before(last_placeholder.next):  # once, before the first layer: every layer reads it
-        mask = _causal_mask(graph, ids, attention_mask, ir.tensor_val(_named_sdpa(sites[0])["query"]).dtype)
+        mask = _causal_mask(graph, ids, attention_mask, ir.tensor_val(sdpa_arguments(sites[0])["query"]).dtype)
     presents, heads, dims = [], [], []
     for index, node in enumerate(sites):
-        args = _named_sdpa(node)
+        args = sdpa_arguments(node)
         if not args.get("is_causal") or args.get("attn_mask") is not None or args.get("enable_gqa"):
             raise CacheError(f"attention {ir.module_path(node) or node.name} is not causal sdpa without a mask of "
                              f"its own; the KV-cache decode step supports is_causal attention (zoo GPT, LLaMA)")

@@ -83,6 +83,9 @@ def run(argv: Sequence[str] | None, out, err) -> int:
     started = time.perf_counter()
     from bmc.backends.ort_paged import read_manifest
     manifest = read_manifest(args.directory)
+    if manifest.get("task") == "encoder":
+        raise ServeUsageError(f"{args.directory} is an encoder build: bmc run generates tokens; load it with "
+                              f"bmc.load(DIR) and call it on token ids for hidden states")
     prompts = _prompts(args, manifest["layout"]["vocab"])
     prompts_len = max(len(p) for p in prompts)
     # the budget's reserve is sized for this batch and these lengths (too long is refused by generate)

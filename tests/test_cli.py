@@ -263,3 +263,8 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     assert "manifest.json is missing" in capsys.readouterr().err
     assert main(["zoo:gpt-tiny", "--backend=ort-paged"]) == 2
     assert "give it with -o DIR" in capsys.readouterr().err
+    encoder_dir = tmp_path / "encoder"
+    assert main(["zoo:bert-tiny", "--device", "cpu", "--backend=ort-paged", "-o", str(encoder_dir)]) == 0
+    assert "hidden states from python" in capsys.readouterr().out
+    assert serve.main([str(encoder_dir), "--prompt", "x"]) == 2
+    assert "is an encoder build" in capsys.readouterr().err

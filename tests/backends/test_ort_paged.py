@@ -108,6 +108,27 @@ def test_prepacked_weights_made_elsewhere_fall_back_to_weights_as_inputs(built, 
         bmc.load(moved, streaming="prepacked")
 
 
+def test_an_encoder_gives_the_torch_backends_hidden_states_resident_and_streamed(tmp_path):
+    import dataclasses
+    torch.manual_seed(0)  # 3 blocks: more than the 2 swap slots, so a tight budget streams them
+    model = zoo.build(dataclasses.replace(zoo.config("bert-tiny"), n_layer=3)).eval()
+    reference = bmc.compile(copy.deepcopy(model), example_inputs=model.example_inputs(), dynamic=True)
+    directory = str(tmp_path / "bert")
+    served = bmc.compile(copy.deepcopy(model), example_inputs=model.example_inputs(), dynamic=True,
+                         backend="ort-paged", directory=directory)
+    assert served.task == "encoder" and [p["kind"] for p in served.manifest["parts"]] == ["embed", "block", "block", "block"]
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    want = reference(ids).detach()
+    torch.testing.assert_close(served(ids), want, atol=1e-4, rtol=1e-4)
+    held = [ort_paged.packed_bytes(directory, p) for p in served.manifest["parts"]]
+    budget = held[0] + 2 * max(held[1:]) + ort_paged.reserved_bytes(served.manifest, 3, 20)
+    paged = bmc.load(directory, budget=budget, batch=3, max_len=20)
+    assert paged.plan.streamed == (1, 2, 3)
+    torch.testing.assert_close(paged(ids), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(BackendError, match="is an encoder"):
+        served.generate([[1, 2]], 4)
+
+
 def test_residency_spreads_kept_blocks_evenly():
     plan = ort_paged.plan_residency([10] * 8, fixed_bytes=5, budget=5 + 2 * 10 + 40, reserved=0)
     assert plan.resident == (0, 2, 5, 7) and plan.streamed == (1, 3, 4, 6)
