@@ -375,21 +375,13 @@ def encoder_step(gm: fx.GraphModule):
     """The forward of an encoder as the step to cut into parts: positional inputs, the hidden
     states (the first output) out; its layout has no cache, and max_positions is the rows of
     the position table an arange indexes."""
-    import copy
     from bmc import kv_cache
-    with warnings.catch_warnings():  # deep-copying export's pytree specs warns from inside torch
-        warnings.simplefilter("ignore", FutureWarning)
-        step = copy.deepcopy(gm)
+    step = kv_cache.copy_graph(gm)
     graph = step.graph
     output = graph.output_node()
     hidden = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
     output.args = ((hidden,),)
-    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a flat tuple out
-    for node in graph.find_nodes(op="call_module"):  # export's input guards checked the old signature
-        if node.target == "_guards_fn":
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    step.recompile()
+    kv_cache.flatten_signature(step)
     rows = [step.get_parameter(str(n.args[0].target)).shape[0]
             for n in graph.find_nodes(op="call_function", target=aten.embedding.default)
             if n.args[0].op == "get_attr" and isinstance(n.args[1], fx.Node) and n.args[1].target is aten.arange.default]

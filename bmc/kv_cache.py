@@ -162,13 +162,29 @@ def _rewrite_attention(gm: fx.GraphModule, ids: fx.Node, attention_mask: fx.Node
     return presents, CacheLayout(tuple(heads), tuple(dims), 0, 0)
 
 
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():  # deep-copying export's pytree specs warns from inside torch
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm)
+
+
+def flatten_signature(step: fx.GraphModule) -> None:
+    """After a rewrite of the inputs or outputs: plain positional inputs and a flat tuple out,
+    export's input guards (which checked the old signature) gone, dead code removed."""
+    graph = step.graph
+    graph._codegen = fx.graph.CodeGen()
+    for node in graph.find_nodes(op="call_module"):
+        if node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    step.recompile()
+
+
 def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     """The decode-step graph of a traced causal LM (see the module doc) and its cache layout.
     New nodes carry no `val` meta: the step runs as it is, and the ort-paged lowering traces
     each part of it again."""
-    with warnings.catch_warnings():  # deep-copying export's pytree specs warns from inside torch
-        warnings.simplefilter("ignore", FutureWarning)
-        step = copy.deepcopy(gm)
+    step = copy_graph(gm)
     graph = step.graph
     ids = _token_input(step)
     with graph.inserting_after(ids):
@@ -182,12 +198,7 @@ def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
     output.args = ((logits, *presents),)
-    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a flat tuple out
-    for node in graph.find_nodes(op="call_module"):  # export's input guards checked the old signature
-        if node.target == "_guards_fn":
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    step.recompile()
+    flatten_signature(step)
     layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]),
                          _max_positions(step, positions))
     step.meta["bmc.kv_cache"] = layout
