@@ -12,11 +12,11 @@ what the budget leaves after them, the KV cache, the activations and the swap sl
 resident, spread evenly over the depth; the others are streamed through two swap slots, the
 next streamed block brought in on a background thread while the current one computes.
 
-How streamed blocks get their weights (`streaming=`, measured in tools/bench/infer.py): by
-default ("prepacked", CPU) every block, resident or streamed, runs in its own session over
-ONNX Runtime's prepacked weights, memory-mapped from the build's `part-NN.packed.bin`; paging
-a block is faulting its mapped pages in ahead and dropping them after it ran, so a streamed
-block computes exactly as fast as a resident one. Feeding the plain weights as inputs
+How streamed blocks get their weights (`streaming=`, measured in tools/bench/infer.py; the
+paging itself is ort_streamer.py): by default ("prepacked", CPU) every block, resident or
+streamed, runs in its own session over ONNX Runtime's prepacked weights, memory-mapped from
+the build's `part-NN.packed.bin`; paging a block is faulting its mapped pages in ahead and
+dropping them after it ran, so a streamed block computes exactly as fast as a resident one. Feeding the plain weights as inputs
 ("mmap", "read") loses the prepacking: ONNX Runtime packs an input weight on every run.
 """
 from __future__ import annotations
@@ -25,16 +25,16 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from bmc.backends.ort_artifacts import SMALL, machine_key, sha256
+from bmc.backends.ort_streamer import SLOTS, Streamer, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
 log = logging.getLogger(__name__)
 FORMAT = "bmc-ort-paged/1"
-SLOTS = 2
 
 
 class ArtifactError(BackendError):
@@ -109,7 +109,6 @@ def read_manifest(directory: str) -> dict:
 
 def verify_files(directory: str, manifest: dict) -> None:
     """Every file the manifest lists exists and has its checksum, before anything is loaded."""
-    from bmc.backends.ort_artifacts import sha256
     for name, digest in manifest["files"].items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
@@ -117,204 +116,6 @@ def verify_files(directory: str, manifest: dict) -> None:
         if sha256(path) != digest:
             raise ArtifactError(f"{path} does not match its checksum in manifest.json (corrupted or changed); "
                                 f"restore it or rebuild the directory")
-
-
-# ------------------------------------------------------------------ swap slots and prefetch
-
-
-_POPULATE_READ = 22  # MADV_POPULATE_READ (Linux 5.14): map a range's pages from the page cache
-
-
-def _populate(mapping, size: int) -> None:
-    """Fault every page of `mapping` in. Through libc's madvise (ctypes lets go of the GIL, so
-    the main thread's ONNX Runtime calls go on meanwhile); touching a byte per page from numpy
-    where the kernel lacks MADV_POPULATE_READ (that holds the GIL)."""
-    import ctypes
-    view = np.frombuffer(mapping, dtype=np.uint8)
-    libc = _libc()
-    if libc is not None and libc.madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), _POPULATE_READ) == 0:
-        return
-    view[::4096].sum()
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except OSError:
-            _LIBC = False
-    return _LIBC or None
-
-
-_LIBC = None
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-
-
-def _bound_malloc() -> None:
-    """Keep glibc from holding freed activation and cache buffers. Its mmap threshold rises
-    after every large free (up to 32 MB), so the caches that grow by a slot per step end up
-    carved from the heap and never return: measured here, +78 MiB over 32 steps of a 16-block
-    model, against +7 MiB with the threshold pinned at 128 KiB and two arenas. Process-wide,
-    which a serving process is."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(_M_ARENA_MAX, 2)
-
-
-class _Slot:
-    def __init__(self, nbytes: int):
-        self.buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
-        self.block: int | None = None
-        self.pending = None  # the prefetch worker's Future bringing `block` in
-
-
-_DONTNEED = 4  # MADV_DONTNEED
-
-
-def _advise(ranges: list[tuple[int, int]], advice: int) -> None:
-    """madvise each (address, length) range of ONNX Runtime's mappings. Where the kernel lacks
-    MADV_POPULATE_READ (before Linux 5.14) the pages are faulted in by reading a byte of each."""
-    import ctypes
-    libc = _libc()
-    for start, length in ranges:
-        if libc is not None and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
-            continue
-        if advice == _POPULATE_READ:
-            np.frombuffer((ctypes.c_char * length).from_address(start), dtype=np.uint8)[::4096].sum()
-            continue
-        errno = ctypes.get_errno() if libc is not None else 0
-        raise BackendError(f"ort-paged: madvise({advice}) on ONNX Runtime's mapped weights failed "
-                           f"({os.strerror(errno)}); pass streaming='mmap'")
-
-
-def mapped_ranges(path: str) -> list[tuple[int, int]]:
-    """The address ranges of this process that map `path` (Linux: /proc/self/maps)."""
-    real = os.path.realpath(path)
-    found = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                found.append((start, end - start))
-    return found
-
-
-class _Streamer:
-    """Brings streamed blocks' weights into memory, the next one ahead on a thread, at most
-    SLOTS blocks at a time. Modes:
-
-    "prepacked" (the default on CPU): every block has its own session over its prepacked
-    weights, which ONNX Runtime maps from `part-NN.packed.bin`; a streamed block's mapped pages
-    are faulted in ahead (MADV_POPULATE_READ on ONNX Runtime's own mapping, found in
-    /proc/self/maps) and dropped after it ran (MADV_DONTNEED: they stay in the page cache,
-    not in this process). A streamed block computes exactly as a resident one, prepacked.
-    "mmap": the block's plain weights are fed as inputs from a read-only mapping of
-    `part-NN.bin` (faulted in ahead, dropped after); no prepacking, as ONNX Runtime packs
-    weights that are inputs on every run (measured: ~2.7x a resident block's time).
-    "read": the file is read into one of SLOTS preallocated buffers (BMInf's swap slots, what
-    a device copy needs) and fed as inputs.
-    """
-
-    MODES = ("prepacked", "mmap", "read")
-
-    def __init__(self, directory: str, parts: list[dict], streamed: tuple[int, ...], slot_bytes: int, prefetch: bool,
-                 mode: str = "mmap"):
-        if mode not in self.MODES:
-            raise BackendError(f"streaming mode must be one of {', '.join(self.MODES)}, got {mode!r}")
-        self.directory, self.parts, self.order, self.prefetch, self.mode = directory, parts, list(streamed), prefetch, mode
-        self.slots = [_Slot(slot_bytes if mode == "read" else 0) for _ in range(SLOTS)] if streamed else []
-        self.maps = {block: self._map(block) for block in streamed} if mode == "mmap" else {}
-        self.ranges: dict[int, list[tuple[int, int]]] = {}  # prepacked: ONNX Runtime's mappings per block
-        self.bytes_read = 0
-        # one worker, first in first out: a block's drop runs before the bring-in queued after it
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="bmc-prefetch") if prefetch and streamed else None
-        self._drops: list = []
-
-    def track(self, block: int, path: str, before: list[tuple[int, int]]) -> int:
-        """A streamed block's session was made over `path`: remember the mappings it added to
-        those `before` (another session may map the same file) and drop their pages now (they
-        come back when the block is next due); the bytes mapped."""
-        ranges = [r for r in mapped_ranges(path) if r not in set(before)]
-        self.ranges[block] = ranges
-        _advise(ranges, _DONTNEED)
-        return sum(length for _, length in ranges)
-
-    def _path(self, block: int) -> str:
-        return os.path.join(self.directory, self.parts[block]["stem"] + ".bin")
-
-    def _map(self, block: int):
-        import mmap
-        with open(self._path(block), "rb") as f:
-            return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-
-    def _read(self, slot: _Slot, block: int) -> None:
-        if self.mode == "prepacked":
-            _advise(self.ranges[block], _POPULATE_READ)
-            size = sum(length for _, length in self.ranges[block])
-        elif self.mode == "mmap":
-            size = self.parts[block]["weight_bytes_file"]
-            _populate(self.maps[block], size)
-        else:
-            size = self.parts[block]["weight_bytes_file"]
-            with open(self._path(block), "rb", buffering=0) as f:
-                f.readinto(memoryview(slot.buffer)[:size])
-        self.bytes_read += size
-
-    def _start(self, slot: _Slot, block: int) -> None:
-        slot.block = block
-        if self._worker is None:
-            slot.pending = None
-            self._read(slot, block)
-        else:
-            slot.pending = self._worker.submit(self._read, slot, block)
-
-    def begin(self) -> None:
-        """A forward pass starts: the first streamed block into slot 0."""
-        if self.order:
-            self._start(self.slots[0], self.order[0])
-
-    def weights(self, block: int) -> dict[str, np.ndarray]:
-        """Wait for the block's weights and start the next streamed block into the other slot;
-        the weights to feed (none in prepacked mode: the session maps its own)."""
-        position = self.order.index(block)
-        slot = self.slots[position % SLOTS]
-        if slot.block != block:
-            self._start(slot, block)
-        if slot.pending is not None:
-            slot.pending.result()  # re-raises what went wrong on the worker
-        while self._drops and self._drops[0].done():
-            self._drops.pop(0).result()
-        if position + 1 < len(self.order):
-            self._start(self.slots[(position + 1) % SLOTS], self.order[position + 1])
-        if self.mode == "prepacked":
-            return {}
-        source = self.maps[block] if self.mode == "mmap" else slot.buffer
-        return {t["name"]: np.frombuffer(source, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])),
-                                         offset=t["offset"]).reshape(t["shape"]) for t in self.parts[block]["weights"]}
-
-    def release(self, block: int) -> None:
-        """The block ran: its mapped pages leave this process's memory (they stay in the page
-        cache). On the worker, ahead of the next block it brings in: never more than SLOTS
-        blocks in memory, and the compute thread does not wait on the drop."""
-        if self.mode == "read":
-            return  # the slot's buffer is reused by the block after next
-        if self._worker is None:
-            self._drop(block)
-        else:
-            self._drops.append(self._worker.submit(self._drop, block))
-
-    def _drop(self, block: int) -> None:
-        if self.mode == "prepacked":
-            _advise(self.ranges[block], _DONTNEED)
-        elif block in self.maps:
-            import mmap
-            self.maps[block].madvise(mmap.MADV_DONTNEED)
 
 
 # ------------------------------------------------------------------ the runtime
@@ -420,7 +221,6 @@ def packed_bytes(directory: str, part: dict) -> int:
     copy unread), else itself. Read off the graph's external-data entries
     (`prepacked_N: "kernel+hash|offset;length;alignment"`)."""
     import onnx
-    from bmc.backends.ort_artifacts import SMALL
     model = onnx.load(os.path.join(directory, part["stem"] + ".packed.onnx"), load_external_data=False)
     total = 0
     for tensor in model.graph.initializer:
@@ -436,7 +236,6 @@ def packed_bytes(directory: str, part: dict) -> int:
 def choose_streaming(manifest: dict, requested: str, providers: list) -> str:
     """`requested` ("auto": prepacked where the build's prepacked weights fit this machine, else
     mmap), or why it cannot be had."""
-    from bmc.backends.ort_artifacts import machine_key
     usable, why = True, ""
     if not all(part.get("packed") for part in manifest["parts"]):
         usable, why = False, "the build has no prepacked weights (a GPU build, or made by an older bmc)"
@@ -460,7 +259,7 @@ class PagedRuntime:
     def __init__(self, directory: str, manifest: dict, budget: int | None = None, *, prefetch: bool = True,
                  providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
                  streaming: str = "auto"):
-        _bound_malloc()
+        bound_malloc()
         self.directory, self.manifest = directory, manifest
         self.parts = manifest["parts"]
         self.providers = providers or ["CPUExecutionProvider"]
@@ -476,7 +275,7 @@ class PagedRuntime:
         plan = plan_residency([self.parts[i]["held_bytes"] for i in blocks], fixed, budget, self.reserved)
         self.plan = Plan(tuple(blocks[i] for i in plan.resident), tuple(blocks[i] for i in plan.streamed),
                          plan.slot_bytes, plan.weight_bytes)
-        self.streamer = _Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
+        self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
                                   self.streaming)
         self._open_sessions(threads)
         self.last_use = {}
@@ -651,7 +450,6 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     without one is not a build)."""
     from bmc import ir
     from bmc.backends import ort_lower
-    from bmc.backends.ort_artifacts import sha256
     from bmc.serialize import atomic_write_text
     from bmc.structure import structure_of
     from bmc.trace import trace_info

@@ -64,9 +64,9 @@ prog = bmc.load(args["dir"], budget=args["budget"], prefetch=args["prefetch"], b
                 max_len=args["max_len"], threads=args["threads"], streaming=args["streaming"])
 if args.get("sessions_only"):  # the build's sessions made (graphs, kernels, ORT's code), no weight in memory
     import os
-    from bmc.backends import ort_paged
+    from bmc.backends.ort_streamer import drop_mapped
     for part in prog.manifest["parts"]:
-        ort_paged._advise(ort_paged.mapped_ranges(os.path.join(args["dir"], part["stem"] + ".packed.bin")), 4)
+        drop_mapped(os.path.join(args["dir"], part["stem"] + ".packed.bin"))
     print(json.dumps({"rss": rss()}), flush=True)
     sys.stdin.readline()
     sys.exit(0)
@@ -191,11 +191,13 @@ def int8_models(args) -> list[tuple[str, torch.nn.Module, int]]:
     """(label, model, sequence length): the paging model (the issue's "same model"), where the
     linears are most of a forward, and the trained gpt-mini, whose error means something (at
     width 128 and 128 positions its attention, fp32 in every build, is a third of a forward)."""
-    torch.manual_seed(0)
-    paging_model = zoo.build(PAGING_MODEL).eval()
-    chosen = [("GPT 16 x 512 (the paging model, random init)", paging_model, args.int8_seq),
-              ("trained gpt-mini (8 x 128)", trained.load("gpt-mini"), args.int8_seq)]
-    return [c for c in chosen if args.int8_model in ("both", "paging" if "paging" in c[0] else "gpt-mini")]
+    chosen = []
+    if args.int8_model in ("both", "paging"):
+        torch.manual_seed(0)
+        chosen.append(("GPT 16 x 512 (the paging model, random init)", zoo.build(PAGING_MODEL).eval(), args.int8_seq))
+    if args.int8_model in ("both", "gpt-mini"):
+        chosen.append(("trained gpt-mini (8 x 128)", trained.load("gpt-mini"), args.int8_seq))
+    return chosen
 
 
 def int8_against_quantize_dynamic(args, label: str, model, seq: int) -> list[str]:
