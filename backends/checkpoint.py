@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from bmc.errors import BmcError
-from bmc.serialize import atomic_write_text
+from bmc.ir.serialize import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from bmc import ir, ops
+from bmc import ir
+from bmc.ir import ops
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from bmc import ir
 from bmc.backends.data_parallel import _padded
-from bmc.passes.amp import GROWTH_BUFFER, SCALE_BUFFER
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ class Target:
 class LossScaler:
     """Dynamic loss scale kept in the program's buffers (so checkpoints carry it)."""
 
-    def __init__(self, gm: fx.GraphModule, growth_interval: int, group=None):
-        self.scale = getattr(gm, SCALE_BUFFER)
-        self.growth = getattr(gm, GROWTH_BUFFER)
-        self.growth_interval = growth_interval
+    def __init__(self, gm: fx.GraphModule, amp: ir.AmpPlan, group=None):
+        self.scale = getattr(gm, amp.scale_buffer)
+        self.growth = getattr(gm, amp.growth_buffer)
+        self.growth_interval = amp.growth_interval
         self.group = group
         self.skipped = 0
 
@@ -93,15 +93,15 @@ class ProgramOptimizer:
         self.gm, self.runtime = gm, runtime
         self.group = runtime.pg if runtime is not None else None
         self._tp_replicated_skip = self._tp_replicas(gm)
-        amp = gm.meta.get("bmc.amp")
-        offload = bool(gm.meta.get("bmc.offload_optimizer"))
+        amp = ir.get_plan(gm, ir.AmpPlan)
+        offload = bool((ir.get_plan(gm, ir.OffloadPlan) or ir.OffloadPlan()).optimizer)
         self.master_dtype = torch.float32 if amp else None
         self.master_device = torch.device("cpu") if offload else None
         self.targets = self._targets()
         if amp or offload:
             for target in self.targets:
                 target.master = self._master_of(target.tensor)
-        self.scaler = LossScaler(gm, amp["growth_interval"], self.group) if amp and amp["dtype"] == "fp16" else None
+        self.scaler = LossScaler(gm, amp, self.group) if amp is not None and amp.dtype == "fp16" else None
         self.optimizer = optimizer_cls([t.stepped for t in self.targets], **kwargs)
         self._prepared = False  # gradients already moved into place (and unscaled) this step
         self._overflowed = False
@@ -110,12 +110,12 @@ class ProgramOptimizer:
     def _tp_replicas(gm: fx.GraphModule) -> set[int]:
         """Parameters every tp rank holds whole (norms, embeddings): in a global norm only tp
         rank 0 counts them. Empty without tensor parallelism, and on tp rank 0."""
-        from bmc import ops
-        plan = gm.meta.get("bmc.tp")
+        from bmc.ir import ops
+        plan = ir.get_plan(gm, ir.TensorParallelPlan)
         group = ops.GROUPS.get("tp")
-        if not plan or group is None or group.process_group is None or dist.get_rank(group.process_group) == 0:
+        if plan is None or group is None or group.process_group is None or dist.get_rank(group.process_group) == 0:
             return set()
-        split = {id(gm.get_parameter(name)) for name in plan["layouts"]}
+        split = {id(gm.get_parameter(name)) for name in plan.split_params}
         return {id(p) for p in gm.parameters() if id(p) not in split}
 
     # ---------------------------------------------------------------- what is stepped
@@ -243,7 +243,7 @@ class ProgramOptimizer:
         self._prepare_gradients()
         owned = [g for g in (self._owned_part(t) for t in self.targets) if g is not None]
         squares = torch.stack([g.float().square().sum().cpu() for g in owned]).sum() if owned else torch.zeros(())
-        if self.group is not None or self.gm.meta.get("bmc.tp") or self.gm.meta.get("bmc.pp"):
+        if self.group is not None or ir.get_plan(self.gm, ir.TensorParallelPlan) or ir.get_plan(self.gm, ir.PipelinePlan):
             dist.all_reduce(squares)  # every rank's owned part: the dp shards and the tp slices
         norm = squares.sqrt()
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
+import bmc.ir.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
 from bmc import ir
 from bmc.errors import BackendError
 from bmc.backends.ort_artifacts import SMALL, machine_key
-from bmc.structure import structure_of
+from bmc.analysis.structure import structure_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -238,7 +238,7 @@ def split_weights(model, weight_path: str) -> list[dict]:
     """Move the model's weights (initializers of SMALL bytes or more) into one aligned raw file;
     their table (name, dtype, shape, offset, nbytes)."""
     from onnx import numpy_helper
-    from bmc.serialize import atomic_write
+    from bmc.ir.serialize import atomic_write
     table, chunks, offset = [], [], 0
     for init in model.graph.initializer:
         if _nbytes(init) < SMALL:
@@ -346,7 +346,7 @@ def _external_tensors(model):
 
 
 def save_proto(model, path: str) -> None:
-    from bmc.serialize import atomic_write
+    from bmc.ir.serialize import atomic_write
     atomic_write(path, lambda tmp: open(tmp, "wb").write(model.SerializeToString()))
 
 
@@ -360,7 +360,7 @@ def block_names(gm: fx.GraphModule) -> list[str]:
 def task_of(gm: fx.GraphModule) -> str:
     """"causal-lm" when every attention is causal sdpa (served as its decode step with a KV
     cache), "encoder" when none is (served as its forward: token ids in, hidden states out)."""
-    from bmc import kv_cache
+    from bmc.cli.run import kv_cache
     causal = {bool(kv_cache.sdpa_arguments(n).get("is_causal"))
               for n in gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)}
     if causal == {True}:
@@ -375,7 +375,7 @@ def encoder_step(gm: fx.GraphModule):
     """The forward of an encoder as the step to cut into parts: positional inputs, the hidden
     states (the first output) out; its layout has no cache, and max_positions is the rows of
     the position table an arange indexes."""
-    from bmc import kv_cache
+    from bmc.cli.run import kv_cache
     step = kv_cache.copy_graph(gm)
     graph = step.graph
     output = graph.output_node()
@@ -394,7 +394,7 @@ def encoder_step(gm: fx.GraphModule):
 def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None) -> dict:
     """Write the parts of `gm`'s step (a causal LM's decode step, an encoder's forward) to
     `directory`; the manifest's `parts` entries."""
-    from bmc import kv_cache
+    from bmc.cli.run import kv_cache
     names = block_names(gm)
     task = task_of(gm)
     if task == "causal-lm":

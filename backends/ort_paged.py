@@ -407,7 +407,7 @@ class PagedProgram:
 
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                  eos: int | None = None, stream: bool = False):
-        from bmc import generate as gen
+        from bmc.cli.run import generate as gen
         if self.task == "encoder":
             raise BackendError("this build is an encoder: it gives hidden states (prog(input_ids)), not tokens")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
@@ -424,7 +424,7 @@ class PagedProgram:
     def save(self, directory: str) -> None:
         """Copy the build to `directory` (published by rename: a reader sees all of it or none)."""
         import shutil
-        from bmc.serialize import staged_directory
+        from bmc.ir.serialize import staged_directory
         if os.path.abspath(directory) == os.path.abspath(self.directory):
             return  # already there
         with staged_directory(directory) as staging:
@@ -450,9 +450,9 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     without one is not a build)."""
     from bmc import ir
     from bmc.backends import ort_lower
-    from bmc.serialize import atomic_write_text
-    from bmc.structure import structure_of
-    from bmc.trace import trace_info
+    from bmc.ir.serialize import atomic_write_text
+    from bmc.analysis.structure import structure_of
+    from bmc.ir.trace import trace_info
     lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress)
     files = {}
     for part in lowered["parts"]:
@@ -475,9 +475,9 @@ def load(directory: str, **options) -> PagedProgram:
 
 
 def _register() -> None:
-    from bmc.backends import register_backend
+    from bmc.plugins import register_backend
 
-    @register_backend("ort-paged")
+    @register_backend("ort-paged", load=load)
     def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
               streaming: str = "auto"):

@@ -23,7 +23,9 @@ from torch.fx._pytree import tree_flatten_spec
 
 from bmc import ir
 from bmc.errors import BackendError
-from bmc.passes.pp import PIPE, is_free
+from bmc.analysis.graph_patterns import is_free
+
+PIPE = torch.ops.bmc.pipe.default
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def stage_graph(gm: fx.GraphModule, s: int, total: int) -> fx.GraphModule:
         leaves = [value(n) if isinstance(n, fx.Node) else n for n in leaves]
         graph.output(leaves[0] if len(leaves) == 1 else tuple(leaves))
     stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
-    stage.meta.update({k: v for k, v in gm.meta.items() if k != "bmc.structure"})
+    ir.copy_plans(gm, stage)
+    stage.meta["bmc.trace"] = gm.meta.get("bmc.trace")
     return stage
 
 
@@ -151,15 +154,15 @@ class PipelineRuntime:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, gm: fx.GraphModule, mesh, loss_fn: Callable | None = None):
-        plan = gm.meta["bmc.pp"]
+        plan = ir.get_plan(gm, ir.PipelinePlan)
         self.gm = gm
         self.plan = plan
-        self.total = plan["total_stages"]
-        self.microbatches = plan["microbatches"]
+        self.total = plan.total_stages
+        self.microbatches = plan.microbatches
         self.pp_group = mesh.get_group("pp")
         self.pp_rank, self.pp_size = dist.get_rank(self.pp_group), dist.get_world_size(self.pp_group)
-        if self.pp_size != plan["stages"]:
-            raise BackendError(f"the plan has {plan['stages']} pipeline ranks but the mesh's pp dimension has "
+        if self.pp_size != plan.stages:
+            raise BackendError(f"the plan has {plan.stages} pipeline ranks but the mesh's pp dimension has "
                                f"{self.pp_size}")
         self.all_stages = [stage_graph(gm, s, self.total) for s in range(self.total)]
         self.mine = list(range(self.pp_rank, self.total, self.pp_size))
@@ -185,8 +188,8 @@ class PipelineRuntime:
         return stages
 
     def _build_schedule(self, loss_fn):
-        cls = _schedule_class(self.plan["schedule"])
-        if self.plan["schedule"] == "interleaved":
+        cls = _schedule_class(self.plan.schedule)
+        if self.plan.schedule == "interleaved":
             return cls(self.stages, self.microbatches, loss_fn=loss_fn)
         return cls(self.stages[0], self.microbatches, loss_fn=loss_fn)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bmc import ops
+from bmc.ir import ops
 
 
 @dataclass

@@ -12,14 +12,16 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from bmc import ir, ops
-from bmc.backends import register_backend
+from bmc import ir
+from bmc.ir import ops
+from bmc.plugins import register_backend
 from bmc.backends.data_parallel import DataParallelRuntime
 from bmc.backends.optimizer import ProgramOptimizer
 from bmc.backends.pipeline import PipelineRuntime, RankStages
 from bmc.backends.regather import GatherTracker
 from bmc.errors import BackendError
-from bmc.passmgr import PassContext
+from bmc.ir.serialize import save_pt2
+from bmc.passmgr.manager import PassContext
 from bmc.program import Program
 
 
@@ -44,13 +46,13 @@ def _device_mesh(world_size: int, tp: int, pp: int = 1):
 
 
 def _tp_degree(gm: fx.GraphModule) -> int:
-    plan = gm.meta.get("bmc.tp")
-    return plan["degree"] if plan else 1
+    plan = ir.get_plan(gm, ir.TensorParallelPlan)
+    return plan.degree if plan else 1
 
 
 def _pp_degree(gm: fx.GraphModule) -> int:
-    plan = gm.meta.get("bmc.pp")
-    return plan["stages"] if plan else 1
+    plan = ir.get_plan(gm, ir.PipelinePlan)
+    return plan.stages if plan else 1
 
 
 def check_mesh(world: int, tp: int, pp: int) -> None:
@@ -65,12 +67,27 @@ def check_mesh(world: int, tp: int, pp: int) -> None:
                            f"{world}; compile with a world size that is a multiple of {split}")
 
 
-def _install_tp_slices(gm: fx.GraphModule, rank: int) -> None:
-    """This tp rank's slice of every split weight (the pass left rank 0's on the module)."""
-    plan = gm.meta["bmc.tp"]
+def own_weights(gm: fx.GraphModule, tp_rank: int = 0) -> None:
+    """Give the program weights of its own: a copy of every parameter and buffer (training it
+    never writes to the model it was compiled from), and of each weight the tp plan splits
+    only this rank's slice (the whole weight is dropped)."""
+    plan = ir.get_plan(gm, ir.TensorParallelPlan)
+    layouts = {layout.param: layout for layout in plan.layouts} if plan else {}
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    done: set[int] = set()
     with torch.no_grad():
-        for name, layout in plan["layouts"].items():
-            gm.get_parameter(name).copy_(layout.local(plan["full"][name], rank, plan["degree"]))
+        for name in sorted(tensors, key=lambda n: n not in layouts):  # a split name first, for tied weights
+            tensor = tensors[name]
+            if id(tensor) in done:
+                continue
+            done.add(id(tensor))
+            data = tensor.detach()
+            data = layouts[name].local(data, tp_rank, plan.degree) if name in layouts else data
+            data = data.clone()
+            new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad) \
+                if isinstance(tensor, torch.nn.Parameter) else data
+            ir.replace_tensor(gm, tensor, new)
 
 
 @register_backend("torch")
@@ -79,13 +96,14 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
         raise BackendError(f"the torch backend takes no options, got {', '.join(sorted(options))}")
     _check_weights(gm)
     world, tp, pp = context.world_size, _tp_degree(gm), _pp_degree(gm)
-    if tp > 1 and gm.meta["bmc.tp"].get("collectives") is None:
+    if tp > 1 and ir.get_plan(gm, ir.TensorParallelPlan).collectives is None:
         raise BackendError("the graph is split by tp but has no collectives: add insert-collectives after tp "
                            f"(the preset tp{tp} is tp{{degree={tp}}},insert-collectives)")
     check_mesh(world, tp, pp)
     if world == 1:
+        own_weights(gm)
         ops.register_group("dp", 1)
-        return Program(gm, backend="torch", context=context)
+        return TorchProgram(gm, backend="torch", context=context)
     if not dist.is_initialized():
         raise BackendError(f"world size {world} needs torch.distributed: launch the script with "
                            f"torchrun --nproc-per-node={world} (or call init_process_group first)")
@@ -98,15 +116,15 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
                            f"pipeline distributes nothing over them: add dp or zero{{stage=N}}")
     mesh = _device_mesh(world, tp, pp)
     ops.register_group("tp", tp, mesh.get_group("tp"))
-    if tp > 1:
-        _install_tp_slices(gm, mesh.get_local_rank("tp"))
+    own_weights(gm, mesh.get_local_rank("tp") if tp > 1 else 0)
     pipeline = PipelineRuntime(gm, mesh) if pp > 1 else None
     runtime = None
     if dp > 1:
         pg = mesh.get_group("dp")
         ops.register_group("dp", dp, pg)
-        runtime = DataParallelRuntime(gm, pg, bucket_mb=gm.meta.get("bmc.bucket_mb", 25.0),
-                                      prefetch=gm.meta.get("bmc.prefetch", 0),
+        data = ir.get_plan(gm, ir.DataParallelPlan)
+        runtime = DataParallelRuntime(gm, pg, bucket_mb=data.bucket_mb if data else 25.0,
+                                      prefetch=data.prefetch if data else 0,
                                       modules=pipeline.modules if pipeline else None)
     else:
         ops.register_group("dp", 1)
@@ -115,7 +133,16 @@ def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
     return DistributedProgram(gm, runtime, context=context, mesh=mesh)
 
 
-class DistributedProgram(Program):
+class TorchProgram(Program):
+    """A program on one process: the graph module runs as it is."""
+
+    def optimizer(self, optimizer_cls, **kwargs):
+        """`optimizer_cls` over this program's trainable parameters, with the fp32 masters,
+        loss scaling and offload its passes asked for (backends/optimizer.py)."""
+        return ProgramOptimizer(self.graph_module, optimizer_cls, None, **kwargs)
+
+
+class DistributedProgram(TorchProgram):
     """A program whose parameters and optimizer states are laid out by the data-parallel plan."""
 
     def __init__(self, gm: fx.GraphModule, runtime: DataParallelRuntime | None, *, context: PassContext, mesh):
@@ -161,23 +188,32 @@ class DistributedProgram(Program):
         return full
 
     def _gather_tp(self, full: dict[str, torch.Tensor]) -> None:
-        plan = self.graph_module.meta.get("bmc.tp")
-        if not plan:
+        plan = ir.get_plan(self.graph_module, ir.TensorParallelPlan)
+        if plan is None:
             return
         group = self.mesh.get_group("tp")
         by_param = {}
         for name, p in self.graph_module.named_parameters(remove_duplicate=False):
             by_param.setdefault(id(p), []).append(name)
-        for name, layout in plan["layouts"].items():
+        for layout in plan.layouts:
+            name = layout.param
             param = self.graph_module.get_parameter(name)
             local = param.detach().contiguous()
-            pieces = [torch.empty_like(local) for _ in range(plan["degree"])]
+            pieces = [torch.empty_like(local) for _ in range(plan.degree)]
             dist.all_gather(pieces, local, group=group)
             for alias in by_param.get(id(param), [name]):  # a tied weight under each of its names
                 full[alias] = layout.full(pieces)
 
     def optimizer(self, optimizer_cls, **kwargs):
         return ProgramOptimizer(self.graph_module, optimizer_cls, self.runtime, **kwargs)
+
+    def save(self, path: str) -> None:
+        """Every rank calls it: the whole weights are gathered and rank 0 writes the archive,
+        which loads on any number of ranks under the same plan."""
+        state = self.full_state_dict()
+        if dist.get_rank() == 0:
+            save_pt2(self.graph_module, path, pipeline=self.pipeline, state=state)
+        dist.barrier()
 
 
 class PipelineProgram(DistributedProgram):
@@ -227,8 +263,15 @@ class PipelineProgram(DistributedProgram):
         return (p for _, p in self.named_parameters())
 
     def full_state_dict(self):
-        raise BackendError("full_state_dict of a pipelined program is not supported yet: each rank holds its "
-                           "stages' weights (named_parameters() gives them)")
+        """Every parameter whole, by dotted name, on every rank: each pipeline rank gives the
+        weights of its own stages (gathered over tp and ZeRO first)."""
+        whole = super().full_state_dict()
+        mine = {name: whole[name] for name, _ in self.named_parameters() if name in whole}
+        pieces: list = [None] * self.pipe.pp_size
+        dist.all_gather_object(pieces, mine, group=self.pipe.pp_group)
+        for piece in pieces:
+            whole.update(piece)
+        return whole
 
     def optimizer(self, optimizer_cls, **kwargs):
         return ProgramOptimizer(self.stages, optimizer_cls, self.runtime, **kwargs)

@@ -9,8 +9,6 @@ ort-paged build (`bmc.load(DIR)`, `bmc run DIR`) never imports torch: ~200 MiB l
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from bmc.errors import (BackendError, BmcError, ModelLoadError, ModelSaveError, PassFailure, PipelineError,
                         RequirementError, StructureError, TraceError, VerificationError, ZooError)
@@ -18,50 +16,46 @@ from bmc.errors import (BackendError, BmcError, ModelLoadError, ModelSaveError, 
 _LAZY = {
     "Pass": "bmc.passmgr", "PassContext": "bmc.passmgr", "PassManager": "bmc.passmgr", "PassResult": "bmc.passmgr",
     "parse_pipeline": "bmc.passmgr", "register_pass": "bmc.passmgr", "register_preset": "bmc.passmgr",
-    "Program": "bmc.program", "compile": "bmc.program", "trace": "bmc.trace",
-    "DistillError": "bmc.distill", "distill": "bmc.distill",
+    "Program": "bmc.program", "compile": "bmc.program", "trace": "bmc.ir.trace",
+    "DistillError": "bmc.compress.distill", "distill": "bmc.compress.distill",
+}
+# The modules users import by their short names (`from bmc import zoo, calibration`).
+_MODULES = {
+    "zoo": "bmc.models.zoo", "trained": "bmc.models.trained", "data": "bmc.models.data",
+    "calibration": "bmc.compress.calibration", "evaluate": "bmc.compress.evaluate",
+    "kv_cache": "bmc.serve.kv_cache", "generate": "bmc.serve.generate",
+    "structure": "bmc.analysis.structure", "cost": "bmc.analysis.cost", "ops": "bmc.ir.ops",
+    "serialize": "bmc.ir.serialize", "verify": "bmc.ir.verify",
 }
 
 __all__ = [
     "BackendError", "BmcError", "ModelLoadError", "ModelSaveError", "PassFailure", "PipelineError",
-    "RequirementError", "StructureError", "TraceError", "VerificationError", "ZooError",
-    *_LAZY, "load",
+    "RequirementError", "StructureError", "TraceError", "VerificationError", "ZooError", *_LAZY, "load",
 ]
-
-
-def load(path: str, **options):
-    """Read a program written by `Program.save` or `bmc-opt -o`: a directory built by the
-    ort-paged backend (served without importing torch; options: budget, prefetch, threads,
-    ...) or a .pt2 archive."""
-    import os
-    if os.path.isdir(path):
-        from bmc.backends.ort_paged import load as load_paged
-        return load_paged(path, **options)
-    from bmc.program import load as load_program
-    return load_program(path, **options)
-
-
-class _Package(types.ModuleType):
-    """bmc.trace and bmc.distill are both a submodule and its function: importing the submodule
-    sets the package's attribute to the module, so keep the function there instead (what an
-    eager `from bmc.trace import trace` in this file did)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in ("trace", "distill") and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'bmc' has no attribute {name!r}")
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'bmc' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))
+
+
+def load(path: str, **options):
+    """Read a program written by `Program.save` or `bmc-opt -o`: a .pt2 archive (lowered for
+    this process group) or a directory a backend wrote (an ort-paged build is served without
+    importing torch; options: budget, prefetch, threads, ...)."""
+    import os
+    if os.path.isdir(path):
+        from bmc.plugins import load_directory
+        return load_directory(path, **options)
+    from bmc.program import load as load_program
+    return load_program(path, **options)

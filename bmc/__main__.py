@@ -5,12 +5,12 @@ import sys
 
 def entry() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "run":
-        from bmc.serve import main as serve
+        from bmc.cli.run import main as serve
         return serve(sys.argv[2:])
     if sys.argv[0].endswith("bmc") and len(sys.argv) > 1 and sys.argv[1] not in ("run",):
         sys.stderr.write("bmc: the command is `bmc run DIR --prompt TEXT` (bmc-opt plans and builds)\n")
         return 2
-    from bmc.cli import main
+    from bmc.cli.opt import main
     return main()
 
 

@@ -8,8 +8,9 @@ import torch
 import torch.fx as fx
 
 from bmc.errors import BmcError
-from bmc.passmgr import Instrument, PassContext, PassManager, PassRecord
-from bmc.trace import trace, trace_info
+from bmc.plugins import get_backend, load_directory
+from bmc.passmgr.manager import Instrument, PassContext, PassManager, PassRecord
+from bmc.ir.trace import trace, trace_info
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,12 @@ class Program:
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs):
         """`optimizer_cls` over this program's trainable parameters, with the fp32 masters,
-        loss scaling and offload its passes asked for (backends/optimizer.py)."""
-        from bmc.backends.optimizer import ProgramOptimizer
-        return ProgramOptimizer(self.graph_module, optimizer_cls, None, **kwargs)
+        loss scaling and offload its passes asked for; backends that train provide it."""
+        raise BmcError(f"the {self.backend} backend does not train: compile with backend='torch' to get an optimizer")
 
     def save(self, path: str) -> None:
         """Write the program as a .pt2 archive (bmc.load and bmc-opt read it back)."""
-        from bmc.serialize import save_pt2
+        from bmc.ir.serialize import save_pt2
         save_pt2(self.graph_module, path, pipeline=self.pipeline)
 
     def __repr__(self) -> str:
@@ -69,21 +69,20 @@ def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and trace_info(model) is not None:
         return model
     if isinstance(model, str):
-        from bmc.serialize import load_graph
+        from bmc.ir.serialize import load_graph
         return load_graph(model, example_inputs=example_inputs)[0]
     return trace(model, example_inputs, dynamic=dynamic)
 
 
 def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
-            *, world_size: int = 1, dynamic: Any = None, verify: bool = True,
+            *, world_size: int | None = None, dynamic: Any = None, verify: bool = True,
             instruments: Sequence[Instrument] = (), calibration: Any = None, **backend_options) -> Program:
     """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path), run the
-    pipeline `passes` on it, and lower the result with `backend`. `calibration` is an iterable
-    of example batches for the passes that score on data (`prune-heads{score=taylor}`)."""
-    from bmc.backends import get_backend
-    lower = get_backend(backend)  # fail on a bad backend name before tracing
-    if world_size < 1:
-        raise BmcError(f"world_size must be >= 1, got {world_size}")
+    pipeline `passes` on it, and lower the result with `backend`. `world_size` defaults to the
+    initialized process group's size (1 without one); `calibration` is an iterable of example
+    batches for the passes that score on data (`prune-heads{score=taylor}`)."""
+    lower = get_backend(backend).lower  # fail on a bad backend name before tracing
+    world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
@@ -96,15 +95,35 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     return program
 
 
+def resolve_world_size(world_size: int | None) -> int:
+    """The world size a program is compiled for: the initialized process group's by default; a
+    given one must agree with it (a plan for N ranks run by M processes trains wrongly)."""
+    import torch.distributed as dist
+    running = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+    if world_size is None:
+        return running or 1
+    if world_size < 1:
+        raise BmcError(f"world_size must be >= 1, got {world_size}")
+    if running is not None and world_size != running:
+        raise BmcError(f"world_size={world_size} but torch.distributed runs {running} processes: "
+                       f"drop world_size= (it defaults to the process group's size) or launch {world_size} ranks")
+    return world_size
+
+
 def load(path: str, **options):
-    """Read a program written by `Program.save` or `bmc-opt -o`: a .pt2 archive, or a directory
-    built by the ort-paged backend (options: budget, prefetch, threads, ... as for serving)."""
+    """Read a program written by `Program.save` or `bmc-opt -o`: a .pt2 archive, lowered with
+    the torch backend for this process group (every rank keeps only its shard), or a
+    directory a backend wrote (ort-paged; options: budget, prefetch, threads, ...)."""
     import os
     if os.path.isdir(path):
-        from bmc.backends.ort_paged import load as load_paged
-        return load_paged(path, **options)
+        return load_directory(path, **options)
+    world_size = resolve_world_size(options.pop("world_size", None))
     if options:
         raise BmcError(f"options {sorted(options)} are for ort-paged directories; {path} is a .pt2 archive")
-    from bmc.serialize import load_pt2
+    from bmc.ir.serialize import load_pt2
     gm, meta = load_pt2(path)
-    return Program(gm, backend="torch", context=PassContext(), pipeline=meta.get("pipeline", ""))
+    pipeline = meta.get("pipeline", "")
+    context = PassContext(world_size=world_size, settings={"pipeline": pipeline})
+    program = get_backend("torch").lower(gm, context)
+    program.pipeline = pipeline
+    return program

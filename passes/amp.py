@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers bmc::scale_grad
+import bmc.ir.ops  # noqa: F401 - registers bmc::scale_grad
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.passes.shape_prop import propagate_shapes
-from bmc.pass_order import require_before_pp, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.ir.shapes import propagate_shapes
+from bmc.passmgr.order import require_before_pp, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -69,7 +69,7 @@ def _is_float(node) -> bool:
 
 
 def _check_order(gm: fx.GraphModule) -> None:
-    if gm.meta.get("bmc.amp"):
+    if ir.get_plan(gm, ir.AmpPlan):
         raise PipelineError("amp appears twice in the pipeline: keep one amp{dtype=...}")
     require_before_regions(gm, "amp")
 
@@ -183,7 +183,9 @@ class Amp(Pass):
         outputs = _restore_outputs(gm, scale)
         propagate_shapes(gm)
         folded = _fold_noop_casts(gm)
-        gm.meta["bmc.amp"] = {"dtype": options.dtype, "growth_interval": options.growth_interval}
+        fp16 = options.dtype == "fp16"
+        ir.set_plan(gm, ir.AmpPlan(options.dtype, options.growth_interval, scale_buffer=SCALE_BUFFER if fp16 else None,
+                                   growth_buffer=GROWTH_BUFFER if fp16 else None))
         gm.graph.lint()
         gm.recompile()
         log.info("amp: %d parameters in %s, %d casts", cast_params, options.dtype, inserted - folded)

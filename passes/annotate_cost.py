@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from bmc import cost
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.analysis import cost
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 
 @register_pass("annotate-cost", requires=("shapes",), provides=("cost",))

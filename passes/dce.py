@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 
 @dataclass(frozen=True)

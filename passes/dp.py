@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from bmc import ir
+from bmc.rewrite.params import mark_data_parallel
 from bmc.errors import PipelineError
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -21,21 +22,6 @@ class DpOptions:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
 
 
-def trainable_parameter_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Parameters the graph reads that take gradients (tied names counted once)."""
-    trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
-    return {name: node for name, node in ir.parameter_nodes(gm).items() if name in trainable and node.users}
-
-
-def mark_data_parallel(gm: fx.GraphModule, stage: int, sharded: bool) -> int:
-    params = trainable_parameter_nodes(gm)
-    placement = ir.Placement("dp", "shard", 0) if sharded else ir.Placement("dp", "replicate")
-    for node in params.values():
-        ir.annotate(node, ir.Zero(stage))
-        ir.place(node, placement)
-    return len(params)
-
-
 @register_pass("dp", options=DpOptions, provides=("data-parallel",))
 class DataParallel(Pass):
     """Data parallelism: replicated parameters, gradients averaged over the dp group."""
@@ -46,5 +32,5 @@ class DataParallel(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         count = mark_data_parallel(gm, stage=0, sharded=False)
-        gm.meta["bmc.bucket_mb"] = self.options.bucket_mb
+        ir.set_plan(gm, ir.DataParallelPlan(0, self.options.bucket_mb))
         return PassResult(gm, True, {"params": count})

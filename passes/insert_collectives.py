@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from bmc import ir, ops
+from bmc import ir
+from bmc.ir import ops
 from bmc.errors import PipelineError
-from bmc.passes.shape_prop import propagate_shapes
-from bmc.pass_order import require_before_pp, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.ir.shapes import propagate_shapes
+from bmc.passmgr.order import require_before_pp, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 GROUP = "tp"
 aten = torch.ops.aten
@@ -89,12 +90,12 @@ class InsertCollectives(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "insert-collectives")
         require_before_regions(gm, "insert-collectives")
-        plan = gm.meta.get("bmc.tp")
-        if not plan or plan.get("collectives") is not None:
+        plan = ir.get_plan(gm, ir.TensorParallelPlan)
+        if plan is None or plan.collectives is not None:
             return PassResult(gm, False, {"f": 0, "g": 0})
         sp = self.options.sequence_parallel
-        if sp and ops.group_size(GROUP) != plan["degree"]:
-            ops.register_group(GROUP, plan["degree"])  # the fake kernels' shapes, while planning
+        if sp and ops.group_size(GROUP) != plan.degree:
+            ops.register_group(GROUP, plan.degree)  # the fake kernels' shapes, while planning
         if sp:
             _check_sequence_layout(gm)
         f_op, g_op = (AG_OP, RS_OP) if sp else (F_OP, G_OP)
@@ -113,10 +114,9 @@ class InsertCollectives(Pass):
                 node.replace_input_with(x, copies[x])
         stats = {"f": len(copies), "g": len(reduced)}
         if sp:
-            stats.update(SequenceSplit(gm, plan["degree"]).run(list(copies.values()), reduced))
+            stats.update(SequenceSplit(gm, plan.degree).run(list(copies.values()), reduced))
             propagate_shapes(gm)
-        plan["collectives"] = len(copies) + len(reduced)
-        plan["sequence_parallel"] = sp
+        ir.replace_plan(gm, ir.TensorParallelPlan, collectives=len(copies) + len(reduced), sequence_parallel=sp)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True, stats)

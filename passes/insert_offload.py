@@ -9,20 +9,21 @@ tensor saved by several ops of the block is copied once.
 
 what=optimizer: ZeRO-Offload's optimizer side (Ren et al. 2021): optimizer states and the
 optimizer step live on the CPU. It is a runtime decision, not a graph rewrite: the pass only
-records `gm.meta["bmc.offload_optimizer"] = True`, for the torch backend's optimizer to act on
+records it in the offload plan (`ir.OffloadPlan.optimizer`), for the torch backend's optimizer to act on
 (that runtime part lives in backends/, not here).
 
-The offloaded calls carry bmc.origin = insert-offload(<block>), and the graph's meta lists the
-offloaded blocks under "bmc.offload_activations".
+The offloaded calls carry bmc.origin = insert-offload(<block>), and the offload plan
+(`ir.OffloadPlan.activations`) lists the offloaded blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from bmc.passes.insert_remat import (
+from bmc.rewrite.regions import (
     Ledger,
     call_through,
     fuse_regions,
@@ -34,13 +35,11 @@ from bmc.passes.insert_remat import (
 from torch import fx
 
 from bmc import ir
-from bmc.pass_order import require_before_pp
-from bmc.passmgr import Pass, PassResult, register_pass
+from bmc.passmgr.order import require_before_pp
+from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_FLAG = "bmc.offload_optimizer"
-ACTIVATIONS_KEY = "bmc.offload_activations"  # graph meta: the blocks whose saved tensors live on the CPU
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, 
     gm, calls = fuse_regions(gm, [nodes for _, nodes in blocks], prefix="offload_block_")
     for (name, _), fused in zip(blocks, calls):
         call_through(gm, fused, offload_saved, {}, (ir.Origin("insert-offload", name),))
-    gm.meta[ACTIVATIONS_KEY] = tuple(name for name, _ in blocks)
+    _record(gm, activations=tuple(name for name, _ in blocks))
     gm.graph.lint()
     gm.recompile()
     names = list(book.plain)
@@ -117,6 +116,12 @@ def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, 
                 "saved-bytes-to-host": int(sum(sum(book.plain[n].values()) for n in names))}
 
 
+def _record(gm: fx.GraphModule, **changes) -> None:
+    """Add to the offload plan (activations and the optimizer are offloaded by separate runs)."""
+    current = ir.get_plan(gm, ir.OffloadPlan) or ir.OffloadPlan()
+    ir.set_plan(gm, dataclasses.replace(current, **changes))
+
+
 @register_pass("insert-offload", options=OffloadOptions, invalidates=("cost",))
 class InsertOffload(Pass):
     """Offload to CPU memory: each block's saved activations, or (flag for the runtime) the optimizer."""
@@ -124,7 +129,7 @@ class InsertOffload(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "insert-offload")
         if self.options.what == "optimizer":
-            gm.meta[OPTIMIZER_FLAG] = True
+            _record(gm, optimizer=True)
             log.info("insert-offload{what=optimizer}: optimizer states and step marked for the CPU")
             return PassResult(gm, True, {"optimizer-offloaded": 1})
         gm, stats = _offload_activations(gm)

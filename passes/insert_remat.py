@@ -14,7 +14,7 @@ Policies:
   the cost model's saved-activation bytes, at the batch and sequence sizes of the traced
   example inputs, fit `budget`.
 
-The block-fusing helpers here are shared with insert-offload.
+Regions are fused and priced by bmc/rewrite/regions.py, shared with insert-offload.
 """
 from __future__ import annotations
 
@@ -28,13 +28,15 @@ import torch
 from torch import fx
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-from bmc import cost, ir
+from bmc import ir
+from bmc.analysis import cost
 from bmc.errors import PipelineError
-from bmc.graph_patterns import _ATTENTION_OPS, _op
-from bmc.pass_order import require_before_pp
-from bmc.passmgr import Pass, PassResult, register_pass, register_preset
-from bmc.structure import Attention, Linear, _Graph, structure_of
-from bmc.trace import trace_info
+from bmc.analysis.graph_patterns import _ATTENTION_OPS, _op
+from bmc.passmgr.order import require_before_pp
+from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
+from bmc.analysis.structure import Attention, Linear, _Graph, structure_of
+from bmc.rewrite.regions import (Ledger, Nodes, call_through, fuse_regions, ledger, refuse_fused_regions,
+                                 repeated_blocks, trace_substitutions)
 
 log = logging.getLogger(__name__)
 
@@ -58,84 +60,6 @@ class RematOptions:
             object.__setattr__(self, "policy", "budget")
         # policy=budget without a budget still parses (the pass manager round-trips every
         # option spelled out alone); InsertRemat.check refuses it before anything runs
-
-
-# ------------------------------------------------------------------ regions (shared with insert-offload)
-
-Nodes = dict[fx.Node, None]  # an ordered set of nodes
-
-
-def block_nodes(gm: fx.GraphModule, block: str) -> Nodes:
-    """The computing nodes of one block, found by the module that produced them."""
-    inside = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        path = ir.module_path(node)
-        if path == block or path.startswith(block + "."):
-            inside[node] = None
-    return inside
-
-
-def repeated_blocks(gm: fx.GraphModule, pass_name: str) -> list[tuple[str, Nodes]]:
-    """Each repeated block (structure analysis) with its computing nodes."""
-    found = [(b.name, block_nodes(gm, b.name)) for b in structure_of(gm).blocks]
-    found = [(name, nodes) for name, nodes in found if nodes]
-    if not found:
-        raise PipelineError(f"{pass_name} found no repeated blocks in this model "
-                            f"(bmc-opt --analyze shows what the structure analysis sees)")
-    return found
-
-
-def refuse_fused_regions(gm: fx.GraphModule, pass_name: str) -> None:
-    """insert-remat and insert-offload each fuse whole regions into submodules; a second such
-    pass would see a block split around the first one's call and could not fuse it again."""
-    for node in gm.graph.nodes:
-        origin = ir.get(node, ir.Origin)
-        if node.op != "call_function" or origin is None or origin.pass_name not in ("insert-remat", "insert-offload"):
-            continue
-        if pass_name.startswith(origin.pass_name):
-            raise PipelineError(f"{origin.pass_name} appears twice in the pipeline (it already fused {origin.source}): "
-                                f"keep one {origin.pass_name}")
-        raise PipelineError(f"{pass_name} cannot run after {origin.pass_name}, which already fused "
-                            f"{origin.source}: keep one of insert-remat / insert-offload{{what=activations}} "
-                            f"in the pipeline")
-
-
-def fuse_regions(gm: fx.GraphModule, regions: list[Nodes], prefix: str) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """Fuse each region into a submodule `{prefix}{i}`; returns the graph and the
-    call_module node of each region, in the order given."""
-    gm = fuse_by_partitions(gm, regions, prefix=prefix, always_return_tuple=True)
-    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    calls = []
-    for index in range(len(regions)):
-        node = by_target[f"{prefix}{index}"]  # fuse_by_partitions names the i-th one so
-        node.meta["val"] = _output_val(gm.get_submodule(str(node.target)))
-        node.meta["nn_module_stack"] = {}
-        calls.append(node)
-    return gm, calls
-
-
-def call_through(gm: fx.GraphModule, fused: fx.Node, fn: Callable, kwargs: dict,
-                 notes: tuple) -> fx.Node:
-    """Replace `call_module(sub)(*inputs)` by `fn(sub, *inputs, **kwargs)`, so the dumped graph
-    shows what runs the region; `notes` are the bmc annotations of the new call."""
-    graph = gm.graph
-    with graph.inserting_before(fused):
-        submodule = graph.get_attr(str(fused.target))
-        call = graph.call_function(fn, (submodule, *fused.args), kwargs)
-    call.meta.update({k: v for k, v in fused.meta.items() if k in ir.CARRIED_META})
-    for note in notes:
-        ir.annotate(call, note)
-    fused.replace_all_uses_with(call)
-    graph.erase_node(fused)
-    return call
-
-
-def _output_val(sub: fx.GraphModule):
-    """What the fused submodule returns, from the meta of the nodes it returns."""
-    out = sub.graph.output_node().args[0]
-    return tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in out)
 
 
 # ------------------------------------------------------------------ selective: the attention core
@@ -197,76 +121,7 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[str, Nodes]]:
     return found
 
 
-# ------------------------------------------------------------------ budget: the cost model's ledger
-
-def trace_substitutions(gm: fx.GraphModule) -> dict:
-    """Values of the cost model's symbols at the traced example inputs: batch = dim 0 and
-    sequence = dim 1 of the first tensor input (how trace.py names B and S)."""
-    info = trace_info(gm)
-    tensors = [t for t in (*info.args, *info.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 1] \
-        if info is not None else []
-    if not tensors:
-        return {}
-    seq = int(tensors[0].shape[1]) if tensors[0].dim() >= 2 else None
-    return cost.Setting(batch=int(tensors[0].shape[0]), seq=seq).substitutions(cost.parameters(gm))
-
-
-def _number(expr: sympy.Expr, subs: dict, what: str) -> float:
-    try:
-        return cost.evaluate(expr, subs)
-    except ValueError:
-        raise PipelineError(f"cannot size {what}: the graph has symbolic sizes but no traced example inputs; "
-                            f"trace it with bmc.trace(model, example_inputs)") from None
-
-
-@dataclass
-class Ledger:
-    """Predicted saved-activation bytes, by tensor identity (a tensor saved twice counts once):
-    what the nodes outside every block save, what each block saves when it runs plainly,
-    what it saves when checkpointed (its inputs), and its forward FLOPs."""
-
-    outside: dict[object, float] = field(default_factory=dict)
-    plain: dict[str, dict[object, float]] = field(default_factory=dict)
-    inputs: dict[str, dict[object, float]] = field(default_factory=dict)
-    flops: dict[str, float] = field(default_factory=dict)
-
-    def total(self, checkpointed=(), dropped=()) -> float:
-        """Saved bytes with the blocks in `checkpointed` recomputed and those in `dropped`
-        saving nothing on the device (offloaded)."""
-        seen = dict(self.outside)
-        for name, saved in self.plain.items():
-            if name in dropped:
-                continue
-            seen.update(self.inputs[name] if name in checkpointed else saved)
-        return sum(seen.values())
-
-
-def ledger(gm: fx.GraphModule, blocks: list[tuple[str, Nodes]], subs: dict) -> Ledger:
-    """The cost model's saved tensors and FLOPs of the unfused graph, split by block and
-    evaluated at `subs`, so that any choice of blocks is priced without rewriting."""
-    symbols, needs = cost.graph_symbols(gm), cost.nodes_needing_grad(gm)
-    owner = {n: name for name, nodes in blocks for n in nodes}
-    book = Ledger(plain={name: {} for name, _ in blocks}, inputs={name: {} for name, _ in blocks},
-                  flops={name: 0.0 for name, _ in blocks})
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = owner.get(node)
-        into = book.outside if name is None else book.plain[name]
-        for identity, nbytes in cost.saved_tensors(node, symbols, needs):
-            into.setdefault(identity, _number(nbytes, subs, "saved activations"))
-        if name is None:
-            continue
-        book.flops[name] += _number(cost.node_flops(node, symbols), subs, "recompute FLOPs")
-        for arg in node.all_input_nodes:
-            if owner.get(arg) != name and arg.op != "get_attr" and ir.tensor_val(arg) is not None:
-                # a checkpoint saves its region's inputs, each kept with the storage it views:
-                # the cost model's "region-inputs" rule, with its own view-following helpers
-                root = cost.storage_root(arg)
-                book.inputs[name].setdefault(root, _number(cost.tensor_bytes(cost.root_val(arg), symbols),
-                                                           subs, "checkpoint inputs"))
-    return book
-
+# ------------------------------------------------------------------ budget
 
 def choose_blocks(book: Ledger, budget: int) -> list[str]:
     """The blocks to checkpoint, in program order: the ones that remove the most saved bytes

@@ -28,13 +28,15 @@ import sympy
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers bmc::pipe
-from bmc import cost, ir
+import bmc.ir.ops  # noqa: F401 - registers bmc::pipe
+from bmc import ir
+from bmc.analysis import cost
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp  # noqa: F401 - re-exported for the rewriting passes
-from bmc.passmgr import Pass, PassResult, register_pass, register_preset
-from bmc.structure import structure_of
-from bmc.trace import trace_info
+from bmc.passmgr.order import require_before_pp  # noqa: F401 - re-exported for the rewriting passes
+from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
+from bmc.analysis.graph_patterns import is_free
+from bmc.analysis.structure import structure_of
+from bmc.ir.trace import trace_info
 
 log = logging.getLogger(__name__)
 PIPE = torch.ops.bmc.pipe.default
@@ -74,21 +76,6 @@ class PpOptions:
 
 
 # ------------------------------------------------------------------ units: blocks and their nodes
-
-
-def is_free(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
-    """True for values computed from weights, buffers and constants alone: every stage that
-    reads one recomputes it instead of receiving it."""
-    if node in memo:
-        return memo[node]
-    if node.op == "get_attr":
-        result = True
-    elif node.op != "call_function":
-        result = False
-    else:
-        result = all(is_free(a, memo) for a in node.all_input_nodes)
-    memo[node] = result
-    return result
 
 
 def node_units(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], int]:
@@ -336,11 +323,11 @@ class PipelineParallel(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
-        if gm.meta.get("bmc.pp"):
+        if ir.get_plan(gm, ir.PipelinePlan):
             raise PipelineError("pp appears twice in the pipeline: keep one pp{stages=N}")
         _refuse_zero3(gm)
-        amp = gm.meta.get("bmc.amp")
-        if amp and amp["dtype"] == "fp16":
+        amp = ir.get_plan(gm, ir.AmpPlan)
+        if amp is not None and amp.dtype == "fp16":
             # each stage would decide alone whether its gradients overflowed and skip the step
             raise PipelineError("pp with amp{dtype=fp16} is not supported yet (loss-scale overflow is not agreed "
                                 "across stages); use amp{dtype=bf16}, which needs no loss scaling")
@@ -357,9 +344,8 @@ class PipelineParallel(Pass):
             ir.annotate(node, ir.Stage(stage))
         markers = insert_markers(gm, stage_of) if total > 1 else 0
         reorder_by_stage(gm, stage_of)
-        gm.meta["bmc.pp"] = {"stages": opts.stages, "total_stages": total, "schedule": opts.schedule,
-                             "microbatches": opts.num_microbatches, "bounds": plan.bounds,
-                             "time": plan.time, "memory": plan.memory}
+        ir.set_plan(gm, ir.PipelinePlan(opts.stages, total, opts.schedule, opts.num_microbatches, tuple(plan.bounds),
+                                        tuple(float(t) for t in plan.time), tuple(float(m) for m in plan.memory)))
         gm.graph.lint()
         gm.recompile()
         for s in range(total):

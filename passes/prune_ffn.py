@@ -9,6 +9,7 @@ propagation, and views inside the MLP that bake its width (HF GPT-2's Conv1D) ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -18,10 +19,11 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
-from bmc.passes.shape_prop import propagate_shapes
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.structure import CACHE_KEY, MLP, Linear, structure_of
+from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
+from bmc.ir.shapes import propagate_shapes
+from bmc.rewrite.params import slice_parameter
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.analysis.structure import CACHE_KEY, MLP, Linear, structure_of
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,6 @@ def neuron_scores(gm: fx.GraphModule, mlp: MLP, score: str, generator: torch.Gen
     if mlp.gate is not None:
         value = value * _rows(gm, mlp.gate).float().norm(dim=1)
     return value
-
-
-def slice_parameter(gm: fx.GraphModule, name: str, keep: torch.Tensor, dim: int) -> int:
-    """Keep indices `keep` of parameter `name` along `dim`; the number of elements removed."""
-    param = gm.get_parameter(name)
-    sliced = torch.nn.Parameter(param.detach().index_select(dim, keep.to(param.device)).clone(),
-                                requires_grad=param.requires_grad)
-    owner, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(owner) if owner else gm, leaf, sliced)
-    return param.numel() - sliced.numel()
 
 
 def prune_mlp(gm: fx.GraphModule, mlp: MLP, keep: torch.Tensor) -> int:
@@ -108,7 +100,8 @@ class PruneFfn(Pass):
             raise PipelineError("prune-ffn: the structure analysis found no MLP in this model's blocks")
         generator = torch.Generator().manual_seed(self.options.seed)
         removed = neurons = 0
-        kept = gm.meta.setdefault("bmc.prune_ffn", {})  # MLP module -> the neurons kept (original indices)
+        record = ir.get_plan(gm, ir.PrunePlan) or ir.PrunePlan()
+        kept = {m: list(ix) for m, ix in record.kept_neurons().items()}  # MLP -> the neurons kept (original ids)
         for mlp in mlps:
             width = mlp.up.out_features
             drop = round(self.options.ratio * width)
@@ -122,6 +115,7 @@ class PruneFfn(Pass):
             kept[mlp.module] = [previous[i] for i in keep.tolist()] if previous else keep.tolist()
             rewrite_widths(gm, mlp, width, width - drop)
             neurons += drop
+        ir.set_plan(gm, dataclasses.replace(record, neurons=tuple(ir.Kept(m, tuple(ix)) for m, ix in kept.items())))
         gm.meta.pop(CACHE_KEY, None)  # widths changed
         propagate_shapes(gm)
         gm.graph.lint()

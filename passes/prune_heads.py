@@ -24,6 +24,7 @@ into a skip (`empty=skip`: its output becomes o's bias, or zero, as the masked o
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -36,13 +37,13 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.graph_patterns import hinted_shape, view_groups
-from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
-from bmc.passes.prune_ffn import slice_parameter
-from bmc.passes.shape_prop import propagate_shapes
-from bmc.passes.tp import operands, projections
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.structure import CACHE_KEY, Attention, Linear, structure_of
+from bmc.analysis.graph_patterns import hinted_shape, view_groups
+from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
+from bmc.rewrite.params import slice_parameter
+from bmc.ir.shapes import propagate_shapes
+from bmc.rewrite.linear import operands, projections
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.analysis.structure import CACHE_KEY, Attention, Linear, structure_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -438,7 +439,7 @@ def _choices(gm: fx.GraphModule, attentions: list[Attention], blocks: list[int],
         generator = torch.Generator().manual_seed(opts.seed)
         scores = [torch.rand(a.num_heads, generator=generator) for a in attentions]
     elif opts.score == "taylor":
-        from bmc.head_importance import taylor_scores
+        from bmc.compress.head_importance import taylor_scores
         scores = taylor_scores(gm, attentions, calibration)
     else:
         scores = [magnitude_scores(gm, a) for a in attentions]
@@ -453,7 +454,7 @@ class PruneHeads(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         for check in (require_before_pp, require_before_quant, require_before_regions):
             check(gm, "prune-heads")
-        if gm.meta.get("bmc.tp"):
+        if ir.get_plan(gm, ir.TensorParallelPlan):
             raise PipelineError("prune-heads after tp: prune first, then split what is left (put prune-heads before tp)")
         with_attention = [b for b in structure_of(gm).blocks if b.attention is not None]
         attentions = [b.attention for b in with_attention]
@@ -462,12 +463,14 @@ class PruneHeads(Pass):
         drops = _choices(gm, attentions, [b.index for b in with_attention], self.options, self.context.calibration)
         stats = {"heads-removed": 0, "query-heads-removed": 0, "kv-groups-removed": 0, "layers-skipped": 0,
                  "params-removed": 0, "shapes-rewritten": 0, "kv-gathers": 0}
-        kept = gm.meta.setdefault("bmc.prune_heads", {})  # attention module -> query heads kept (original ids)
+        record = ir.get_plan(gm, ir.PrunePlan) or ir.PrunePlan()
+        kept = {m: list(ix) for m, ix in record.kept_heads().items()}  # attention -> query heads kept (original ids)
         for layer, att in enumerate(attentions):
             drop = drops.get(layer, set())
             if not drop:
                 continue
             self._prune_one(gm, att, drop, kept, stats)
+        ir.set_plan(gm, dataclasses.replace(record, heads=tuple(ir.Kept(m, tuple(ix)) for m, ix in kept.items())))
         gm.meta.pop(CACHE_KEY, None)  # head counts changed
         gm.graph.eliminate_dead_code()
         propagate_shapes(gm)

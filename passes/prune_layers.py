@@ -11,6 +11,7 @@ token (Men et al. 2024, "ShortGPT").
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -20,9 +21,9 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.structure import CACHE_KEY, Block, structure_of
+from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.analysis.structure import CACHE_KEY, Block, structure_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class _StreamProbe(fx.Interpreter):
 
 def block_influence(gm: fx.GraphModule, blocks: tuple[Block, ...], data) -> list[float]:
     """1 - mean cosine(stream in, stream out) of each block over the calibration tokens."""
-    from bmc import calibration
+    from bmc.compress import calibration
     batches = calibration.batches(gm, data, "prune-layers{policy=score}")
     ends = {}
     for position, block in enumerate(blocks):
@@ -168,6 +169,8 @@ class PruneLayers(Pass):
             _bypass(gm, block)
         gm.graph.eliminate_dead_code()
         removed = sum(_drop_parameters(gm, block) for block in chosen)
+        record = ir.get_plan(gm, ir.PrunePlan) or ir.PrunePlan()
+        ir.set_plan(gm, dataclasses.replace(record, layers_dropped=record.layers_dropped + tuple(b.name for b in chosen)))
         gm.meta.pop(CACHE_KEY, None)  # the structure changed
         gm.graph.lint()
         gm.recompile()

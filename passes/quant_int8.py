@@ -18,12 +18,12 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers bmc::int8_linear
+import bmc.ir.ops  # noqa: F401 - registers bmc::int8_linear
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.structure import structure_of
+from bmc.passmgr.order import require_before_pp, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.analysis.structure import structure_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -6,7 +6,7 @@ block's output for a residual block). `points=[path,...]` names modules by their
 by default every residual block the structure analysis finds is tapped, so the pass works on
 whatever blocks prune-layers left (they keep their original names) and whatever head counts
 prune-heads left. Distillation (bmc/distill.py) reads a student's and a teacher's hidden states
-this way. The tapped paths, in output order, are in `gm.meta["bmc.tap"]`.
+this way. The tapped paths, in output order, are in the tap plan (`ir.TapPlan`).
 
 No node is added or changed: the output node gets the tapped nodes appended to its flat list
 and export's pytree output spec is widened to match, so the graph still verifies, runs with
@@ -23,12 +23,11 @@ import torch.utils._pytree as pytree
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.pass_order import require_before_pp, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.structure import structure_of
+from bmc.passmgr.order import require_before_pp, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.analysis.structure import structure_of
 
 log = logging.getLogger(__name__)
-META_KEY = "bmc.tap"
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,9 @@ class Tap(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         require_before_pp(gm, "tap")
         require_before_regions(gm, "tap")
-        if gm.meta.get(META_KEY):
-            raise PipelineError(f"tap: the graph is already tapped at {list(gm.meta[META_KEY])}; tap once, "
+        tapped = ir.get_plan(gm, ir.TapPlan)
+        if tapped is not None:
+            raise PipelineError(f"tap: the graph is already tapped at {list(tapped.points)}; tap once, "
                                 f"naming every point in points=[...]")
         points = self.options.points or tuple(b.name for b in structure_of(gm).blocks)
         if not points:
@@ -109,7 +109,7 @@ class Tap(Pass):
                                 "name the modules to tap with points=[...]")
         nodes = [leaving_value(gm, p) for p in points]
         _append_outputs(gm, nodes, points)
-        gm.meta[META_KEY] = tuple(points)
+        ir.set_plan(gm, ir.TapPlan(tuple(points)))
         gm.graph.lint()
         gm.recompile()
         log.info("tap: %d hidden states exposed: %s", len(points), list(points))

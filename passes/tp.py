@@ -10,9 +10,10 @@ row-parallel product, whose bias is added after it), and the insert-collectives 
 Megatron's f and g where those placements need them; the presets `tp2`, `tp4`, `tp8` are
 `tp{degree=N},insert-collectives`.
 
-The module holds rank 0's slices (so shapes, the verifier and the cost model see local
-sizes); the full weights and how to slice them ride in `gm.meta["bmc.tp"]`, and the torch
-backend installs each rank's slices at load time.
+The graph's shapes are a rank's (the verifier and the cost model see local sizes) while the
+module keeps every split weight whole until a backend loads the program: the typed plan
+(`ir.TensorParallelPlan`) records how each is split, and the torch backend keeps only its
+rank's slices, so a saved program holds the whole model and loads on any tp rank.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inserts
+import bmc.ir.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inserts
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.graph_patterns import hinted_shape, view_groups
-from bmc.passes.shape_prop import propagate_shapes
-from bmc.pass_order import require_before_pp, require_before_quant, require_before_regions
-from bmc.passmgr import Pass, PassResult, register_pass, register_preset
-from bmc.structure import Linear, structure_of
+from bmc.analysis.graph_patterns import hinted_shape, view_groups
+from bmc.ir.shapes import propagate_shapes
+from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
+from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
+from bmc.analysis.structure import Linear, structure_of
+from bmc.rewrite.linear import operands, projections
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -47,27 +49,6 @@ class TpOptions:
     def __post_init__(self):
         if self.degree < 1:
             raise ValueError(f"degree must be >= 1, got {self.degree}")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a weight is split: along `dim`, each of its `segments` (sizes along dim; one for a
-    plain projection, q/k/v for a fused one) cut into `degree` equal pieces; rank r keeps
-    piece r of every segment."""
-
-    dim: int
-    segments: tuple[int, ...]
-
-    def local(self, full: torch.Tensor, rank: int, degree: int) -> torch.Tensor:
-        pieces = [seg.chunk(degree, self.dim)[rank] for seg in full.split(list(self.segments), self.dim)]
-        return torch.cat(pieces, self.dim) if len(pieces) > 1 else pieces[0]
-
-    def full(self, locals_: list[torch.Tensor]) -> torch.Tensor:
-        """Reassemble the full weight from every rank's slice (rank order)."""
-        degree = len(locals_)
-        per_rank = [list(t.split([s // degree for s in self.segments], self.dim)) for t in locals_]
-        return torch.cat([torch.cat([per_rank[r][i] for r in range(degree)], self.dim)
-                          for i in range(len(self.segments))], self.dim)
 
 
 # ------------------------------------------------------------------ the plan: which projections
@@ -152,29 +133,6 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
         if users[0].target is aten.addmm.default:
             plan.transposed.add(name)
     return plan
-
-
-def projections(gm: fx.GraphModule, weight: str, allow_embedding: bool = False) -> list[fx.Node] | None:
-    """The nodes computing the projection with this weight: linear(x, W[, b]), or
-    addmm(b, x, W) with W stored (in, out); None if anything else uses the weight (a tied
-    embedding lookup aside, when `allow_embedding`)."""
-    node = ir.parameter_nodes(gm).get(weight)
-    if node is None:
-        return None
-    users = [u for u in node.users
-             if (u.target is aten.linear.default and u.args[1] is node)
-             or (u.target is aten.addmm.default and u.args[2] is node)]
-    lookups = [u for u in node.users if allow_embedding and u.args[0] is node
-               and u.target in (aten.embedding.default, torch.ops.bmc.vocab_parallel_embedding.default)]
-    return users if users and len(users) + len(lookups) == len(node.users) else None
-
-
-def operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    """(input, weight, bias) of a projection node."""
-    if node.target is aten.addmm.default:
-        return node.args[1], node.args[2], node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], node.args[1], bias
 
 
 # ------------------------------------------------------------------ propagating the split dim
@@ -392,31 +350,31 @@ def _divided(size, degree: int, node: fx.Node):
 # ------------------------------------------------------------------ the weights
 
 
-def _slice_weights(gm: fx.GraphModule, plan: _Plan, degree: int) -> dict:
-    """Rank 0's slices on the module; the full weights and their layouts in gm.meta."""
-    layouts, full = {}, {}
-    nodes = ir.parameter_nodes(gm)
+def _layouts(gm: fx.GraphModule, plan: _Plan) -> dict[str, ir.Layout]:
+    """How each split weight (and a column-parallel projection's bias) is cut."""
+    layouts = {}
     for name in plan.vocab:
-        layouts[name] = Layout(0, (gm.get_parameter(name).shape[0],))
+        layouts[name] = ir.Layout(name, 0, (gm.get_parameter(name).shape[0],))
     for name, segments in plan.column.items():
-        layouts[name] = Layout(1 if name in plan.transposed else 0, segments)
+        layouts[name] = ir.Layout(name, 1 if name in plan.transposed else 0, segments)
         bias = operands(projections(gm, name, allow_embedding=name in plan.vocab)[0])[2]
         if isinstance(bias, fx.Node):
-            layouts[str(bias.target)] = Layout(0, segments)
+            layouts[str(bias.target)] = ir.Layout(str(bias.target), 0, segments)
     for name in plan.row:
-        weight = gm.get_parameter(name)
         dim = 0 if name in plan.transposed else 1
-        layouts[name] = Layout(dim, (weight.shape[dim],))
+        layouts[name] = ir.Layout(name, dim, (gm.get_parameter(name).shape[dim],))
+    return layouts
+
+
+def _localize_parameter_nodes(gm: fx.GraphModule, layouts: dict[str, ir.Layout], degree: int) -> None:
+    """The split weights' nodes take a rank's shape and their placement; the module keeps
+    the whole weights (the backend slices them when it loads the program)."""
+    nodes = ir.parameter_nodes(gm)
     for name, layout in layouts.items():
-        param = gm.get_parameter(name)
-        full[name] = param.detach()
-        local = torch.nn.Parameter(layout.local(param.detach(), 0, degree).clone(), requires_grad=param.requires_grad)
-        # a tied weight is one Parameter under several names: every name gets the slice
-        for alias in [n for n, p in gm.named_parameters(remove_duplicate=False) if p is param]:
-            owner, _, leaf = alias.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, leaf, local)
-        ir.place(nodes[name], ir.Placement(GROUP, "shard", layout.dim))
-    return {"degree": degree, "layouts": layouts, "full": full}
+        node = nodes[name]
+        val = node.meta["val"]
+        node.meta["val"] = val.new_empty(layout.local_shape(tuple(val.shape), degree))
+        ir.place(node, ir.Placement(GROUP, "shard", layout.dim))
 
 
 @register_pass("tp", options=TpOptions, invalidates=("cost",))
@@ -431,7 +389,7 @@ class TensorParallel(Pass):
             raise PipelineError("tp after zero{stage=3}: ZeRO-3 already routes each weight through a gather that "
                                 "tp would have to split; put tp before zero in the pipeline")
         degree = self.options.degree
-        if gm.meta.get("bmc.tp"):
+        if ir.get_plan(gm, ir.TensorParallelPlan):
             raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")
         if degree == 1:
             return PassResult(gm, False, {"degree": 1})
@@ -439,7 +397,9 @@ class TensorParallel(Pass):
         walk = _Propagation(gm, plan, degree)
         walk.run()
         walk.annotate()
-        gm.meta["bmc.tp"] = _slice_weights(gm, plan, degree)
+        layouts = _layouts(gm, plan)
+        _localize_parameter_nodes(gm, layouts, degree)
+        ir.set_plan(gm, ir.TensorParallelPlan(degree, tuple(layouts.values()), vocab=bool(plan.vocab)))
         gm.graph.lint()
         gm.recompile()
         propagate_shapes(gm)

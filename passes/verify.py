@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from bmc.passmgr import Pass, PassResult, register_pass
-from bmc.verify import verify_graph
+from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.ir.verify import verify_graph
 
 
 @register_pass("verify")

@@ -8,10 +8,10 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-import bmc.ops  # noqa: F401 - registers the bmc:: ops the rewrite inserts
+import bmc.ir.ops  # noqa: F401 - registers the bmc:: ops the rewrite inserts
 from bmc import ir
-from bmc.passes.dp import mark_data_parallel, trainable_parameter_nodes
-from bmc.passmgr import Pass, PassResult, register_pass, register_preset
+from bmc.rewrite.params import mark_data_parallel, trainable_parameter_nodes
+from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class Zero(Pass):
         stage = self.options.stage
         count = mark_data_parallel(gm, stage=stage, sharded=stage == 3)
         default_bucket = 4.0 if stage == 3 else 25.0
-        gm.meta["bmc.bucket_mb"] = self.options.bucket_mb if self.options.bucket_mb is not None else default_bucket
-        gm.meta["bmc.prefetch"] = self.options.prefetch if stage == 3 else 0
+        bucket = self.options.bucket_mb if self.options.bucket_mb is not None else default_bucket
+        ir.set_plan(gm, ir.DataParallelPlan(stage, bucket, self.options.prefetch if stage == 3 else 0))
         gathers = 0
         if stage == 3:
             # program order of the original nodes; inserted gathers never become first users

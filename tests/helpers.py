@@ -4,7 +4,7 @@ import copy
 import torch
 
 import bmc
-from bmc.trace import normalize_example_inputs
+from bmc.ir.trace import normalize_example_inputs
 
 
 def first_tensor(out):
@@ -46,7 +46,7 @@ def traced_copy(model, example_inputs, dynamic=None):
 
 def saved_activation_bytes(model, example_inputs) -> int:
     """Bytes of the distinct non-parameter storages autograd saves for backward in one forward."""
-    from bmc.measure import SavedBytes
+    from bmc.analysis.measure import SavedBytes
     with SavedBytes(model.parameters()) as saved:
         run(model, example_inputs)
     return saved.total
@@ -55,7 +55,7 @@ def saved_activation_bytes(model, example_inputs) -> int:
 def model_and_inputs(name: str):
     """A seeded test model and its example inputs: a zoo name, or "hf-<name>" (tests/hf_models.py)."""
     import hf_models
-    from bmc import zoo
+    from bmc.models import zoo
     torch.manual_seed(0)
     if name.startswith("hf-"):
         return hf_models.build(name[3:]), hf_models.example_inputs()

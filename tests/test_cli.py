@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import bmc
-from bmc import zoo
-from bmc.cli import main
+from bmc.models import zoo
+from bmc.cli.opt import main
 from untraceable_model import Untraceable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +150,7 @@ def test_measure_needs_real_weights():
 
 
 def test_tp_plan_shows_per_rank_parameters_without_processes():
-    from bmc import zoo
+    from bmc.models import zoo
     model = zoo.build("gpt-tiny")
     split_names = ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_fc.bias", "mlp.c_proj.weight")
@@ -185,7 +185,7 @@ def test_3d_plan_shows_each_stage_its_ranks_memory_and_graph(tmp_path):
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
-    from bmc.trained import save_weights
+    from bmc.models.trained import save_weights
     d = tmp_path_factory.mktemp("weights")
     save_weights(zoo.build("gpt-tiny", seed=1), d / "seed1.safetensors")  # not the seed bmc-opt builds with
     save_weights(zoo.build("llama-tiny"), d / "llama.safetensors")
@@ -202,7 +202,7 @@ def _eval_rows(text):
 
 
 def test_eval_scores_loaded_weights_before_and_after_the_pipeline(weight_files, capsys):
-    from bmc import evaluate
+    from bmc.compress import evaluate
     assert main(["zoo:gpt-tiny", "--weights", str(weight_files / "seed1.safetensors"), "--pass=quant-int8",
                  "--eval"]) == 0
     rows = _eval_rows(capsys.readouterr().out)
@@ -249,7 +249,7 @@ def test_compression_flags_refuse_bad_input_in_one_line(case, weight_files, caps
 
 
 def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
-    from bmc import serve
+    from bmc.cli.opt import run as serve
     out_dir = tmp_path / "served"
     assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
     assert "serve it with: bmc run" in capsys.readouterr().out

@@ -12,7 +12,9 @@ import functools
 import pytest
 
 import bmc
-from bmc import calibration, evaluate, trained
+from bmc.compress import calibration
+from bmc.compress import evaluate
+from bmc.models import trained
 
 
 @functools.cache

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import bmc
-from bmc import data, zoo
-from bmc.distill import DistillError, _kl, _private_copy, _shared_copy
-from bmc.local_ranks import run_ranks
+from bmc.models import data
+from bmc.models import zoo
+from bmc.compress.distill import DistillError, _kl, _private_copy, _shared_copy
+from bmc.cli.local_ranks import run_ranks
 
 CONFIG = zoo.config("gpt-tiny")
 TOKENS = torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(0))

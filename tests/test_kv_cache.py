@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import bmc
-from bmc import kv_cache, zoo
+from bmc.cli.run import kv_cache
+from bmc.models import zoo
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])

@@ -2,8 +2,8 @@
 import torch
 import torch.distributed as dist
 
-from bmc import ops
-from bmc.local_ranks import run_ranks
+from bmc.ir import ops
+from bmc.cli.local_ranks import run_ranks
 
 
 def _collectives(rank, world_size):

@@ -13,8 +13,8 @@ import torch
 import bmc
 from bmc import ir, passmgr
 from bmc.errors import PassFailure, PipelineError, RequirementError, VerificationError
-from bmc.instruments import DumpDir, PrintIR, Reproducer, Statistics, Timing
-from bmc.passmgr import Pass, PassManager, PassResult, format_value, parse_pipeline, register_pass
+from bmc.passmgr.instruments import DumpDir, PrintIR, Reproducer, Statistics, Timing
+from bmc.passmgr.manager import Pass, PassManager, PassResult, format_value, parse_pipeline, register_pass
 
 passmgr.load_builtin_passes()
 
@@ -228,7 +228,7 @@ def test_failing_pass_writes_a_reproducer_that_bmc_opt_reruns(fresh_registry, tm
     assert f"reproducer written to {repro}" in str(info.value)
     assert (repro / "pipeline.txt").read_text().strip() == "dce,explode"
     assert (repro / "input.pt2").exists()
-    from bmc.cli import main
+    from bmc.cli.opt import main
     assert main(["--run-reproducer", str(repro)]) == 2
     assert "RuntimeError: cannot handle relu" in capsys.readouterr().err
 

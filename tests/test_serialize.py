@@ -7,7 +7,9 @@ import torch
 
 import bmc
 import hf_models
-from bmc import ir, serialize, zoo
+from bmc import ir
+from bmc.ir import serialize
+from bmc.models import zoo
 from bmc.errors import ModelLoadError, ModelSaveError
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc import zoo
+from bmc.models import zoo
 from bmc.errors import StructureError
-from bmc.structure import CACHE_KEY, Linear, ModelStructure, analyze, format_structure, structure_of
-from bmc.trace import trace
+from bmc.analysis.structure import CACHE_KEY, Linear, ModelStructure, analyze, format_structure, structure_of
+from bmc.ir.trace import trace
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 import bmc
 import hf_models
-from bmc import zoo
+from bmc.models import zoo
 from helpers import first_tensor, run, traced_copy
 
 SMALL_ZOO = ["gpt-tiny", "gpt-mini", "llama-tiny", "llama-mini", "bert-tiny"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bmc import zoo
+from bmc.models import zoo
 from bmc.errors import ZooError
 
 TINY = ["gpt-tiny", "llama-tiny", "bert-tiny"]

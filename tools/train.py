@@ -38,7 +38,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import bmc  # noqa: E402
-from bmc import data, measure, zoo  # noqa: E402
+from bmc.models import data  # noqa: E402
+from bmc.analysis import measure  # noqa: E402
+from bmc import ir  # noqa: E402
+from bmc.models import zoo  # noqa: E402
 from bmc.backends import checkpoint  # noqa: E402
 from bmc.errors import BmcError  # noqa: E402
 
@@ -143,7 +146,7 @@ class Task:
 
 
 def is_pipelined(prog) -> bool:
-    return bool(prog.graph_module.meta.get("bmc.pp"))
+    return ir.get_plan(prog.graph_module, ir.PipelinePlan) is not None
 
 
 def mesh_degrees(pipeline: str) -> tuple[int, int, int]:
@@ -170,7 +173,8 @@ def learning_rate(args, step: int) -> float:
 
 def memory_report(prog, world: int, local_batch: int, seq: int, measured: dict) -> str:
     """Measured bytes on this rank beside the cost model's prediction."""
-    from bmc import cost, measure
+    from bmc.analysis import cost
+    from bmc.analysis import measure
     setting = cost.Setting(dp=world, batch=local_batch, seq=seq)
     return measure.format_comparison(measured, measure.predicted(prog.graph_module, setting))
 
@@ -190,7 +194,7 @@ class LossLog:
         kept = []
         if start > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
-        from bmc.serialize import atomic_write_text
+        from bmc.ir.serialize import atomic_write_text
         atomic_write_text(str(path), "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -305,7 +309,7 @@ def train(args) -> dict:
                "world_size": world, "pipeline": pipeline}
     if rank == 0:
         log.info("done: %s", json.dumps(summary))
-        from bmc.serialize import atomic_write_text
+        from bmc.ir.serialize import atomic_write_text
         atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=1))
     if world > 1:
         dist.destroy_process_group()

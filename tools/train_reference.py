@@ -28,8 +28,10 @@ except ImportError:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bmc import data, evaluate, zoo  # noqa: E402
-from bmc.trained import save_weights  # noqa: E402
+from bmc.models import data
+from bmc.compress import evaluate
+from bmc.models import zoo  # noqa: E402
+from bmc.models.trained import save_weights  # noqa: E402
 
 log = logging.getLogger("train_reference")
 

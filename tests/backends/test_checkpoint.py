@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 import bmc
-from bmc import data, zoo
+from bmc.models import data
+from bmc.models import zoo
 from bmc.backends import checkpoint
-from bmc.local_ranks import run_ranks
+from bmc.cli.local_ranks import run_ranks
 
 GLOBAL_BATCH, SEQ, LR = 4, 16, 3e-3
 TEXT = data.Batches(data.text_tokens(max_bytes=2**20), GLOBAL_BATCH, SEQ, seed=7)

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 import bmc
-from bmc import zoo
-from bmc.local_ranks import run_ranks
+from bmc.models import zoo
+from bmc.cli.local_ranks import run_ranks
 
 STEPS, LOCAL_BATCH, SEQ, LR = 20, 2, 16, 1e-2
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -94,7 +94,8 @@ def test_data_parallel_training_equals_single_process(pipeline, world_size, dtyp
 
 
 def _measure(rank, world_size, pipeline):
-    from bmc import cost, report
+    from bmc.analysis import cost
+    from bmc.cli.opt import report
     model = zoo.build("gpt-mini")
     x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
     prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x.clone()), world_size=world_size)

@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 
 import bmc
-from bmc import data, zoo
-from bmc.local_ranks import run_ranks
+from bmc.models import data
+from bmc.models import zoo
+from bmc.cli.local_ranks import run_ranks
 
 STEPS, GLOBAL_BATCH, SEQ = 12, 4, 32
 TEXT = data.Batches(data.text_tokens(max_bytes=2**20), GLOBAL_BATCH, SEQ, seed=5)

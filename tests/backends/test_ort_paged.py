@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bmc
-from bmc import zoo
+from bmc.models import zoo
 from bmc.backends import ort_paged
 from bmc.errors import BackendError
 

@@ -6,7 +6,7 @@ import torch
 
 import bmc
 import hf_models
-from bmc import zoo
+from bmc.models import zoo
 from helpers import assert_same_outputs_and_grads
 
 

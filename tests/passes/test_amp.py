@@ -11,7 +11,8 @@ import torch
 
 import bmc
 import hf_models
-from bmc import data, zoo
+from bmc.models import data
+from bmc.models import zoo
 from bmc.errors import PipelineError
 from helpers import run
 

@@ -6,8 +6,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hf_models
-from bmc import cost, ir, zoo
-from bmc.passmgr import PassManager
+from bmc import ir
+from bmc.analysis import cost
+from bmc.models import zoo
+from bmc.passmgr.manager import PassManager
 from helpers import assert_same_outputs_and_grads, run, saved_activation_bytes, traced_copy
 
 CASES = [("gpt-tiny", None), ("llama-tiny", None), ("bert-tiny", None)] + [(n, "hf") for n in hf_models.NAMES]

@@ -2,8 +2,8 @@
 import torch
 
 from bmc import ir
-from bmc.passmgr import PassManager
-from bmc import zoo
+from bmc.passmgr.manager import PassManager
+from bmc.models import zoo
 from helpers import assert_same_outputs_and_grads, traced_copy
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import bmc
-import bmc.ops  # noqa: F401 - registers the bmc:: ops named below
-from bmc import zoo
+import bmc.ir.ops  # noqa: F401 - registers the bmc:: ops named below
+from bmc.models import zoo
 from bmc.errors import BackendError, PipelineError
-from bmc.passmgr import PassManager
+from bmc.passmgr.manager import PassManager
 
 F_OP, G_OP = torch.ops.bmc.copy_to_group.default, torch.ops.bmc.reduce_from_group.default
 

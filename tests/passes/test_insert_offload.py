@@ -17,7 +17,8 @@ from bmc.passes.insert_offload import offload_saved
 from helpers import assert_same_outputs_and_grads, saved_activation_bytes
 
 import bmc
-from bmc import ir, zoo
+from bmc import ir
+from bmc.models import zoo
 from bmc.errors import PipelineError
 
 

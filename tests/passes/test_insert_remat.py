@@ -9,7 +9,9 @@ from bmc.passes.insert_remat import choose_blocks, ledger, repeated_blocks
 from helpers import assert_same_outputs_and_grads, saved_activation_bytes
 
 import bmc
-from bmc import cost, ir, zoo
+from bmc import ir
+from bmc.analysis import cost
+from bmc.models import zoo
 from bmc.errors import PipelineError
 
 log = logging.getLogger(__name__)

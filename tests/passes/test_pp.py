@@ -9,12 +9,14 @@ import torch
 import torch.distributed as dist
 
 import bmc
+from bmc import ir
 import hf_models
-from bmc import data, zoo
+from bmc.models import data
+from bmc.models import zoo
 from bmc.errors import BackendError, PipelineError
-from bmc.local_ranks import run_ranks
+from bmc.cli.local_ranks import run_ranks
 from bmc.passes.pp import UnitCosts, partition
-from bmc.passmgr import PassManager
+from bmc.passmgr.manager import PassManager
 
 PIPE = torch.ops.bmc.pipe.default
 SEQ = 16
@@ -60,11 +62,11 @@ def test_partition_respects_a_memory_limit_or_says_none_fits():
 def test_eight_blocks_on_four_stages_balance_within_1_15x_with_embedding_and_head():
     model = zoo.build("gpt-mini")  # 8 blocks
     gm = _plan(model, "pp{stages=4}", _batch(2))
-    plan = gm.meta["bmc.pp"]
-    assert plan["bounds"] == (0, 2, 4, 6, 8)
-    assert max(plan["time"]) / min(plan["time"]) <= 1.15
+    plan = ir.get_plan(gm, ir.PipelinePlan)
+    assert plan.bounds == (0, 2, 4, 6, 8)
+    assert max(plan.time) / min(plan.time) <= 1.15
     # the head is counted: the last stage costs more than a middle one
-    assert plan["time"][3] > plan["time"][1]
+    assert plan.time[3] > plan.time[1]
 
 
 def test_markers_carry_what_crosses_each_boundary_and_rope_tables_are_recomputed():

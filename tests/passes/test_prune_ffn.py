@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bmc
-from bmc.structure import structure_of
+from bmc.analysis.structure import structure_of
 from helpers import model_and_inputs, run
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import bmc
-from bmc import calibration, zoo
+from bmc import ir
+from bmc.compress import calibration
+from bmc.models import zoo
 from bmc.errors import PipelineError
-from bmc.structure import structure_of
+from bmc.analysis.structure import structure_of
 from helpers import model_and_inputs, run
 
 
@@ -51,7 +53,7 @@ def _head_params(model, inputs, kept: dict) -> int:
 
 
 def _check_equivalent(model, inputs, prog):
-    kept = prog.graph_module.meta["bmc.prune_heads"]
+    kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads()
     masked = _masked(model, inputs, kept)
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -99,7 +101,7 @@ def test_layers_keep_different_head_counts_and_dynamic_shapes_still_run():
     counts = [b.attention.num_heads for b in structure_of(prog.graph_module).blocks]
     assert counts == [2, 4], counts
     bigger = model.example_inputs(batch=3, seq=24)
-    masked = _masked(model, inputs, prog.graph_module.meta["bmc.prune_heads"])
+    masked = _masked(model, inputs, ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads())
     torch.testing.assert_close(run(prog, bigger), run(masked, bigger), atol=1e-5, rtol=1e-5)
 
 
@@ -169,7 +171,7 @@ def test_ratio_ranking_keeps_a_head_per_layer_unless_skipping_is_allowed():
             prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{ratio=0.75,score=random,seed={seed},"
                                                             f"empty={empty}}}")
             assert prog.records[0].statistics["heads-removed"] == 6
-            counts = [len(k) for k in prog.graph_module.meta["bmc.prune_heads"].values()]
+            counts = [len(k) for k in ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads().values()]
             (kept if empty == "refuse" else skipped).append((counts, prog))
     assert all(0 not in counts for counts, _ in kept)
     counts, prog = next((c, p) for c, p in skipped if 0 in c)  # some seed empties a layer

@@ -8,7 +8,7 @@ import torch
 
 import bmc
 import hf_models
-from bmc import zoo
+from bmc.models import zoo
 from bmc.passes.prune_layers import every_other
 from helpers import run
 
@@ -79,7 +79,7 @@ def test_bad_input_is_one_clear_error(options, message):
 
 def test_score_policy_drops_the_blocks_that_change_the_stream_least():
     import dataclasses
-    from bmc import calibration
+    from bmc.compress import calibration
     torch.manual_seed(0)
     model = zoo.build(dataclasses.replace(zoo.config("llama-tiny"), n_layer=4))
     with torch.no_grad():  # block 2 adds (almost) nothing to the stream: its influence is ~0

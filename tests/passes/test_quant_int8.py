@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bmc
-from bmc import zoo
+from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.passes.quant_int8 import quantize
 

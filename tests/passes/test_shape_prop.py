@@ -1,8 +1,9 @@
 """shape-prop: recomputes meta['val'] after a rewrite; the program itself is unchanged."""
 import torch
 
-from bmc import ir, zoo
-from bmc.passmgr import PassManager
+from bmc import ir
+from bmc.models import zoo
+from bmc.passmgr.manager import PassManager
 from helpers import assert_same_outputs_and_grads, traced_copy
 
 

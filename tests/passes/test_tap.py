@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import bmc
-from bmc import zoo
+from bmc import ir
+from bmc.models import zoo
 from bmc.errors import PipelineError
-from bmc.structure import structure_of
-from bmc.trace import normalize_example_inputs
+from bmc.analysis.structure import structure_of
+from bmc.ir.trace import normalize_example_inputs
 from helpers import first_tensor, model_and_inputs, run
 
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -95,8 +96,8 @@ def test_composes_after_prune_heads_and_prune_layers():
     inputs = model.example_inputs()
     prog = bmc.compile(copy.deepcopy(model), passes="prune-heads{ratio=0.5},prune-layers{drop=[1,2]},tap,verify",
                        example_inputs=inputs)
-    kept_heads = prog.graph_module.meta["bmc.prune_heads"]
-    assert prog.graph_module.meta["bmc.tap"] == ("transformer.h.0", "transformer.h.3")  # original names
+    kept_heads = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads()
+    assert ir.get_plan(prog.graph_module, ir.TapPlan).points == ("transformer.h.0", "transformer.h.3")  # original names
     reference = copy.deepcopy(model)
     with torch.no_grad():  # removed heads masked: their columns of c_proj zeroed
         for index, block in enumerate(reference.transformer.h):

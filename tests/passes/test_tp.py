@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import bmc
+from bmc import ir
 import hf_models
-from bmc import zoo
+from bmc.models import zoo
 from bmc.errors import PipelineError
-from bmc.local_ranks import run_ranks
+from bmc.cli.local_ranks import run_ranks
 from helpers import run
 
 
@@ -46,15 +47,15 @@ def _check(rank, world_size, name, sequence_parallel=False):
     forward = (out - ref).abs().max().item()
     ref.float().square().mean().backward()
     out.float().square().mean().backward()
-    plan = prog.graph_module.meta["bmc.tp"]
+    plan = ir.get_plan(prog.graph_module, ir.TensorParallelPlan)
     worst = 0.0
     mine = dict(prog.named_parameters())
     for pname, p in model.named_parameters():
         if p.grad is None:
             continue
         want = p.grad
-        if pname in plan["layouts"]:
-            want = plan["layouts"][pname].local(want, rank, world_size)
+        if plan.layout(pname) is not None:
+            want = plan.layout(pname).local(want, rank, world_size)
         worst = max(worst, (mine[pname].grad - want).abs().max().item())
     return forward, worst
 
@@ -89,10 +90,10 @@ def _check_vocab(rank, world_size, name):
     forward = (out - ref).abs().max().item()
     (ref if ref.dim() == 0 else ref.float().square().mean()).backward()
     (out if out.dim() == 0 else out.float().square().mean()).backward()
-    plan = prog.graph_module.meta["bmc.tp"]
+    plan = ir.get_plan(prog.graph_module, ir.TensorParallelPlan)
     mine = dict(prog.named_parameters())
     # a tied weight is split under the name the graph reads: find layouts by parameter
-    layout_of = {id(prog.graph_module.get_parameter(n)): layout for n, layout in plan["layouts"].items()}
+    layout_of = {id(prog.graph_module.get_parameter(lay.param)): lay for lay in plan.layouts}
     worst = 0.0
     for pname, p in model.named_parameters():
         want = p.grad

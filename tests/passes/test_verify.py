@@ -1,9 +1,10 @@
 """verify: passes a good graph unchanged and rejects a broken one."""
 import pytest
 
-from bmc import ir, zoo
+from bmc import ir
+from bmc.models import zoo
 from bmc.errors import VerificationError
-from bmc.passmgr import PassManager
+from bmc.passmgr.manager import PassManager
 from helpers import assert_same_outputs_and_grads, traced_copy
 
 

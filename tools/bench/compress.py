@@ -38,7 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import bmc  # noqa: E402
-from bmc import evaluate, trained, zoo  # noqa: E402
+from bmc.compress import evaluate
+from bmc.models import trained
+from bmc.models import zoo  # noqa: E402
 
 MODEL = "gpt-mini"
 ORIGINAL = "original (eager fp32)"

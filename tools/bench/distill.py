@@ -31,7 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import bmc  # noqa: E402
-from bmc import calibration, data, evaluate, trained  # noqa: E402
+from bmc.compress import calibration
+from bmc.models import data
+from bmc.compress import evaluate
+from bmc.models import trained  # noqa: E402
 
 PRUNE = "prune-heads{{ratio=0.5,score={score}}},prune-layers{{ratio=0.25}}"
 

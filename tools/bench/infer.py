@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bmc  # noqa: E402
-from bmc import trained, zoo  # noqa: E402
+from bmc.models import trained
+from bmc.models import zoo  # noqa: E402
 
 PAGING_MODEL = zoo.GPTConfig(n_layer=16, n_head=8, n_embd=512, vocab_size=256, block_size=256)
 

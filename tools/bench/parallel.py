@@ -27,8 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import bmc  # noqa: E402
-from bmc import zoo  # noqa: E402
-from bmc.local_ranks import run_ranks  # noqa: E402
+from bmc import ir  # noqa: E402
+from bmc.models import zoo  # noqa: E402
+from bmc.cli.local_ranks import run_ranks  # noqa: E402
 
 
 def model_config(args):
@@ -105,9 +106,9 @@ def _pp_split(args, world):
     torch.manual_seed(0)
     model = build_model()
     x = torch.zeros(args.batch // args.microbatches, args.seq, dtype=torch.long)
-    from bmc.passmgr import PassManager
+    from bmc.passmgr.manager import PassManager
     gm = PassManager(_pp_pipeline(args, world)).run(bmc.trace(model, (x,))).graph_module
-    return gm.meta["bmc.pp"]["bounds"][1:-1]
+    return list(ir.get_plan(gm, ir.PipelinePlan).bounds[1:-1])
 
 
 def _pp_pipeline(args, world):

@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import bmc  # noqa: E402
-from bmc import zoo  # noqa: E402
+from bmc.models import zoo  # noqa: E402
 from bmc.backends.optimizer import storage_bytes  # noqa: E402
-from bmc.local_ranks import run_ranks  # noqa: E402
+from bmc.cli.local_ranks import run_ranks  # noqa: E402
 
 
 def model_config(args):

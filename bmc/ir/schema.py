@@ -250,6 +250,16 @@ def replace_node(old: fx.Node, new: fx.Node, pass_name: str, *, keep_val: bool =
     return new
 
 
+def replace_tensor(gm: fx.GraphModule, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put `new` wherever the module tree holds `old` as a parameter or buffer (a tied weight
+    under each of its names, fused regions' submodules included)."""
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in table.items():
+                if value is old:
+                    table[name] = new
+
+
 def parameter_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """Dotted parameter/buffer name -> its get_attr node."""
     return {str(n.target): n for n in gm.graph.find_nodes(op="get_attr")}

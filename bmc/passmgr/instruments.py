@@ -12,8 +12,8 @@ from typing import TextIO
 import torch.fx as fx
 
 from bmc import ir
-from bmc.passmgr import Instrument, PassResult, PassSpec, Pipeline
-from bmc.serialize import atomic_write_text, save_pt2
+from bmc.passmgr.manager import Instrument, PassResult, PassSpec, Pipeline
+from bmc.ir.serialize import atomic_write_text, save_pt2
 
 log = logging.getLogger(__name__)
 

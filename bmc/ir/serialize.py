@@ -21,12 +21,12 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import ModelLoadError, ModelSaveError
-from bmc.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
+from bmc.ir.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
 
 log = logging.getLogger(__name__)
 
 EXTRA_FILE = "bmc.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph plans in bmc.json, tp-split weights stored whole
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 
 
@@ -77,8 +77,59 @@ def _has_meta_weights(gm: fx.GraphModule) -> bool:
     return any(t.device.type == "meta" for t in (*gm.parameters(), *gm.buffers()))
 
 
-def to_exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
-    """Re-export a bmc graph (after passes) so torch.export can save or lower it."""
+def _val_shapes(gm: fx.GraphModule) -> dict[int, tuple[torch.Size, torch.Tensor]]:
+    """id(tensor) -> (the shape its graph nodes give it, the tensor), over every graph of the
+    module tree (fused regions read their weights inside their own graphs)."""
+    found = {}
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.find_nodes(op="get_attr"):
+            val = ir.tensor_val(node)
+            try:
+                tensor = module.get_parameter(str(node.target))
+            except AttributeError:
+                continue
+            if val is not None:
+                found[id(tensor)] = (val.shape, tensor)
+    return found
+
+
+@contextlib.contextmanager
+def _graph_shaped_weights(gm: fx.GraphModule):
+    """Export runs the graph, whose shapes are a rank's: while it does, a weight the module
+    holds at another size (whole, before a backend slices a tp split; a flat ZeRO-3 shard
+    after) is stood in for by an uninitialized tensor of the graph's shape."""
+    swapped = []
+    for shape, tensor in _val_shapes(gm).values():
+        if tensor.shape != shape:
+            stand_in = torch.nn.Parameter(tensor.detach().new_empty(shape), requires_grad=tensor.requires_grad)
+            ir.replace_tensor(gm, tensor, stand_in)
+            swapped.append((tensor, stand_in))
+    try:
+        yield
+    finally:
+        for tensor, stand_in in swapped:
+            ir.replace_tensor(gm, stand_in, tensor)
+
+
+def to_exported_program(gm: fx.GraphModule, state: dict[str, torch.Tensor] | None = None
+                        ) -> torch.export.ExportedProgram:
+    """Re-export a bmc graph (after passes) so torch.export can save or lower it. The program's
+    state holds every weight whole: `state` (whole tensors by dotted name, as a distributed
+    program gathers them) or the module's own (before a backend slices the tp plan's splits)."""
+    with _graph_shaped_weights(gm):
+        ep = _export(gm)
+    if state is None:
+        state = dict(gm.named_parameters(remove_duplicate=False))
+        state.update(gm.named_buffers(remove_duplicate=False))
+    for key in list(ep.state_dict):
+        if key in state:
+            ep.state_dict[key] = state[key]
+    return ep
+
+
+def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
     info = trace_info(gm)
     if info is None:
         raise ModelSaveError("this graph has no example inputs recorded: trace it with bmc.trace first")
@@ -99,15 +150,16 @@ def _param_annotations(gm: fx.GraphModule) -> dict[str, str]:
             if (text := ir.annotations_to_json(node))}
 
 
-def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "") -> None:
-    """Write the graph as a torch.export archive that bmc-opt and bmc.load read back."""
+def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "", state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the graph as a torch.export archive that bmc-opt and bmc.load read back; `state`:
+    the whole weights by dotted name, when the module holds only a rank's shards."""
     if _has_meta_weights(gm):
         raise ModelSaveError(f"cannot write {path}: the model's weights are on the meta device "
                              f"(nothing to save); build it on cpu to write it")
-    ep = to_exported_program(gm)
+    ep = to_exported_program(gm, state)
     info = trace_info(gm)
     extra = json.dumps({"format": FORMAT_VERSION, "model_name": info.model_name, "pipeline": pipeline,
-                        "params": _param_annotations(gm), "torch": torch.__version__})
+                        "params": _param_annotations(gm), "plans": ir.plans_to_json(gm), "torch": torch.__version__})
     atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files={EXTRA_FILE: extra}))
     log.info("wrote %s", path)
 
@@ -155,6 +207,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     for name, text in meta.get("params", {}).items():
         if name in params:
             ir.annotations_from_json(params[name], text)
+    ir.plans_from_json(gm, meta.get("plans", {}), source=f"'{path}'")
     args, kwargs = _restore_example_inputs(ep, gm)
     model_name = meta.get("model_name") or os.path.splitext(os.path.basename(path))[0]
     gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
@@ -185,7 +238,7 @@ def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = N
                device: str | None = None, dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, dict]:
     """MODEL as bmc-opt takes it: `zoo:NAME`, a `.pt2` archive, or a pickled `.pt` module."""
     if spec.startswith("zoo:"):
-        from bmc import zoo
+        from bmc.models import zoo
         model = zoo.build(spec[4:], device=device, dtype=dtype)
         return trace(model, example_inputs, dynamic=dynamic), {}
     if spec.endswith(".pt2"):

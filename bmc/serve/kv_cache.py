@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import BmcError
-from bmc.trace import trace_info
+from bmc.ir.trace import trace_info
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -38,17 +37,11 @@ class CacheError(BmcError):
     """A graph the KV-cache rewrite cannot derive a decode step from."""
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """One entry per attention: the cache's heads and head size ([B, heads, S, head_dim])."""
+# the cache's layout is a typed plan of the decode-step graph
+CacheLayout = ir.KvCachePlan
 
-    heads: tuple[int, ...]
-    head_dims: tuple[int, ...]
-    vocab: int
-    max_positions: int  # rows of the smallest position table: the longest sequence the model takes
 
-    @property
-    def layers(self) -> int:
+def layers(self) -> int:
         return len(self.heads)
 
 
@@ -201,7 +194,7 @@ def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     flatten_signature(step)
     layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]),
                          _max_positions(step, positions))
-    step.meta["bmc.kv_cache"] = layout
+    ir.set_plan(step, layout)
     return step, layout
 
 

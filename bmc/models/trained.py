@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from bmc import zoo
+from bmc.models import zoo
 from bmc.errors import ZooError
-from bmc.serialize import atomic_write
+from bmc.ir.serialize import atomic_write
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CHECKPOINTS = {"gpt-mini": "gpt-mini-stdlib.safetensors"}

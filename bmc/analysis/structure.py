@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from bmc.errors import StructureError
-from bmc.ir import module_path, normalize_module_path, tensor_val
+from bmc.ir.schema import module_path, normalize_module_path, tensor_val
 
 __all__ = ["Linear", "Attention", "MLP", "Embedding", "Block", "ModelStructure",
            "analyze", "structure_of", "format_structure", "CACHE_KEY"]
@@ -120,7 +120,7 @@ class ModelStructure:
         return next((group for group in self.tied if param_name in group), None)
 
 
-from bmc.graph_patterns import (  # noqa: E402 - the op tables and walkers the analysis uses
+from bmc.analysis.graph_patterns import (  # noqa: E402 - the op tables and walkers the analysis uses
     _ACTIVATIONS, _ATTENTION_OPS, _CAUSAL_MASK_OPS, _EMBEDDING, _MATMUL, _NORM_OPS, _RESHAPE, _SCORES, _SDPA,
     _SOFTMAX, _TO_ATTENTION, _ancestor_ops, _int, _named_args, _op, _path, _tensor_inputs, _walk_back,
     _walk_forward)

@@ -37,13 +37,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bmc import data as bmc_data
-from bmc.calibration import CalibrationError, batches as checked_batches, main_output
+from bmc import ir
+from bmc.models import data as bmc_data
+from bmc.compress.calibration import CalibrationError, batches as checked_batches, main_output
 from bmc.errors import BmcError
-from bmc.passmgr import PassContext, PassSpec
-from bmc.program import Program, compile as bmc_compile
-from bmc.structure import structure_of
-from bmc.trace import trace, trace_info
+from bmc.passmgr.manager import PassContext, PassManager, PassSpec
+from bmc.plugins import get_backend
+from bmc.program import Program, compile as bmc_compile, resolve_world_size
+from bmc.analysis.structure import structure_of
+from bmc.ir.trace import trace, trace_info
 
 log = logging.getLogger(__name__)
 SIGNALS = ("logits", "hidden", "both")
@@ -72,12 +74,9 @@ def _check_arguments(signals: str, steps: int, temperature: float, alpha: float,
         raise DistillError(f"temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1:
         raise DistillError(f"alpha weighs distillation against the LM loss and must be in [0, 1], got {alpha}")
-    if world_size < 1:
-        raise DistillError(f"world_size must be >= 1, got {world_size}")
-    if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
-        running = dist.get_world_size() if dist.is_initialized() else "no"
+    if world_size > 1 and not dist.is_initialized():
         raise DistillError(f"world_size={world_size} needs torch.distributed initialized with {world_size} "
-                           f"processes ({running} running); launch with torchrun and call init_process_group first")
+                           f"processes; launch with torchrun and call init_process_group first")
 
 
 class _Data:
@@ -157,9 +156,8 @@ def _call_args(gm: fx.GraphModule, inputs: torch.Tensor, targets: torch.Tensor) 
 def _run(prog: Program, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
     """A tapped program on a batch: (its output, {tapped path: tensor})."""
     args, kwargs = _call_args(prog.graph_module, inputs, targets)
-    from bmc.passes.tap import META_KEY
     out = prog(*args, **kwargs)
-    return out if prog.graph_module.meta.get(META_KEY) else (out, {})
+    return out if ir.get_plan(prog.graph_module, ir.TapPlan) else (out, {})
 
 
 def _check_fits(gm: fx.GraphModule, batch: tuple, role: str) -> None:
@@ -307,18 +305,24 @@ def _averaged(terms: dict[str, torch.Tensor], world_size: int) -> dict[str, floa
     return dict(zip(names, values.tolist()))
 
 
-def _copy_back(trained: Program, student: fx.GraphModule) -> None:
-    """The trained copy's (gathered) weights into the student, in place."""
+def _copy_back(trained: Program, student: fx.GraphModule, teacher: fx.GraphModule) -> None:
+    """The trained copy's (gathered) weights into the student: in place, except where a
+    student weight is the teacher's storage (a student compiled to share it), which gets a
+    tensor of its own: distillation never writes to its teacher."""
     full = trained.full_state_dict()
+    teacher_storages = {t.untyped_storage().data_ptr() for t in teacher.parameters()}
     with torch.no_grad():
-        for name, param in student.named_parameters(remove_duplicate=False):
-            param.copy_(full[name])
+        for name, param in list(student.named_parameters(remove_duplicate=False)):
+            if param.untyped_storage().data_ptr() in teacher_storages:
+                ir.replace_tensor(student, param, torch.nn.Parameter(full[name].clone(), param.requires_grad))
+            else:
+                param.copy_(full[name])
 
 
 def distill(student: Any, teacher: Any, data: Any, *, signals: str = "logits", steps: int = 100,
             lr: float = 1e-3, temperature: float = 2.0, alpha: float = 1.0, hidden_weight: float = 1.0,
             hidden_map: Mapping[str, str] | None = None, optimizer: type = torch.optim.AdamW,
-            weight_decay: float = 0.0, clip: float | None = 1.0, world_size: int = 1,
+            weight_decay: float = 0.0, clip: float | None = 1.0, world_size: int | None = None,
             passes: str | Sequence[str] | None = None, log_every: int = 10, progress: bool = True) -> Distilled:
     """Train `student` to match `teacher` for `steps` batches of `data`; see the module doc.
 
@@ -327,8 +331,10 @@ def distill(student: Any, teacher: Any, data: Any, *, signals: str = "logits", s
     or an iterable of (inputs, targets). signals: "logits" (KL at `temperature`), "hidden"
     (MSE of block outputs, mapped by `hidden_map` or by name) or "both". alpha: the weight of
     distillation against the LM loss on the targets. passes: the training program's pipeline
-    after the tap (default `dp` when world_size > 1). Returns (student Program, history).
+    after the tap (default `dp` when world_size > 1). world_size: the process group's by
+    default. The teacher is only read. Returns (student Program, history).
     """
+    world_size = resolve_world_size(world_size)
     _check_arguments(signals, steps, temperature, alpha, world_size)
     if signals == "logits" and hidden_map is not None:
         raise DistillError("hidden_map maps hidden states, which signals='logits' does not use; "
@@ -341,17 +347,17 @@ def distill(student: Any, teacher: Any, data: Any, *, signals: str = "logits", s
     _check_fits(student_gm, first, "student")
     pairs = _hidden_pairs(student_gm, teacher_gm, hidden_map) if signals != "logits" else {}
     s_head, t_head = _logits_point(student_gm), _logits_point(teacher_gm)
-    # the teacher first: compiling at world size 1 registers a trivial dp group, which must not
-    # replace the student's
-    tapped_teacher = bmc_compile(_shared_copy(teacher_gm), passes=_tap([t_head, *pairs.values()]))
+    # the teacher only runs forward on each rank's slice: tapped, not lowered to a backend
+    tapped = PassManager(_tap([t_head, *pairs.values()])).run(_shared_copy(teacher_gm)).graph_module
+    tapped_teacher = Program(tapped, backend="torch", context=PassContext())
     train = bmc_compile(_private_copy(student_gm), passes=[*_tap([s_head, *pairs]), *_pipeline(passes, world_size)],
                         world_size=world_size)
     opt = train.optimizer(optimizer, lr=lr, weight_decay=weight_decay)
     loss_of = _Step(signals, temperature, alpha, hidden_weight, s_head, t_head, pairs)
     history = _train(train, opt, tapped_teacher, batches, first, loss_of, steps, clip, world_size,
                      log_every, progress and rank == 0)
-    _copy_back(train, student_gm)
-    result = student if isinstance(student, Program) else Program(student_gm, backend="torch", context=PassContext())
+    _copy_back(train, student_gm, teacher_gm)
+    result = student if isinstance(student, Program) else get_backend("torch").lower(student_gm, PassContext())
     return Distilled(result, history)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from bmc import cost
-from bmc.calibration import main_output
+from bmc.analysis import cost
+from bmc.compress.calibration import main_output
 
 PARTS = ("params", "grads", "optimizer", "activations")
 
@@ -33,13 +33,13 @@ class SavedBytes:
         return tensor
 
     def __enter__(self) -> SavedBytes:
-        from bmc import ops
+        from bmc.ir import ops
         ops.SAVED_OBSERVERS.append(self._pack)  # runtimes with their own hooks report here
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        from bmc import ops
+        from bmc.ir import ops
         self._hooks.__exit__(*exc)
         ops.SAVED_OBSERVERS.remove(self._pack)
 
@@ -51,7 +51,7 @@ class SavedBytes:
 def example_batch(gm: fx.GraphModule, batch: int, seq: int | None) -> tuple[tuple, dict]:
     """Inputs shaped like the traced example with dim 0 = batch and dim 1 = seq (token ids
     are zeros: valid for any vocabulary, and the bytes do not depend on the values)."""
-    from bmc.trace import trace_info
+    from bmc.ir.trace import trace_info
     info = trace_info(gm)
 
     def resize(value: Any):
@@ -81,7 +81,7 @@ def measure_step(prog, inputs: tuple[tuple, dict], optimizer_cls=torch.optim.Ada
 
 
 def predicted(gm: fx.GraphModule, setting: cost.Setting) -> dict[str, float]:
-    from bmc import report
+    from bmc.cli.opt import report
     table = report.memory_table(gm, setting)
     states = table.states_for_plan()
     values = {part: cost.evaluate(getattr(states, part), table.subs) for part in PARTS[:3]}

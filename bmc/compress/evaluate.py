@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from bmc import data
-from bmc.calibration import main_output
+from bmc.models import data
+from bmc.compress.calibration import main_output
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,69 @@ def _check_stages(gm: fx.GraphModule) -> None:
         last = stage.index
 
 
+def _check_tp_plan(gm: fx.GraphModule) -> None:
+    plan = ir.get_plan(gm, ir.TensorParallelPlan)
+    if plan is None:
+        return
+    if plan.degree < 2:
+        raise VerificationError(f"the tp plan has degree {plan.degree}; a plan splits over >= 2 ranks")
+    nodes: dict[str, fx.Node] = {}
+    for module in gm.modules():  # fused regions read their weights inside their own graphs
+        if isinstance(module, fx.GraphModule):
+            for name, node in ir.parameter_nodes(module).items():
+                nodes.setdefault(name, node)
+    for layout in plan.layouts:
+        node = nodes.get(layout.param)
+        shard = ir.get(node, ir.Shard) if node is not None else None
+        if node is None or shard is None or shard.sharded_axes().get(layout.dim) != ("tp",):
+            raise VerificationError(f"the tp plan splits {layout.param} on dim {layout.dim}, but the graph "
+                                    f"{'does not read it' if node is None else 'does not place it so'}")
+        local = ir.tensor_val(node).shape[layout.dim]
+        if local * plan.degree != sum(layout.segments) or any(s % plan.degree for s in layout.segments):
+            raise VerificationError(f"the tp plan's segments {layout.segments} of {layout.param} do not cut into "
+                                    f"{plan.degree} equal pieces of {local} rows each")
+
+
+def _check_pp_plan(gm: fx.GraphModule) -> None:
+    plan = ir.get_plan(gm, ir.PipelinePlan)
+    stages = {s.index for n in gm.graph.nodes if (s := ir.get(n, ir.Stage)) is not None}
+    if plan is None:
+        if stages:
+            raise VerificationError("nodes carry bmc.stage but the graph has no pipeline plan")
+        return
+    if plan.total_stages % plan.stages or len(plan.bounds) != plan.total_stages + 1:
+        raise VerificationError(f"the pipeline plan's {plan.total_stages} stages do not fit {plan.stages} ranks "
+                                f"and {len(plan.bounds) - 1} cuts")
+    if stages and max(stages) >= plan.total_stages:
+        raise VerificationError(f"a node is on stage {max(stages)} of a {plan.total_stages}-stage plan")
+
+
+def _check_dp_plan(gm: fx.GraphModule) -> None:
+    plan = ir.get_plan(gm, ir.DataParallelPlan)
+    stages = {z.stage for n in gm.graph.find_nodes(op="get_attr") if (z := ir.get(n, ir.Zero)) is not None}
+    if plan is not None and stages - {plan.stage}:
+        raise VerificationError(f"the data-parallel plan is ZeRO stage {plan.stage} but parameters are marked "
+                                f"stage {sorted(stages - {plan.stage})}")
+
+
+def _check_amp_plan(gm: fx.GraphModule) -> None:
+    plan = ir.get_plan(gm, ir.AmpPlan)
+    if plan is None:
+        return
+    if plan.dtype not in ("bf16", "fp16"):
+        raise VerificationError(f"the amp plan's dtype is {plan.dtype!r}; expected bf16 or fp16")
+    for buffer in (plan.scale_buffer, plan.growth_buffer):
+        if buffer is not None and not hasattr(gm, buffer):
+            raise VerificationError(f"the amp plan keeps its loss scale in {buffer}, which the module lacks")
+
+
+def check_plans(gm: fx.GraphModule) -> None:
+    """The graph's plans are typed and agree with the graph they describe."""
+    ir.check_plans(gm)
+    for check in (_check_tp_plan, _check_pp_plan, _check_dp_plan, _check_amp_plan):
+        check(gm)
+
+
 def verify_graph(gm: fx.GraphModule, after: str | None = None) -> None:
     """Raise VerificationError (one line, naming the pass that broke it) if the graph is not valid."""
     where = f"after pass '{after}': " if after else ""
@@ -79,6 +142,7 @@ def verify_graph(gm: fx.GraphModule, after: str | None = None) -> None:
             _check_shard(node)
             _check_attr(gm, node)
         _check_stages(gm)
+        check_plans(gm)
         gm.recompile()
     except VerificationError as exc:
         raise VerificationError(f"{where}invalid graph: {exc}") from None

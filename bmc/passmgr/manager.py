@@ -117,8 +117,9 @@ def unregister(name: str) -> None:
 
 
 def load_builtin_passes() -> None:
-    """Import bmc.passes so every shipped pass registers itself."""
-    import bmc.passes  # noqa: F401
+    """Load the pass plugins (bmc.plugins), so every installed pass registers itself."""
+    from bmc.plugins import load_passes
+    load_passes()
 
 
 # ------------------------------------------------------------------ option values
@@ -421,7 +422,7 @@ class PassManager:
             available.update(pass_.provides)
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        from bmc.verify import verify_graph
+        from bmc.ir.verify import verify_graph
         self.check()
         for instrument in self.instruments:
             instrument.before_pipeline(gm, self.pipeline)

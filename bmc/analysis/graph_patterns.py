@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from bmc.ir import tensor_val
+from bmc.ir.schema import tensor_val
 
 # ---------------------------------------------------------------------------- op tables
 # Ops are matched by their ATen packet name ("linear" for aten.linear.default), so every
@@ -185,3 +185,18 @@ def view_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[in
                 raise ValueError("shapes do not regroup")
         groups.append((gi, gj))
     return groups
+
+
+def is_free(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """True for values computed from weights, buffers and constants alone: every stage that
+    reads one recomputes it instead of receiving it."""
+    if node in memo:
+        return memo[node]
+    if node.op == "get_attr":
+        result = True
+    elif node.op != "call_function":
+        result = False
+    else:
+        result = all(is_free(a, memo) for a in node.all_input_nodes)
+    memo[node] = result
+    return result

@@ -13,9 +13,9 @@ import logging
 import torch
 import torch.fx as fx
 
-from bmc import calibration as calib
-from bmc.passes.tp import operands, projections
-from bmc.structure import Attention
+from bmc.compress import calibration as calib
+from bmc.rewrite.linear import operands, projections
+from bmc.analysis.structure import Attention
 
 log = logging.getLogger(__name__)
 

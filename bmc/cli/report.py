@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import sympy
 import torch.fx as fx
 
-from bmc import cost, ir
-from bmc.trace import trace_info
+from bmc import ir
+from bmc.analysis import cost
+from bmc.ir.trace import trace_info
 
 GB = 1e9  # decimal gigabytes, the unit of the ZeRO paper's table
 ZERO_COLUMNS = (("plain DP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
@@ -104,7 +105,7 @@ def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int) ->
     plan = "no data-parallel pass in the pipeline: plain DP assumed" if planned is None else \
         f"the pipeline's plan is {'plain DP' if planned == 0 else f'ZeRO-{planned}'}"
     lines.append(f"  (GB = 1e9 bytes; '*' marks the plan's column: {plan})")
-    if gm.meta.get("bmc.pp"):
+    if ir.get_plan(gm, ir.PipelinePlan):
         lines.append("  (the whole model's states per dp x tp rank; a pipeline stage's ranks hold only their "
                      "stage's: see the table of stages)")
     return "\n".join(lines) + "\n"
@@ -121,9 +122,9 @@ def format_stage_report(gm: fx.GraphModule, setting: cost.Setting) -> str:
     activations it keeps for the microbatches in flight under the schedule."""
     from bmc.backends.pipeline import stage_graph
     from bmc.passes.pp import in_flight
-    plan = gm.meta["bmc.pp"]
-    total, schedule, micro = plan["total_stages"], plan["schedule"], plan["microbatches"]
-    lines = [f"pipeline stages: pp={plan['stages']}, {total} stages, schedule {schedule}, {micro} microbatches "
+    plan = ir.get_plan(gm, ir.PipelinePlan)
+    total, schedule, micro = plan.total_stages, plan.schedule, plan.microbatches
+    lines = [f"pipeline stages: pp={plan.stages}, {total} stages, schedule {schedule}, {micro} microbatches "
              f"(per rank of the stage; activations for one microbatch of batch {setting.batch})",
              f"  {'stage':<6}{'blocks':<8}{'ranks':<10}{'parameters':>12}{'model states':>14}"
              f"{'activations':>13}{'in flight':>10}{'peak':>12}"]
@@ -135,8 +136,8 @@ def format_stage_report(gm: fx.GraphModule, setting: cost.Setting) -> str:
         flight = in_flight(schedule, s, total, micro)
         peak = states + buffers + (act or 0) * flight
         params = sum(p.numel for p in table.params if not p.is_buffer)
-        blocks = f"{plan['bounds'][s]}-{plan['bounds'][s + 1] - 1}"
-        lines.append(f"  {s:<6}{blocks:<8}{_stage_ranks(s, plan['stages'], setting.dp, setting.tp):<10}"
+        blocks = f"{plan.bounds[s]}-{plan.bounds[s + 1] - 1}"
+        lines.append(f"  {s:<6}{blocks:<8}{_stage_ranks(s, plan.stages, setting.dp, setting.tp):<10}"
                      f"{params:>12,}{_gb(states):>14}{_gb(act):>13}{flight:>10}{_gb(peak):>12}")
     worst = max(plan["time"]) / max(min(plan["time"]), 1e-30)
     lines.append(f"  stage time (forward+backward FLOPs per microbatch): "

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from bmc import ir
-from bmc.trace import BATCH, SEQ
+from bmc.ir.trace import BATCH, SEQ
 
 B, S = sympy.symbols(f"{BATCH} {SEQ}", positive=True, integer=True)
 N_d, N_t, N_p = sympy.symbols("N_d N_t N_p", positive=True, integer=True)

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bmc.errors import BmcError
-from bmc.trace import normalize_example_inputs, trace_info
+from bmc.ir.trace import normalize_example_inputs, trace_info
 
 
 class CalibrationError(BmcError):
@@ -112,7 +112,7 @@ def text_batches(path: str | None, *, count: int, batch: int, seq: int, seed: in
                  vocab: int = 256) -> list[tuple[torch.Tensor]]:
     """`count` batches of byte-token windows [batch, seq] from a text file (None: the
     standard library's sources), drawn from the training part of the text."""
-    from bmc import data
+    from bmc.models import data
     if vocab < data.VOCAB:
         raise CalibrationError(f"text calibration is byte-level (256 token ids), the model's vocabulary has {vocab}; "
                                f"pass batches from Python instead")

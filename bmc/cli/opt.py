@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from bmc import ir
 from bmc.errors import BmcError
 
 log = logging.getLogger("bmc")
@@ -178,7 +179,7 @@ def _check_compression_args(args) -> None:
 
 
 def _instruments(args, out):
-    from bmc import instruments as ins
+    from bmc.passmgr.manager import instruments as ins
     chosen = []
     after = tuple(p for p in args.print_ir_after.split(",") if p)
     if args.print_ir_after_all or after or args.print_ir_after_change:
@@ -199,11 +200,11 @@ def _needs_weights(args) -> bool:
 
 
 def _load(args):
-    from bmc.serialize import load_graph
+    from bmc.ir.serialize import load_graph
     device = args.device or ("cpu" if _needs_weights(args) else "meta")
     example = parse_example_inputs(args.example_inputs) if args.example_inputs else None
     if args.weights:
-        from bmc.trace import trace
+        from bmc.ir.trace import trace
         return trace(_zoo_with_weights(args), example, dynamic=not args.static), {}
     return load_graph(args.model, trust_pickle=args.trust_pickle, example_inputs=example,
                       dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
@@ -211,11 +212,11 @@ def _load(args):
 
 def _zoo_with_weights(args) -> torch.nn.Module:
     """The zoo model of `args.model` on the cpu with --weights loaded, then cast to --dtype."""
-    from bmc import zoo
+    from bmc.models import zoo
     name = args.model.removeprefix("zoo:")
     zoo.config(name)  # an unknown name gets zoo's "did you mean" before any file is read
     if args.weights == "trained":
-        from bmc import trained
+        from bmc.models import trained
         model = trained.load(name)
     else:
         model = zoo.build(name, device="cpu")
@@ -259,7 +260,7 @@ def _with_status(what: str, work):
 
 def _traced_shape(gm) -> tuple[int, int] | None:
     """(batch, seq) of the example the graph was traced with (dims 0 and 1 of its first 2-D input)."""
-    from bmc.trace import trace_info
+    from bmc.ir.trace import trace_info
     info = trace_info(gm)
     tensors = [t for t in (*info.args, *info.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 2]
     return (int(tensors[0].shape[0]), int(tensors[0].shape[1])) if tensors else None
@@ -297,9 +298,9 @@ def _mesh_from_pipeline(args, pipeline) -> None:
 def _dump_stages(gm, directory: str) -> None:
     """Each pipeline stage's graph (what its ranks run) beside the per-pass dumps."""
     from bmc.backends.pipeline import stage_graph
-    from bmc.ir import format_graph
-    from bmc.serialize import atomic_write_text
-    total = gm.meta["bmc.pp"]["total_stages"]
+    from bmc.ir.schema import format_graph
+    from bmc.ir.serialize import atomic_write_text
+    total = ir.get_plan(gm, ir.PipelinePlan).total_stages
     for s in range(total):
         text = format_graph(stage_graph(gm, s, total), title=f"pipeline stage {s} of {total}")
         atomic_write_text(os.path.join(directory, f"stage-{s}.txt"), text)
@@ -308,7 +309,7 @@ def _dump_stages(gm, directory: str) -> None:
 def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
     """One rank of --measure: load, compile for the world size, one training step."""
     import bmc
-    from bmc import measure
+    from bmc.analysis import measure
     try:
         gm = _load(args)[0]
         prog = bmc.compile(gm, passes=pipeline, world_size=world_size)
@@ -319,13 +320,14 @@ def _measure_rank(rank: int, world_size: int, args, pipeline: str) -> dict:
 
 def _measure(args, gm, pipeline: str, dp: int) -> str:
     import bmc
-    from bmc import cost, measure
+    from bmc.analysis import cost
+    from bmc.analysis import measure
     seq = args.seq or _traced_seq(gm)
     if args.world_size == 1:
         prog = bmc.compile(gm, world_size=1)
         measured = measure.measure_step(prog, measure.example_batch(gm, _step_batch(args), seq))
     else:
-        from bmc.local_ranks import run_ranks
+        from bmc.cli.local_ranks import run_ranks
         measured = _with_status(f"measuring on {args.world_size} local ranks",
                                 lambda: run_ranks(args.world_size, _measure_rank, args, pipeline))[0]
         if "error" in measured:
@@ -355,7 +357,7 @@ def _calibration(args, gm) -> list | None:
     (and even when no pass of the pipeline reads it)."""
     if not args.calibration:
         return None
-    from bmc import calibration
+    from bmc.compress import calibration
     shape = _traced_shape(gm) or (None, None)
     batch, seq = args.batch or shape[0], args.seq or shape[1]
     if not batch or not seq:
@@ -382,7 +384,7 @@ def _zoo_longest_seq(args) -> int | None:
     """The longest sequence a zoo model takes (None for other models: their graph says)."""
     if not args.model.startswith("zoo:"):
         return None
-    from bmc import zoo
+    from bmc.models import zoo
     cfg = zoo.config(args.model.removeprefix("zoo:"))
     return next((getattr(cfg, f) for f in ("block_size", "max_seq", "max_position") if hasattr(cfg, f)), None)
 
@@ -405,7 +407,7 @@ def _text_windows(flag: str, path: str | None, make):
 
 
 def _run_probe(gm, ids: torch.Tensor) -> torch.Tensor:
-    from bmc.calibration import main_output
+    from bmc.compress.calibration import main_output
     try:
         with torch.no_grad():
             return main_output(gm(ids))
@@ -417,7 +419,7 @@ def _run_probe(gm, ids: torch.Tensor) -> torch.Tensor:
 def _check_causal_lm(gm, ids: torch.Tensor) -> None:
     """--eval's perplexity is next-token loss on token ids: refuse models it means nothing for.
     Causality is tested, not guessed: changing the last token must leave earlier logits alone."""
-    from bmc.trace import trace_info
+    from bmc.ir.trace import trace_info
     info = trace_info(gm)
     takes = [*info.args, *info.kwargs.values()] if info else []
     if len(takes) != 1 or not isinstance(takes[0], torch.Tensor) or takes[0].is_floating_point() or takes[0].dim() != 2:
@@ -446,7 +448,7 @@ def _prepare_eval(args, gm):
     refused at once. Returns (reference, windows, batch)."""
     import copy
     import warnings
-    from bmc.evaluate import EvalData
+    from bmc.compress.evaluate import EvalData
     fixed_batch, fixed_seq = _fixed_dims(gm)
     batch = args.batch or fixed_batch or EVAL_BATCH
     seq = args.seq or fixed_seq or min(_zoo_longest_seq(args) or _traced_seq(gm) or EVAL_SEQ, EVAL_SEQ)
@@ -463,7 +465,7 @@ def _prepare_eval(args, gm):
 
 
 def _evaluate(args, gm, pipeline: str, prepared) -> str:
-    from bmc.evaluate import compare, format_table
+    from bmc.compress.evaluate import compare, format_table
     reference, windows, batch = prepared
     rows = _with_status("evaluating", lambda: compare(reference, {pipeline: gm}, windows, batch))
     count, seq = windows.windows.shape[0], windows.windows.shape[1] - 1
@@ -484,8 +486,10 @@ def _apply_reproducer(args) -> None:
 
 
 def run(argv: Sequence[str] | None, out) -> int:
-    from bmc import cost, passmgr, report
-    from bmc.passmgr import PassContext, PassManager
+    from bmc import passmgr
+    from bmc.analysis import cost
+    from bmc.cli.opt import report
+    from bmc.passmgr.manager import PassContext, PassManager
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     if args.list_passes:
@@ -515,15 +519,15 @@ def run(argv: Sequence[str] | None, out) -> int:
         out.write(f"  #{index} {str(record.spec):<28} {'changed' if record.modified else 'no change':<9} "
                   f"{record.seconds:7.3f}s  {stats_text}\n")
     if args.analyze:
-        from bmc.structure import analyze, format_structure
+        from bmc.analysis.structure import analyze, format_structure
         out.write("\n" + format_structure(analyze(gm)))
     if args.report:
         setting = cost.Setting(batch=_step_batch(args), seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
                                setup=cost.TrainingSetup(optimizer=args.optimizer))
         out.write("\n" + report.format_report(gm, setting, args.world_size))
-        if gm.meta.get("bmc.pp"):
+        if ir.get_plan(gm, ir.PipelinePlan):
             out.write("\n" + report.format_stage_report(gm, setting))
-    if args.dump_dir and gm.meta.get("bmc.pp"):
+    if args.dump_dir and ir.get_plan(gm, ir.PipelinePlan):
         _dump_stages(gm, args.dump_dir)
     if args.measure:
         out.write("\n" + _measure(args, gm, str(pipeline), dp))
@@ -535,7 +539,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     if args.output and args.backend == "ort-paged":
         _build_paged(gm, args.output, str(pipeline), out)
     elif args.output:
-        from bmc.serialize import save_pt2
+        from bmc.ir.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
         out.write(f"\nwrote {args.output}\n")
     return 0
@@ -544,7 +548,7 @@ def run(argv: Sequence[str] | None, out) -> int:
 def _build_paged(gm, directory: str, pipeline: str, out) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
-    from bmc.serialize import staged_directory
+    from bmc.ir.serialize import staged_directory
     show = sys.stderr.isatty()
 
     def progress(done: int, total: int, name: str) -> None:

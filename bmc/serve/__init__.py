@@ -1,0 +1,1 @@
+"""Serving: the KV-cache decode step derived from a traced graph, and generation on it."""
