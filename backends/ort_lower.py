@@ -360,7 +360,7 @@ def block_names(gm: fx.GraphModule) -> list[str]:
 def task_of(gm: fx.GraphModule) -> str:
     """"causal-lm" when every attention is causal sdpa (served as its decode step with a KV
     cache), "encoder" when none is (served as its forward: token ids in, hidden states out)."""
-    from bmc.cli.run import kv_cache
+    from bmc.serve import kv_cache
     causal = {bool(kv_cache.sdpa_arguments(n).get("is_causal"))
               for n in gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)}
     if causal == {True}:
@@ -375,7 +375,7 @@ def encoder_step(gm: fx.GraphModule):
     """The forward of an encoder as the step to cut into parts: positional inputs, the hidden
     states (the first output) out; its layout has no cache, and max_positions is the rows of
     the position table an arange indexes."""
-    from bmc.cli.run import kv_cache
+    from bmc.serve import kv_cache
     step = kv_cache.copy_graph(gm)
     graph = step.graph
     output = graph.output_node()
@@ -394,7 +394,7 @@ def encoder_step(gm: fx.GraphModule):
 def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None) -> dict:
     """Write the parts of `gm`'s step (a causal LM's decode step, an encoder's forward) to
     `directory`; the manifest's `parts` entries."""
-    from bmc.cli.run import kv_cache
+    from bmc.serve import kv_cache
     names = block_names(gm)
     task = task_of(gm)
     if task == "causal-lm":

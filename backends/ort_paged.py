@@ -407,7 +407,7 @@ class PagedProgram:
 
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                  eos: int | None = None, stream: bool = False):
-        from bmc.cli.run import generate as gen
+        from bmc.serve import generate as gen
         if self.task == "encoder":
             raise BackendError("this build is an encoder: it gives hidden states (prog(input_ids)), not tokens")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens

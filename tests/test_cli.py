@@ -249,7 +249,7 @@ def test_compression_flags_refuse_bad_input_in_one_line(case, weight_files, caps
 
 
 def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
-    from bmc.cli.opt import run as serve
+    from bmc.cli import run as serve
     out_dir = tmp_path / "served"
     assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
     assert "serve it with: bmc run" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 import bmc
 from bmc import ir
 from bmc.analysis import cost
-from bmc.cli.opt import report
+from bmc.cli import report
 from bmc.models import zoo
 
 PAPER_GB = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.875}  # Rajbhandari et al. 2020, Psi=7.5e9, N_d=64, K=12

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bmc
-from bmc.cli.run import kv_cache
+from bmc.serve import kv_cache
 from bmc.models import zoo
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from bmc.analysis import cost
+from bmc.analysis.memory import memory_table
 from bmc.compress.calibration import main_output
 
 PARTS = ("params", "grads", "optimizer", "activations")
@@ -81,8 +82,7 @@ def measure_step(prog, inputs: tuple[tuple, dict], optimizer_cls=torch.optim.Ada
 
 
 def predicted(gm: fx.GraphModule, setting: cost.Setting) -> dict[str, float]:
-    from bmc.cli.opt import report
-    table = report.memory_table(gm, setting)
+    table = memory_table(gm, setting)
     states = table.states_for_plan()
     values = {part: cost.evaluate(getattr(states, part), table.subs) for part in PARTS[:3]}
     values["activations"] = cost.evaluate(cost.activation_bytes(gm), table.subs)

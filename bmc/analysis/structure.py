@@ -174,9 +174,11 @@ class _Graph:
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
         if node.op != "get_attr":
             return None
-        tensor = self.tensors.get(str(node.target))
+        # the graph's shape first: a weight the tp plan splits is held whole by the module
+        # until a backend loads the program, while the graph computes a rank's slice
+        tensor = tensor_val(node)
         if tensor is None:
-            tensor = tensor_val(node)
+            tensor = self.tensors.get(str(node.target))
         return tuple(int(s) for s in tensor.shape) if tensor is not None else None
 
     def own_name(self, target: str, module: str) -> str:

@@ -179,7 +179,7 @@ def _check_compression_args(args) -> None:
 
 
 def _instruments(args, out):
-    from bmc.passmgr.manager import instruments as ins
+    from bmc.passmgr import instruments as ins
     chosen = []
     after = tuple(p for p in args.print_ir_after.split(",") if p)
     if args.print_ir_after_all or after or args.print_ir_after_change:
@@ -488,7 +488,7 @@ def _apply_reproducer(args) -> None:
 def run(argv: Sequence[str] | None, out) -> int:
     from bmc import passmgr
     from bmc.analysis import cost
-    from bmc.cli.opt import report
+    from bmc.cli import report
     from bmc.passmgr.manager import PassContext, PassManager
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")

@@ -1,49 +1,16 @@
 """`bmc-opt --report`: where the memory goes on one rank, from the cost model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sympy
 import torch.fx as fx
 
 from bmc import ir
 from bmc.analysis import cost
+from bmc.analysis.memory import ZERO_COLUMNS, MemoryTable, memory_table  # noqa: F401
 from bmc.ir.trace import trace_info
 
 GB = 1e9  # decimal gigabytes, the unit of the ZeRO paper's table
-ZERO_COLUMNS = (("plain DP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
 PSI = sympy.Symbol("Psi")
-
-
-@dataclass(frozen=True)
-class MemoryTable:
-    """Per-rank bytes by ZeRO stage (0 = plain data parallel) and the saved activations."""
-
-    params: list[cost.ParamInfo]
-    states: dict[int, cost.ModelStates]  # symbolic, by ZeRO stage
-    activations: sympy.Expr
-    forward_flops: sympy.Expr
-    subs: dict
-
-    def bytes(self, zero_stage: int, part: str = "total") -> float:
-        return cost.evaluate(getattr(self.states[zero_stage], part), self.subs)
-
-    def states_for_plan(self) -> cost.ModelStates:
-        """Model states under the ZeRO stage each parameter's bmc.zero gives (0 if none)."""
-        return cost.model_states(self.params)
-
-    def activation_bytes(self) -> float | None:
-        try:
-            return cost.evaluate(self.activations, self.subs)
-        except ValueError:
-            return None
-
-
-def memory_table(gm: fx.GraphModule, setting: cost.Setting, stage: int | None = None) -> MemoryTable:
-    params = cost.parameters(gm)
-    states = {z: cost.model_states(params, zero_stage=z, stage=stage) for _, z in ZERO_COLUMNS}
-    return MemoryTable(params, states, cost.activation_bytes(gm, stage=stage), cost.forward_flops(gm),
-                       setting.substitutions(params))
 
 
 def _gb(nbytes: float | None) -> str:
@@ -139,7 +106,7 @@ def format_stage_report(gm: fx.GraphModule, setting: cost.Setting) -> str:
         blocks = f"{plan.bounds[s]}-{plan.bounds[s + 1] - 1}"
         lines.append(f"  {s:<6}{blocks:<8}{_stage_ranks(s, plan.stages, setting.dp, setting.tp):<10}"
                      f"{params:>12,}{_gb(states):>14}{_gb(act):>13}{flight:>10}{_gb(peak):>12}")
-    worst = max(plan["time"]) / max(min(plan["time"]), 1e-30)
+    worst = max(plan.time) / max(min(plan.time), 1e-30)
     lines.append(f"  stage time (forward+backward FLOPs per microbatch): "
-                 f"{', '.join(f'{t:.3g}' for t in plan['time'])}; slowest/fastest {worst:.3f}")
+                 f"{', '.join(f'{t:.3g}' for t in plan.time)}; slowest/fastest {worst:.3f}")
     return "\n".join(lines) + "\n"

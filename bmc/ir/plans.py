@@ -203,7 +203,7 @@ def clear_plan(gm: fx.GraphModule, kind: type) -> None:
     gm.meta.pop(kind.key, None)
 
 
-def plans(gm: fx.GraphModule) -> Iterator[Any]:
+def all_plans(gm: fx.GraphModule) -> Iterator[Any]:
     """Every plan of the graph, in schema order."""
     for key in PLANS:
         if key in gm.meta:
@@ -212,7 +212,7 @@ def plans(gm: fx.GraphModule) -> Iterator[Any]:
 
 def copy_plans(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     """Give `dst` (a stage, a decode step) the plans of the graph it was made from."""
-    for plan in plans(src):
+    for plan in all_plans(src):
         dst.meta[plan.key] = plan
 
 
@@ -263,7 +263,7 @@ def from_jsonable(tp: Any, raw: Any) -> Any:
 
 
 def plans_to_json(gm: fx.GraphModule) -> dict[str, Any]:
-    return {plan.key: to_jsonable(plan) for plan in plans(gm)}
+    return {plan.key: to_jsonable(plan) for plan in all_plans(gm)}
 
 
 def plans_from_json(gm: fx.GraphModule, data: dict[str, Any], source: str = "the archive") -> None:

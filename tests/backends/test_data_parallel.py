@@ -95,7 +95,7 @@ def test_data_parallel_training_equals_single_process(pipeline, world_size, dtyp
 
 def _measure(rank, world_size, pipeline):
     from bmc.analysis import cost
-    from bmc.cli.opt import report
+    from bmc.cli import report
     model = zoo.build("gpt-mini")
     x = torch.zeros(LOCAL_BATCH, SEQ, dtype=torch.long)
     prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x.clone()), world_size=world_size)

@@ -37,7 +37,7 @@ def test_offload_keeps_outputs_and_gradients(name):
     calls = _offload_calls(program.graph_module)
     blocks = [ir.get(n, ir.Origin).source for n in calls]
     assert len(calls) == model.config.n_layer and all(ir.get(n, ir.Origin).pass_name == "insert-offload" for n in calls)
-    assert program.graph_module.meta[insert_offload.ACTIVATIONS_KEY] == tuple(blocks)
+    assert ir.get_plan(program.graph_module, ir.OffloadPlan).activations == tuple(blocks)
     assert "offload_saved(%offload_block_" in ir.format_graph(program.graph_module)
     assert_same_outputs_and_grads(model, program, inputs)
 
@@ -109,7 +109,7 @@ def test_optimizer_sets_the_flag_and_leaves_the_graph():
     model = zoo.build("gpt-tiny")
     inputs = model.example_inputs()
     program = bmc.compile(copy.deepcopy(model), passes="ckpt,insert-offload{what=optimizer}", example_inputs=inputs)
-    assert program.graph_module.meta[insert_offload.OPTIMIZER_FLAG] is True
+    assert ir.get_plan(program.graph_module, ir.OffloadPlan).optimizer is True
     assert program.records[1].statistics == {"optimizer-offloaded": 1}
     assert not _offload_calls(program.graph_module)
     assert_same_outputs_and_grads(model, program, inputs)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bmc
+from bmc import ir
 from bmc.analysis.structure import structure_of
 from helpers import model_and_inputs, run
 
@@ -34,7 +35,7 @@ def _masked(model, inputs, kept: dict):
 def test_pruned_equals_original_with_neurons_zeroed(name):
     model, inputs = _model(name)
     prog = bmc.compile(copy.deepcopy(model), passes="prune-ffn{ratio=0.5},verify", example_inputs=inputs)
-    kept = prog.graph_module.meta["bmc.prune_ffn"]
+    kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_neurons()
     masked = _masked(model, inputs, kept)
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -53,9 +54,9 @@ def test_magnitude_keeps_the_largest_neurons_and_random_follows_the_seed():
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[7] *= 100  # one loud neuron
     prog = bmc.compile(copy.deepcopy(model), passes="prune-ffn{ratio=0.9}", example_inputs=inputs)
-    assert 7 in prog.graph_module.meta["bmc.prune_ffn"]["transformer.h.0.mlp"]
-    a, b = (bmc.compile(copy.deepcopy(model), passes=f"prune-ffn{{ratio=0.5,score=random,seed={s}}}",
-                        example_inputs=inputs).graph_module.meta["bmc.prune_ffn"] for s in (1, 2))
+    assert 7 in ir.get_plan(prog.graph_module, ir.PrunePlan).kept_neurons()["transformer.h.0.mlp"]
+    a, b = (ir.get_plan(bmc.compile(copy.deepcopy(model), passes=f"prune-ffn{{ratio=0.5,score=random,seed={s}}}",
+                                    example_inputs=inputs).graph_module, ir.PrunePlan).kept_neurons() for s in (1, 2))
     assert a != b
 
 

@@ -48,7 +48,7 @@ def _tapped(prog, inputs):
 def _check(prog, reference, inputs, paths):
     want_out, want = _hooked(reference, inputs, paths)
     out, taps = _tapped(prog, inputs)
-    assert list(taps) == list(paths) == list(prog.graph_module.meta["bmc.tap"])
+    assert list(taps) == list(paths) == list(ir.get_plan(prog.graph_module, ir.TapPlan).points)
     torch.testing.assert_close(out, want_out, **TOL)
     for path in paths:
         torch.testing.assert_close(taps[path], want[path], **TOL, msg=path)
