@@ -25,7 +25,9 @@ from typing import Any, Literal
 import torch
 from bmc.rewrite.regions import (
     Ledger,
-    call_through,
+    HostSavedTensors,  # noqa: F401 - the runtime lives in the core; tests reach it here
+    offload_saved,  # noqa: F401
+    wrap_region,
     fuse_regions,
     ledger,
     refuse_fused_regions,
@@ -49,54 +51,6 @@ class OffloadOptions:
     what: Literal["activations", "optimizer"] = "activations"
 
 
-# ------------------------------------------------------------------ runtime: the call in the graph
-
-class HostSavedTensors(torch.autograd.graph.saved_tensors_hooks):
-    """saved_tensors_hooks that keep each saved tensor in CPU memory until backward."""
-
-    def __init__(self, pin_memory: bool):
-        self.pin_memory = pin_memory
-        # id(tensor) -> (tensor, its host copy): one copy per tensor however many ops save it.
-        # Holding the tensor keeps its id from being reused before the region returns; the
-        # device memory is released when the region returns and this object is dropped.
-        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        super().__init__(self.pack, self.unpack)
-
-    def keeps(self, tensor: torch.Tensor) -> bool:
-        """Left as it is: a tensor already in host memory, or a leaf that requires grad (a
-        parameter, resident anyway: copying it would cost traffic and save nothing)."""
-        return tensor.device.type == "cpu" or (tensor.requires_grad and tensor.grad_fn is None)
-
-    def pack(self, tensor: torch.Tensor) -> Any:
-        if self.keeps(tensor):
-            return tensor
-        key = id(tensor)
-        if key not in self.copies:
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout,
-                               pin_memory=self.pin_memory and not tensor.is_sparse)
-            host.copy_(tensor, non_blocking=self.pin_memory)
-            self.copies[key] = (tensor, host)
-        return tensor.device, self.copies[key][1]
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        # the autograd graph keeps this object (its unpack hook) until backward: drop the
-        # device tensors now, so only their host copies stay alive
-        self.copies.clear()
-
-    def unpack(self, packed: Any) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
-        device, host = packed
-        return host.to(device, non_blocking=self.pin_memory)
-
-
-def offload_saved(fn, *args):
-    """Run `fn(*args)` with the tensors it saves for backward kept in CPU memory."""
-    with HostSavedTensors(pin_memory=torch.cuda.is_available()):
-        return fn(*args)
-
-
 # ------------------------------------------------------------------ the pass
 
 def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
@@ -105,7 +59,7 @@ def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, 
     book: Ledger = ledger(gm, blocks, trace_substitutions(gm))
     gm, calls = fuse_regions(gm, [nodes for _, nodes in blocks], prefix="offload_block_")
     for (name, _), fused in zip(blocks, calls):
-        call_through(gm, fused, offload_saved, {}, (ir.Origin("insert-offload", name),))
+        wrap_region(gm, fused, ir.Region("offload", "insert-offload", "activations", name))
     _record(gm, activations=tuple(name for name, _ in blocks))
     gm.graph.lint()
     gm.recompile()

@@ -35,7 +35,7 @@ from bmc.analysis.graph_patterns import _ATTENTION_OPS, _op
 from bmc.passmgr.order import require_before_pp
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.structure import Attention, Linear, _Graph, structure_of
-from bmc.rewrite.regions import (Ledger, Nodes, call_through, fuse_regions, ledger, refuse_fused_regions,
+from bmc.rewrite.regions import (Ledger, Nodes, wrap_region, fuse_regions, ledger, refuse_fused_regions,
                                  repeated_blocks, trace_substitutions)
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def choose_blocks(book: Ledger, budget: int) -> list[str]:
 # ------------------------------------------------------------------ the pass
 
 def _checkpoint(gm: fx.GraphModule, fused: fx.Node, policy: str, region: str) -> fx.Node:
-    return call_through(gm, fused, torch.utils.checkpoint.checkpoint, {"use_reentrant": False},
-                        (ir.Remat(policy, region), ir.Origin("insert-remat", region)))
+    return wrap_region(gm, fused, ir.Region("checkpoint", "insert-remat", policy, region))
 
 
 def _saved_bytes(gm: fx.GraphModule, subs: dict) -> int | None:

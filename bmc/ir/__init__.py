@@ -8,7 +8,7 @@ from bmc.ir.plans import (PLANS, AmpPlan, DataParallelPlan, Kept, KvCachePlan, L
                           PipelinePlan, PrunePlan, TapPlan, TensorParallelPlan, check_plans, clear_plan, copy_plans,
                           all_plans, get_plan, plan_text, plans_from_json, plans_to_json, replace_plan, set_plan)
 from bmc.ir.schema import (CARRIED_META, CUSTOM_KEY, DTYPE_SHORT, MESH_AXES, PLACEMENT_KINDS, SCHEMA,  # noqa: F401
-                           Cost, Origin, Placement, Quant, Remat, Shard, Stage, Zero, annotate, annotations,
+                           Cost, Origin, Placement, Quant, Region, Remat, Shard, Stage, Zero, annotate, annotations,
                            annotations_from_json, annotations_to_json, check_annotations, clear, copy_meta,
                            format_graph, format_node, get, module_path, normalize_module_path, parameter_nodes, place,
                            rename_symbols, replace_node, replace_tensor, target_str, tensor_val, to_dot, type_str)

@@ -135,7 +135,24 @@ class Cost:
         return f"flops={self.flops} saved={self.saved_bytes}"
 
 
-SCHEMA: dict[str, type] = {cls.key: cls for cls in (Shard, Stage, Remat, Quant, Zero, Origin, Cost)}
+@dataclass(frozen=True)
+class Region:
+    """`bmc.region`: this node runs inside a fused region `name` that `wrapper` ("checkpoint":
+    recomputed in backward; "offload": saved tensors in host memory) runs, as `pass_name`'s
+    `policy` chose. It travels with the node through a .pt2 archive, so a loaded program gets
+    its regions back."""
+
+    key: ClassVar[str] = "bmc.region"
+    wrapper: str
+    pass_name: str
+    policy: str
+    name: str
+
+    def __str__(self):
+        return f"{self.wrapper}:{self.name}"
+
+
+SCHEMA: dict[str, type] = {cls.key: cls for cls in (Shard, Stage, Remat, Quant, Zero, Origin, Cost, Region)}
 
 T = TypeVar("T")
 

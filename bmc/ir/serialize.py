@@ -21,6 +21,8 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import ModelLoadError, ModelSaveError
+import bmc.ir.ops  # noqa: F401 - the bmc:: ops a saved graph calls must exist before it is read
+from bmc.rewrite.regions import restore_regions
 from bmc.ir.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
 
 log = logging.getLogger(__name__)
@@ -123,9 +125,12 @@ def to_exported_program(gm: fx.GraphModule, state: dict[str, torch.Tensor] | Non
     if state is None:
         state = dict(gm.named_parameters(remove_duplicate=False))
         state.update(gm.named_buffers(remove_duplicate=False))
-    for key in list(ep.state_dict):
+    for key, current in list(ep.state_dict.items()):
         if key in state:
-            ep.state_dict[key] = state[key]
+            value = state[key]
+            if isinstance(current, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
+                value = torch.nn.Parameter(value.detach(), requires_grad=current.requires_grad)
+            ep.state_dict[key] = value
     return ep
 
 
@@ -133,10 +138,11 @@ def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
     info = trace_info(gm)
     if info is None:
         raise ModelSaveError("this graph has no example inputs recorded: trace it with bmc.trace first")
-    for node in gm.graph.nodes:
-        text = ir.annotations_to_json(node)
-        if text and node.op == "call_function":
-            node.meta.setdefault("custom", {})[ir.CUSTOM_KEY] = text
+    for module in gm.modules():  # fused regions' nodes too: export runs them inline
+        for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
+            text = ir.annotations_to_json(node)
+            if text and node.op == "call_function":
+                node.meta.setdefault("custom", {})[ir.CUSTOM_KEY] = text
     spec = dynamic_shapes_spec(gm, info.args, info.kwargs, True) if info.symbols else None
     try:
         return torch.export.export(gm, info.args, info.kwargs, dynamic_shapes=spec, strict=False)
@@ -211,6 +217,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     args, kwargs = _restore_example_inputs(ep, gm)
     model_name = meta.get("model_name") or os.path.splitext(os.path.basename(path))[0]
     gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
+    gm = restore_regions(gm)
     return gm, meta
 
 

@@ -82,7 +82,7 @@ def _check_tp_plan(gm: fx.GraphModule) -> None:
     for layout in plan.layouts:
         node = nodes.get(layout.param)
         shard = ir.get(node, ir.Shard) if node is not None else None
-        if node is None or shard is None or shard.sharded_axes().get(layout.dim) != ("tp",):
+        if node is None or shard is None or "tp" not in shard.sharded_axes().get(layout.dim, ()):
             raise VerificationError(f"the tp plan splits {layout.param} on dim {layout.dim}, but the graph "
                                     f"{'does not read it' if node is None else 'does not place it so'}")
         local = ir.tensor_val(node).shape[layout.dim]

@@ -4,6 +4,7 @@ cost model's ledger of what each block saves for backward, to choose which to wr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 import sympy
@@ -71,20 +72,45 @@ def fuse_regions(gm: fx.GraphModule, regions: list[Nodes], prefix: str) -> tuple
     return gm, calls
 
 
-def call_through(gm: fx.GraphModule, fused: fx.Node, fn: Callable, kwargs: dict,
-                 notes: tuple) -> fx.Node:
-    """Replace `call_module(sub)(*inputs)` by `fn(sub, *inputs, **kwargs)`, so the dumped graph
-    shows what runs the region; `notes` are the bmc annotations of the new call."""
+def wrap_region(gm: fx.GraphModule, fused: fx.Node, region: ir.Region) -> fx.Node:
+    """Replace `call_module(sub)(*inputs)` by `wrapper(sub, *inputs)`, so the dumped graph shows
+    what runs the region. Every node inside carries `region`, which a .pt2 archive keeps: a
+    loaded program fuses the same regions again (restore_regions)."""
+    fn, kwargs = WRAPPERS[region.wrapper]
     graph = gm.graph
+    for node in gm.get_submodule(str(fused.target)).graph.nodes:
+        if node.op == "call_function":
+            ir.annotate(node, region)
     with graph.inserting_before(fused):
         submodule = graph.get_attr(str(fused.target))
         call = graph.call_function(fn, (submodule, *fused.args), kwargs)
     call.meta.update({k: v for k, v in fused.meta.items() if k in ir.CARRIED_META})
-    for note in notes:
-        ir.annotate(call, note)
+    if region.wrapper == "checkpoint":
+        ir.annotate(call, ir.Remat(region.policy, region.name))
+    ir.annotate(call, ir.Origin(region.pass_name, region.name))
+    # export runs the region inline and gives its nodes the annotations of this call
+    ir.annotate(call, region)
     fused.replace_all_uses_with(call)
     graph.erase_node(fused)
     return call
+
+
+def restore_regions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fuse again the regions a loaded graph's nodes say they belonged to (re-exporting a
+    program runs its regions inline: the archive keeps each node's `bmc.region`)."""
+    groups: dict[ir.Region, Nodes] = {}
+    for node in gm.graph.nodes:
+        region = ir.get(node, ir.Region)
+        if node.op == "call_function" and region is not None:
+            groups.setdefault(region, {})[node] = None
+    if not groups:
+        return gm
+    gm, calls = fuse_regions(gm, list(groups.values()), prefix="region_")
+    for region, fused in zip(groups, calls):
+        wrap_region(gm, fused, region)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _output_val(sub: fx.GraphModule):
@@ -162,3 +188,58 @@ def ledger(gm: fx.GraphModule, blocks: list[tuple[str, Nodes]], subs: dict) -> L
                 book.inputs[name].setdefault(root, _number(cost.tensor_bytes(cost.root_val(arg), symbols),
                                                            subs, "checkpoint inputs"))
     return book
+
+
+# ------------------------------------------------------------------ what runs a region
+
+class HostSavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """saved_tensors_hooks that keep each saved tensor in CPU memory until backward."""
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        # id(tensor) -> (tensor, its host copy): one copy per tensor however many ops save it.
+        # Holding the tensor keeps its id from being reused before the region returns; the
+        # device memory is released when the region returns and this object is dropped.
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(self.pack, self.unpack)
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Left as it is: a tensor already in host memory, or a leaf that requires grad (a
+        parameter, resident anyway: copying it would cost traffic and save nothing)."""
+        return tensor.device.type == "cpu" or (tensor.requires_grad and tensor.grad_fn is None)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if self.keeps(tensor):
+            return tensor
+        key = id(tensor)
+        if key not in self.copies:
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout,
+                               pin_memory=self.pin_memory and not tensor.is_sparse)
+            host.copy_(tensor, non_blocking=self.pin_memory)
+            self.copies[key] = (tensor, host)
+        return tensor.device, self.copies[key][1]
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        # the autograd graph keeps this object (its unpack hook) until backward: drop the
+        # device tensors now, so only their host copies stay alive
+        self.copies.clear()
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=self.pin_memory)
+
+
+def offload_saved(fn, *args):
+    """Run `fn(*args)` with the tensors it saves for backward kept in CPU memory."""
+    with HostSavedTensors(pin_memory=torch.cuda.is_available()):
+        return fn(*args)
+
+
+# what runs a fused region, by the name a Region annotation gives it
+WRAPPERS: dict[str, tuple[Callable, dict]] = {
+    "checkpoint": (torch.utils.checkpoint.checkpoint, {"use_reentrant": False}),
+    "offload": (offload_saved, {}),
+}
