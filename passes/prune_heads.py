@@ -37,8 +37,9 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.analysis.graph_patterns import hinted_shape, view_groups
+from bmc.analysis.graph_patterns import hinted_shape
 from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
+from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.rewrite.params import slice_parameter
 from bmc.ir.shapes import propagate_shapes
 from bmc.rewrite.linear import operands, projections
@@ -47,8 +48,6 @@ from bmc.analysis.structure import CACHE_KEY, Attention, Linear, structure_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 
 
 @dataclass(frozen=True)
@@ -190,6 +189,48 @@ def _refuse(node: fx.Node, why: str):
     raise PipelineError(f"prune-heads cannot follow the heads through {ir.target_str(node)} ({node.name}): {why}")
 
 
+class _Heads:
+    """prune-heads' policy for the dim walk: a tensor carries its `Track`; sizes baked for the
+    heads scale with the heads kept, and a fused qkv output splits into its q/k/v segments."""
+
+    noun = "heads"
+
+    def dim(self, track: Track) -> int:
+        return track.dim
+
+    def at(self, track: Track, dim: int) -> Track:
+        return track.at(dim)
+
+    def rescale(self, size: int, track: Track, node: fx.Node) -> int:
+        return track.resized(size, node)
+
+    def land(self, node: fx.Node, track: Track, view: ViewGroup) -> tuple[int, Track]:
+        """The heads sit in the result dim whose inner dims hold whole heads (size-1 dims,
+        which shapes alone cannot place, are told apart by the head size)."""
+        src, dst, before, after = view.src_dims, view.dst_dims, view.before, view.after
+        per_head = track.unit * math.prod(before[i] for i in src[src.index(track.dim) + 1:])
+        heads = before[track.dim] // track.unit
+        for position, at in enumerate(dst):
+            inner = math.prod(after[j] for j in dst[position + 1:])
+            if per_head % inner == 0 and after[at] == heads * (per_head // inner):
+                return at, Track(at, track.segments, per_head // inner)
+            if after[at] != 1:
+                _refuse(node, "the heads do not land in one dim")
+        _refuse(node, "the heads dim disappears")
+
+    def split_along(self, node: fx.Node, track: Track, along: int, pieces: int) -> tuple[tuple, bool]:
+        if len(track.segments) == 1:
+            _refuse(node, "splitting one of q, k, v along its heads")
+        if [int(v.shape[along]) for v in node.meta["val"]] != [s[0] for s in track.segments]:
+            _refuse(node, "the pieces are not the q, k and v parts of the fused projection")
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], [s[1] for s in track.segments], along)
+        return tuple(Track(track.dim, (seg,), track.unit) for seg in track.segments), True
+
+    def refuse(self, node: fx.Node, why: str):
+        _refuse(node, why)
+
+
 class _Walk:
     """Walks one attention from its projections to o in graph order, knowing where each
     tensor's heads live, rewriting baked head counts and gathering k/v where they meet q."""
@@ -197,7 +238,8 @@ class _Walk:
     def __init__(self, gm: fx.GraphModule, choice: Choice, gather_index: str):
         self.gm, self.choice, self.gather_index = gm, choice, gather_index
         self.tracks: dict[fx.Node, Track | tuple[Track, ...]] = {}
-        self.rewritten = self.gathers = 0
+        self.dims = DimFollower(_Heads())
+        self.gathers = 0
 
     def start(self) -> tuple[list[fx.Node], fx.Node]:
         att, c = self.choice.attention, self.choice
@@ -241,93 +283,15 @@ class _Walk:
         return [(a, self.tracks[a]) for a in node.all_input_nodes if isinstance(self.tracks.get(a), Track)]
 
     def _through(self, node: fx.Node):
-        target = node.target
-        if target is operator.getitem:
-            parts = self.tracks.get(node.args[0])
-            return parts[node.args[1]] if isinstance(parts, tuple) else _refuse(node, "indexing a tracked tensor")
-        if target is aten._assert_tensor_metadata.default:
-            return None
+        if node.target is operator.getitem:
+            return self.dims.through(node, node.args[0], self.tracks.get(node.args[0]))
+        if node.target is aten._assert_tensor_metadata.default:
+            return None  # export's dtype/device check: it holds for the pruned tensor too
         found = self._tracked(node)
         if not found:
             _refuse(node, "a tuple of tracked tensors used as a whole")
-        found = self._meet(node, found)
-        src, track = found[0]
-        rank_in, out = len(hinted_shape(src)), ir.tensor_val(node)
-        dim = track.dim
-        if target in VIEWS:
-            return self._view(node, src, track)
-        if target is aten.expand.default:
-            shape = list(node.args[1])
-            at = dim + len(shape) - rank_in
-            if shape[at] != -1:
-                shape[at] = track.resized(shape[at], node)
-                node.args = (node.args[0], shape)
-                self.rewritten += 1
-            return track.at(at)
-        if target is aten.transpose.int:
-            a, b = (d % rank_in for d in node.args[1:3])
-            return track.at(b if dim == a else a if dim == b else dim)
-        if target is aten.permute.default:
-            return track.at([d % rank_in for d in node.args[1]].index(dim))
-        if target is aten.unsqueeze.default:
-            k = node.args[1] % (rank_in + 1)
-            return track.at(dim + 1 if k <= dim else dim)
-        if target in SPLITS:
-            return self._split(node, track, rank_in)
-        if target in (aten.slice.Tensor, aten.select.int, aten.softmax.int, aten._softmax.default, aten.cat.default,
-                      aten.mean.dim, aten.sum.dim_IntList, aten.index_select.default):
-            axes = node.args[1] if len(node.args) > 1 else 0
-            axes = [a % rank_in for a in (axes if isinstance(axes, (list, tuple)) else [axes])]
-            if dim in axes:
-                _refuse(node, "it works along the heads dim")
-            return track.at(dim - 1 if target is aten.select.int and axes[0] < dim else dim)
-        if isinstance(out, torch.Tensor) and out.dim() >= rank_in:  # elementwise, sdpa, matmul
-            return track.at(dim + out.dim() - rank_in)
-        _refuse(node, "no rule for this op")
-
-    def _view(self, node: fx.Node, src: fx.Node, track: Track) -> Track:
-        """The heads must stay the outermost factor of the dims they are viewed with; in the
-        result they sit in the dim whose inner dims hold whole heads (size-1 dims, which shapes
-        alone cannot place, are told apart by the head size)."""
-        before, after = hinted_shape(src), hinted_shape(node)
-        try:
-            groups = view_groups(before, after)
-        except ValueError:
-            _refuse(node, "the view does not regroup dims")
-        gi, gj = next(((gi, gj) for gi, gj in groups if track.dim in gi), ([], []))
-        if not gi or math.prod(before[i] for i in gi[:gi.index(track.dim)]) != 1:
-            _refuse(node, "the heads dim is not the outermost of the dims it is viewed with")
-        per_head = track.unit * math.prod(before[i] for i in gi[gi.index(track.dim) + 1:])
-        heads = before[track.dim] // track.unit
-        for position, at in enumerate(gj):
-            inner = math.prod(after[j] for j in gj[position + 1:])
-            if per_head % inner == 0 and after[at] == heads * (per_head // inner):
-                break
-            if after[at] != 1:
-                _refuse(node, "the heads do not land in one dim")
-        else:
-            _refuse(node, "the heads dim disappears")
-        shape = list(node.args[1])
-        if shape[at] != -1:
-            shape[at] = track.resized(shape[at], node)
-            node.args = (node.args[0], shape, *node.args[2:])
-            self.rewritten += 1
-        return Track(at, track.segments, per_head // inner)
-
-    def _split(self, node: fx.Node, track: Track, rank_in: int):
-        along = (node.args[2] if len(node.args) > 2 else 0) % rank_in
-        pieces = len(node.meta["val"])
-        if along != track.dim:
-            return tuple([track] * pieces)
-        if len(track.segments) == 1:
-            _refuse(node, "splitting one of q, k, v along its heads")
-        val_sizes = [v.shape[along] for v in node.meta["val"]]
-        if [int(s) for s in val_sizes] != [s[0] for s in track.segments]:
-            _refuse(node, "the pieces are not the q, k and v parts of the fused projection")
-        node.target = aten.split_with_sizes.default
-        node.args = (node.args[0], [s[1] for s in track.segments], along)
-        self.rewritten += 1
-        return tuple(Track(track.dim, (seg,), track.unit) for seg in track.segments)
+        src, track = self._meet(node, found)[0]
+        return self.dims.through(node, src, track)
 
     def _meet(self, node: fx.Node, found: list[tuple[fx.Node, Track]]) -> list[tuple[fx.Node, Track]]:
         """Where k or v meets q with fewer positions (query heads pruned inside a kv group),
@@ -499,7 +463,7 @@ class PruneHeads(Pass):
         walk = _Walk(gm, choice, f"{att.module}.kv_head_index")
         walk.run()
         stats["params-removed"] += _slice_projections(gm, choice)
-        stats["shapes-rewritten"] += walk.rewritten
+        stats["shapes-rewritten"] += walk.dims.rewritten
         stats["kv-gathers"] += walk.gathers
         groups_gone = att.num_kv_heads - len(choice.keep_kv)
         stats["kv-groups-removed"] += groups_gone

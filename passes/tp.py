@@ -18,7 +18,6 @@ rank's slices, so a saved program holds the whole model and loads on any tp rank
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +26,8 @@ import torch.fx as fx
 import bmc.ir.ops  # noqa: F401 - registers the bmc:: collectives the rewrite inserts
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.analysis.graph_patterns import hinted_shape, view_groups
+from bmc.analysis.graph_patterns import hinted_shape
+from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.ir.shapes import propagate_shapes
 from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
@@ -147,6 +147,7 @@ class _Propagation:
         self.split: dict[fx.Node, int | tuple | None] = {}
         self.partial: list[fx.Node] = []
         self.stats = {"column": 0, "row": 0, "shapes-rewritten": 0}
+        self.dims = DimFollower(_SplitDim(degree))
 
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
@@ -169,6 +170,7 @@ class _Propagation:
                 self._row(node)
             elif any(self.split.get(a) is not None for a in node.all_input_nodes):
                 self.split[node] = self._through(node)
+        self.stats["shapes-rewritten"] = self.dims.rewritten
 
     def annotate(self) -> None:
         """Record each activation's placement (`bmc.shard`): what insert-collectives reads."""
@@ -226,8 +228,8 @@ class _Propagation:
         dim = self.split[logits]
         if dim != len(hinted_shape(logits)) - 1 or options.get("weight") is not None \
                 or options.get("reduction", 1) != 1 or options.get("label_smoothing", 0.0):
-            self._refuse(node, "the vocab-parallel loss takes [tokens, vocab] logits split on the vocabulary, "
-                               "mean reduction, no class weights or label smoothing")
+            _refuse(node, "the vocab-parallel loss takes [tokens, vocab] logits split on the vocabulary, "
+                          "mean reduction, no class weights or label smoothing")
         node.target, node.args, node.kwargs = torch.ops.bmc.vocab_parallel_cross_entropy.default, \
             (logits, target, options.get("ignore_index", -100), GROUP), {}
         self.split[node] = None
@@ -250,95 +252,54 @@ class _Propagation:
         if any(isinstance(d, tuple) for _, d in found):
             return found[0]
         if len({len(hinted_shape(a)) - d for a, d in found}) > 1:
-            self._refuse(node, "its inputs are split on different dims")
+            _refuse(node, "its inputs are split on different dims")
         return found[0]
 
-    def _refuse(self, node: fx.Node, why: str):
-        raise PipelineError(f"tp cannot follow the split through {ir.target_str(node)} ({node.name}): {why}")
-
     def _through(self, node: fx.Node):
-        target = node.target
-        src, dim = self._input_dim(node)
-        if target is operator.getitem:
-            parts = self.split[src]
-            return parts[node.args[1]] if isinstance(parts, tuple) else self._refuse(node, "indexing a split tensor")
-        rank_in, out = len(hinted_shape(src)), ir.tensor_val(node)
-        if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-            return self._view(node, src, dim)
-        if target is aten.expand.default:
-            shape = list(node.args[1])
-            at = dim + len(shape) - rank_in
-            shape[at] = _divided(shape[at], self.degree, node) if shape[at] != -1 else -1
-            node.args = (node.args[0], shape)
-            self.stats["shapes-rewritten"] += 1
-            return at
-        if target is aten.transpose.int:
-            a, b = (d % rank_in for d in node.args[1:3])
-            return b if dim == a else a if dim == b else dim
-        if target is aten.permute.default:
-            return [d % rank_in for d in node.args[1]].index(dim)
-        if target is aten.unsqueeze.default:
-            k = node.args[1] % (rank_in + 1)
-            return dim + 1 if k <= dim else dim
-        if target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            return self._split(node, dim, rank_in)
-        if target is aten.cat.default:
-            if (node.args[1] if len(node.args) > 1 else 0) % rank_in == dim:
-                self._refuse(node, "concatenating along the split dim")
-            return dim
-        if target in (aten.slice.Tensor, aten.select.int, aten.softmax.int, aten._softmax.default,
-                      aten.mean.dim, aten.sum.dim_IntList):
-            axes = node.args[1] if len(node.args) > 1 else 0
-            axes = [a % rank_in for a in (axes if isinstance(axes, (list, tuple)) else [axes])]
-            if dim in axes:
-                self._refuse(node, "it works along the split dim")
-            if target is aten.select.int and axes[0] < dim:
-                return dim - 1  # select drops a dim before the split one
-            return dim
-        if target is aten.scaled_dot_product_attention.default:
-            if dim != rank_in - 3:
-                self._refuse(node, "attention's inputs must be split by heads")
-            return dim
-        if isinstance(out, torch.Tensor) and out.dim() >= rank_in:  # elementwise, broadcast from the right
-            return dim + out.dim() - rank_in
-        self._refuse(node, "no rule for this op")
+        return self.dims.through(node, *self._input_dim(node))
 
-    def _view(self, node: fx.Node, src: fx.Node, dim: int) -> int:
-        before, after = hinted_shape(src), hinted_shape(node)
-        try:
-            groups = view_groups(before, after)
-        except ValueError:
-            self._refuse(node, "the view does not regroup dims")
-        for gi, gj in groups:
-            if dim not in gi:
-                continue
-            outer = [i for i in gi if before[i] > 1]
-            targets = [j for j in gj if after[j] > 1]
-            if not outer or outer[0] != dim or not targets:
-                self._refuse(node, "the split dim is not the outermost of the dims it is viewed with")
-            at = targets[0]
-            shape = list(node.args[1])
-            if shape[at] != -1:
-                shape[at] = _divided(shape[at], self.degree, node)
-            node.args = (node.args[0], shape)
-            self.stats["shapes-rewritten"] += 1
-            return at
-        self._refuse(node, "the split dim disappears")
 
-    def _split(self, node: fx.Node, dim: int, rank_in: int):
-        along = (node.args[2] if len(node.args) > 2 else 0) % rank_in
-        val = node.meta.get("val")
-        pieces = len(val) if isinstance(val, (list, tuple)) else 1
-        if along != dim:
-            return tuple([dim] * pieces)
+class _SplitDim:
+    """tp's policy for the dim walk: a tensor carries its split dim (a tuple of them for a
+    split's pieces); sizes baked for it are divided by the degree."""
+
+    noun = "split"
+
+    def __init__(self, degree: int):
+        self.degree = degree
+
+    def dim(self, carried: int) -> int:
+        return carried
+
+    def at(self, carried: int, dim: int) -> int:
+        return dim
+
+    def rescale(self, size, carried: int, node: fx.Node):
+        return _divided(size, self.degree, node)
+
+    def land(self, node: fx.Node, carried: int, view: ViewGroup) -> tuple[int, int]:
+        """Ranks split the outermost factor, so the dim lands in the outermost result dim
+        that is not 1."""
+        targets = [j for j in view.dst_dims if view.after[j] > 1]
+        if view.before[carried] == 1 or not targets:
+            _refuse(node, "the split dim is not the outermost of the dims it is viewed with")
+        return targets[0], targets[0]
+
+    def split_along(self, node: fx.Node, carried: int, along: int, pieces: int) -> tuple[tuple, bool]:
         if node.target is aten.chunk.default:
-            return tuple([dim] * pieces)  # equal chunks of the local tensor: each split alike
+            return tuple([carried] * pieces), False  # equal chunks of the local tensor: each split alike
         sizes = node.args[1]
         sizes = [_divided(s, self.degree, node) for s in sizes] if isinstance(sizes, (list, tuple)) \
             else _divided(sizes, self.degree, node)
         node.args = (node.args[0], sizes, *node.args[2:])
-        self.stats["shapes-rewritten"] += 1
-        return tuple([dim] * pieces)
+        return tuple([carried] * pieces), True
+
+    def refuse(self, node: fx.Node, why: str):
+        _refuse(node, why)
+
+
+def _refuse(node: fx.Node, why: str):
+    raise PipelineError(f"tp cannot follow the split through {ir.target_str(node)} ({node.name}): {why}")
 
 
 def _divided(size, degree: int, node: fx.Node):
