@@ -41,6 +41,7 @@ import bmc  # noqa: E402
 from bmc.models import data  # noqa: E402
 from bmc.analysis import measure  # noqa: E402
 from bmc import ir  # noqa: E402
+from bmc.ir.trace import trace_info  # noqa: E402
 from bmc.models import zoo  # noqa: E402
 from bmc.backends import checkpoint  # noqa: E402
 from bmc.errors import BmcError  # noqa: E402
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-config", help="train a Hugging Face causal LM built from this config.json instead")
     p.add_argument("--pass", dest="pipeline", default=None,
                    help="pipeline string, e.g. 'amp{dtype=bf16},zero3,ckpt' (default: dce on one process, dp on several)")
+    p.add_argument("--program", metavar="PROG.pt2",
+                   help="train a program saved by bmc-opt -o or prog.save (traced with its targets, e.g. "
+                        "bmc-opt zoo:gpt-mini --example-inputs 'i64[4,64],i64[4,64]' --pass=zero3,ckpt -o p.pt2); "
+                        "its pipeline and weights come from the file")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step over all ranks)")
     p.add_argument("--seq", type=int, default=64)
@@ -149,6 +154,23 @@ def is_pipelined(prog) -> bool:
     return ir.get_plan(prog.graph_module, ir.PipelinePlan) is not None
 
 
+def plan_degrees(gm) -> tuple[int, int, int]:
+    """tp degree, pp stages and microbatches of a saved program's plans (1, 1, 1 without them)."""
+    tp, pp = ir.get_plan(gm, ir.TensorParallelPlan), ir.get_plan(gm, ir.PipelinePlan)
+    return (tp.degree if tp else 1, pp.stages if pp else 1, pp.microbatches if pp else 1)
+
+
+def load_program(args):
+    """--program: the saved program, lowered for this process group, and how it is called."""
+    prog = bmc.load(args.program)
+    info = trace_info(prog.graph_module)
+    args.hf_config = "saved" if info.kwargs else None  # Hugging Face programs take input_ids= and labels=
+    if len(info.args) + len(info.kwargs) < 2:
+        raise BmcError(f"{args.program} was traced without targets, so it computes no loss: trace it with "
+                       f"inputs and targets (bmc-opt ... --example-inputs 'i64[B,S],i64[B,S]')")
+    return prog
+
+
 def mesh_degrees(pipeline: str) -> tuple[int, int, int]:
     """tp degree, pp stages and microbatches the pipeline asks for (1, 1, 1 without them)."""
     tp, pp, micro = 1, 1, 1
@@ -176,7 +198,11 @@ def memory_report(prog, world: int, local_batch: int, seq: int, measured: dict) 
     from bmc.analysis import cost
     from bmc.analysis import measure
     setting = cost.Setting(dp=world, batch=local_batch, seq=seq)
-    return measure.format_comparison(measured, measure.predicted(prog.graph_module, setting))
+    try:
+        prediction = measure.predicted(prog.graph_module, setting)
+    except ValueError as exc:  # a loaded program's other inputs may carry sizes of their own
+        return f"measured per-rank bytes {measured} (no prediction: {exc})"
+    return measure.format_comparison(measured, prediction)
 
 
 # ------------------------------------------------------------------ the loop
@@ -230,13 +256,16 @@ def check(args) -> None:
         raise BmcError(f"--batch {args.batch} does not divide over {world} ranks: use a multiple of {world}")
     if args.pipeline:
         bmc.parse_pipeline(args.pipeline)
+    if args.program and (args.pipeline or args.hf_config):
+        raise BmcError("--program brings its own pipeline and model: drop --pass and --hf-config")
 
 
 def train(args) -> dict:
     check(args)
     rank, world = init_distributed()
-    pipeline = args.pipeline or ("dce" if world == 1 else "dp")
-    tp, pp, micro = mesh_degrees(pipeline)
+    prog = load_program(args) if args.program else None
+    pipeline = prog.pipeline if prog is not None else args.pipeline or ("dce" if world == 1 else "dp")
+    tp, pp, micro = plan_degrees(prog.graph_module) if prog is not None else mesh_degrees(pipeline)
     local_batch = args.batch // max(1, world // (tp * pp))  # a replica's rows; its tp and pp ranks share them
     if local_batch % micro:
         raise BmcError(f"a replica's batch of {local_batch} rows does not split into {micro} microbatches: "
@@ -246,8 +275,9 @@ def train(args) -> dict:
     train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
     eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
     # a pipelined program is traced at one microbatch's size
-    prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch // micro),
-                       world_size=world)
+    if prog is None:
+        prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch // micro),
+                           world_size=world)
     # ranks that split one replica's tensors or layers (tp, pp) read the same rows: the data is split by replica
     mesh = getattr(prog, "mesh", None)
     replica, replicas = (mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))) \

@@ -116,3 +116,21 @@ def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path
     assert run.returncode == 0, run.stderr[-2000:]
     for got, want in zip(_losses(tmp_path / "par"), one_process_losses):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
+
+
+@pytest.mark.parametrize("pipeline", ["zero3,ckpt", "tp2"])
+def test_a_program_saved_by_bmc_opt_trains_under_torchrun_as_compiling_in_the_script(pipeline, tmp_path):
+    program = tmp_path / "program.pt2"
+    # traced with its targets (the zoo model then returns the loss), batch and sequence dynamic
+    made = subprocess.run([sys.executable, str(ROOT / "tools" / "bmc-opt"), "zoo:gpt-tiny", "--example-inputs",
+                           "i64[2,32],i64[2,32]", f"--pass={pipeline}", "--world-size", "2", "-o", str(program)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    steps = ["--steps", "5", "--ckpt-every", "0"]
+    compiled = _torchrun(["--pass", pipeline, *steps], tmp_path / "compiled")
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    loaded = _torchrun(["--program", str(program), *steps], tmp_path / "loaded")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    want, got = _losses(tmp_path / "compiled"), _losses(tmp_path / "loaded")
+    assert len(got) == 5
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(want, got)) <= 1e-6, (want, got)
