@@ -1,11 +1,13 @@
 """Sharded checkpoints of a program and its optimizer with torch.distributed.checkpoint.
 
 Every rank writes what it owns. Each parameter (and each optimizer state and fp32 master)
-is saved flat, as one 1-D tensor of the parameter's numel: a ZeRO shard as a DTensor
-`Shard(0)` of it (bmc's flat slices are torch.chunk's, which is DTensor's layout), a
-replicated one as a plain tensor (DCP writes it once). Loading asks for this program's
-layout, whatever the writer's was, so a checkpoint written by N ranks under one plan loads
-on M ranks under another; DCP reads the overlapping pieces.
+is saved flat, as one 1-D tensor of the whole (unsharded) parameter's numel: a replicated one
+as a plain tensor (DCP writes it once), anything less (a ZeRO shard, a tp slice, a ZeRO shard
+of a tp slice) as the (offset, size) pieces of that flat tensor this rank holds. Loading asks
+for this program's pieces, whatever the writer's plan was, so a checkpoint written by N ranks
+under one plan (dp, zero, tp, pp or their composition) loads on M ranks under another; DCP
+reads the overlapping pieces. Under pp a rank saves and loads only its stages' state; a tied
+weight that stages on several ranks hold is one entry, written once.
 
 A save goes to `<root>/step-<N>.partial/` and is published by renaming it to
 `<root>/step-<N>/` and pointing `<root>/latest` at it (a file replaced atomically), after
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from bmc import ir
 from bmc.errors import BmcError
 from bmc.ir.serialize import atomic_write_text
 
@@ -45,7 +49,7 @@ class CheckpointError(BmcError):
 
 
 def _distributed(prog) -> bool:
-    return getattr(prog, "runtime", None) is not None and dist.is_initialized()
+    return getattr(prog, "mesh", None) is not None and dist.is_initialized()
 
 
 def _canonical_names(gm) -> dict[int, str]:
@@ -56,42 +60,129 @@ def _canonical_names(gm) -> dict[int, str]:
     return names
 
 
+def _rank_modules(prog) -> list:
+    """The modules whose state this rank owns: its pipeline stages under pp (the whole graph
+    module holds every stage's weights, stale outside this rank's), else the graph module."""
+    pipe = getattr(prog, "pipe", None)
+    return list(pipe.modules) if pipe is not None else [prog.graph_module]
+
+
+def _runs(layout: ir.Layout, local_shape: tuple[int, ...], rank: int, degree: int) -> list[tuple[int, int, int]]:
+    """(local flat offset, full flat offset, length) of each contiguous run of a tp rank's
+    slice inside the full weight, in local order: one per segment for a split along dim 0,
+    one per segment and outer row otherwise (a fused qkv slice is never one block)."""
+    dim = layout.dim % len(local_shape)
+    outer, inner = math.prod(local_shape[:dim]), math.prod(local_shape[dim + 1:])
+    pieces = [s // degree for s in layout.segments]
+    width, full_width = sum(pieces), sum(layout.segments)
+    runs = []
+    for row in range(outer):
+        local, before = row * width * inner, 0
+        for segment, piece in zip(layout.segments, pieces):
+            runs.append((local, (row * full_width + before + rank * piece) * inner, piece * inner))
+            local, before = local + piece * inner, before + segment
+    return runs
+
+
+def _clip(runs: list[tuple[int, int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
+    """The runs' parts inside local [start, end) (a ZeRO shard of the tp slice), offsets from
+    start, adjacent runs merged."""
+    out: list[tuple[int, int, int]] = []
+    for local, full, length in runs:
+        a, b = max(local, start), min(local + length, end)
+        if a >= b:
+            continue
+        if out and out[-1][0] + out[-1][2] == a - start and out[-1][1] + out[-1][2] == full + a - local:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + b - a)
+        else:
+            out.append((a - start, full + a - local, b - a))
+    return out
+
+
+def _chunks(flat: torch.Tensor, runs: list[tuple[int, int, int]], numel: int):
+    """`flat`'s runs as pieces of a 1-D tensor of `numel` elements, for DCP.
+
+    A ShardedTensor, not a DTensor: a DTensor describes one regular block per rank, and a tp
+    slice (every segment of a fused weight, every row of a split along dim 1) and a ZeRO shard
+    of one are several irregular pieces; DCP saves and loads a ShardedTensor's local shards
+    as explicit (offset, size) chunks, each a view of `flat`, so a load writes in place. DCP
+    reads only the local shards and the global size: the metadata's other entries, placed on
+    another rank, cover the rest only to satisfy ShardedTensor's coverage check."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+    from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+    rank = dist.get_rank()
+    place, elsewhere = f"rank:{rank}/{flat.device}", f"rank:{(rank + 1) % dist.get_world_size()}/{flat.device}"
+    local = [Shard(flat[lo:lo + n], ShardMetadata([full], [n], place)) for lo, full, n in runs]
+    covered, gaps = 0, []
+    for _, full, n in sorted(runs, key=lambda r: r[1]):
+        if full > covered:
+            gaps.append(ShardMetadata([covered], [full - covered], elsewhere))
+        covered = full + n
+    if covered < numel:
+        gaps.append(ShardMetadata([covered], [numel - covered], elsewhere))
+    shards = [s.metadata for s in local] + gaps
+    properties = TensorProperties(dtype=flat.dtype, layout=torch.strided, requires_grad=False,
+                                  memory_format=torch.contiguous_format, pin_memory=False)
+    metadata = ShardedTensorMetadata(shards, torch.Size([numel]), properties)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata,
+                                                                     sharding_spec=EnumerableShardingSpec(shards))
+
+
 class _Layout:
     """How this rank's tensors map onto the checkpoint's flat, full-size tensors."""
 
     def __init__(self, prog):
-        if prog.graph_module.meta.get("bmc.tp"):
-            raise CheckpointError("checkpoints of tensor-parallel (tp) programs are not supported yet: "
-                                  "save prog.full_state_dict() instead")
         self.prog = prog
-        self.runtime = getattr(prog, "runtime", None) if _distributed(prog) else None
+        gm = prog.graph_module
+        distributed = _distributed(prog)
+        self.runtime = getattr(prog, "runtime", None) if distributed else None
         self.entries = {id(e.param): e for e in self.runtime.entries} if self.runtime else {}
-        self.names = _canonical_names(prog.graph_module)
+        self.names = _canonical_names(gm)
+        tp = ir.get_plan(gm, ir.TensorParallelPlan) if distributed else None
+        self.tp_degree = tp.degree if tp else 1
+        self.tp_rank = prog.mesh.get_local_rank("tp") if tp and tp.degree > 1 else 0
+        self.tp = {id(gm.get_parameter(lay.param)): lay for lay in tp.layouts} if tp and tp.degree > 1 else {}
+        modules = _rank_modules(prog)
+        self.params = list({id(p): p for m in modules for p in m.parameters()}.values())
+        self.buffers = {name: b for m in modules for name, b in m.named_buffers()}
 
-    def full_shape(self, param) -> tuple[int, ...]:
+    def local_shape(self, param) -> tuple[int, ...]:
+        """Its shape on a tp rank (before ZeRO-3 flattens it)."""
         e = self.entries.get(id(param))
         return tuple(e.shape) if e is not None else tuple(param.shape)
 
+    def full_shape(self, param) -> tuple[int, ...]:
+        shape = list(self.local_shape(param))
+        layout = self.tp.get(id(param))
+        if layout is not None:
+            shape[layout.dim % len(shape)] *= self.tp_degree
+        return tuple(shape)
+
     def flat(self, param, local: torch.Tensor):
         """`local` (this rank's part of `param`, or of a state shaped like what is stepped)
-        as its piece of the parameter's flat global tensor."""
+        as its pieces of the parameter's flat global tensor."""
         e = self.entries.get(id(param))
-        replicated = e is None or e.stage == 0 or (e.stage in (1, 2) and local.numel() == e.numel)
-        if replicated:  # every rank holds all of it: DCP writes it once
-            return local.reshape(-1)
-        from torch.distributed.tensor import DTensor, Shard
-        start, end = self.runtime.owned_range(e)
-        owned = local.reshape(-1)[:end - start]
-        return DTensor.from_local(owned, self.prog.mesh, [Shard(0)], run_check=False,
-                                  shape=torch.Size([e.numel]), stride=(1,))
+        flat = local.view(-1)  # a view: a load writes into the tensor itself
+        local_numel = math.prod(self.local_shape(param))
+        start, end = 0, local_numel
+        if not (e is None or e.stage == 0 or (e.stage in (1, 2) and local.numel() == e.numel)):
+            start, end = self.runtime.owned_range(e)  # a ZeRO shard (stage 3's is padded)
+            flat = flat[:end - start]
+        layout = self.tp.get(id(param))
+        if layout is None and (start, end) == (0, local_numel):
+            return flat  # every rank holds all of it: DCP writes it once
+        runs = [(0, 0, local_numel)] if layout is None else \
+            _runs(layout, self.local_shape(param), self.tp_rank, self.tp_degree)
+        return _chunks(flat, _clip(runs, start, end), math.prod(self.full_shape(param)))
 
 
 def _model_entries(layout: _Layout) -> dict[str, Any]:
-    gm = layout.prog.graph_module
     state = {}
-    for param in {id(p): p for p in gm.parameters()}.values():
+    for param in layout.params:
         state[f"model.{layout.names[id(param)]}"] = layout.flat(param, param.detach())
-    for name, buffer in gm.named_buffers():
+    for name, buffer in layout.buffers.items():
         state[f"model.{name}"] = buffer
     return state
 
@@ -132,12 +223,14 @@ def _barrier(prog) -> None:
 
 
 @contextlib.contextmanager
-def _single_process_quietly(prog):
-    """DCP warns that it assumes one process when torch.distributed is not initialized:
-    for a world-size-1 program that is exactly the intent."""
+def _quietly(prog):
+    """DCP warns that it assumes one process when torch.distributed is not initialized: for a
+    world-size-1 program that is exactly the intent. torch warns at every touch of a
+    ShardedTensor that it is deprecated for DTensor: _chunks says why DTensor does not fit."""
     with warnings.catch_warnings():
         if not _distributed(prog):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", category=FutureWarning)
         yield
 
 
@@ -155,10 +248,10 @@ def save(root: str | Path, prog, optimizer=None, *, step: int, extra: dict | Non
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # a crashed save's leftovers
     _barrier(prog)
-    state = _model_entries(layout)
-    if optimizer is not None:
-        state.update(_optimizer_entries(layout, optimizer))
-    with _single_process_quietly(prog):
+    with _quietly(prog):
+        state = _model_entries(layout)
+        if optimizer is not None:
+            state.update(_optimizer_entries(layout, optimizer))
         dcp.save(state, checkpoint_id=str(partial), no_dist=not _distributed(prog))
     _barrier(prog)  # every rank's shard is on disk before anything is published
     if _rank() == 0:
@@ -255,17 +348,18 @@ def load(path: str | Path, prog, optimizer=None) -> dict:
     layout = _Layout(prog)
     _check_same_model(manifest, layout, path)
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    state = _model_entries(layout)
-    if optimizer is not None:
-        _allocate_optimizer_state(layout, optimizer, saved)
-        state.update(_optimizer_entries(layout, optimizer))
+    with _quietly(prog):
+        state = _model_entries(layout)
+        if optimizer is not None:
+            _allocate_optimizer_state(layout, optimizer, saved)
+            state.update(_optimizer_entries(layout, optimizer))
     missing = sorted(k for k in state if k not in saved)
     if missing:
         # a plan that keeps more than the writer did (fp32 masters, the loss scale): those start
         # from the loaded weights and the pass's defaults
         log.info("not in the checkpoint, left as initialized: %s", ", ".join(missing[:5]))
     state = {k: v for k, v in state.items() if k in saved}
-    with torch.no_grad(), _single_process_quietly(prog):
+    with torch.no_grad(), _quietly(prog):
         dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed(prog))
     if optimizer is not None:
         _restore_after_load(layout, optimizer, state, manifest.get("param_groups", []))

@@ -286,10 +286,7 @@ def train(args) -> dict:
     out = Path(args.out)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
     start = 0
-    checkpoints = tp == 1 and pp == 1
-    if not checkpoints and rank == 0:
-        log.warning("checkpoints of tensor- or pipeline-parallel programs are not supported yet: this run writes none")
-    if checkpoints and not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
+    if not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
         start = checkpoint.load(ckpt_dir, prog, opt)["step"]
         if rank == 0:
             log.info("resumed at step %d from %s", start, checkpoint.latest(ckpt_dir))
@@ -330,7 +327,7 @@ def train(args) -> dict:
             evaluation = held_out_loss(task, prog, eval_text, replica, replicas, world)
             if rank == 0:
                 log.info("step %d: held-out loss %.4f", done, evaluation)
-        if checkpoints and ((args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps):
+        if ((args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps):
             checkpoint.save(ckpt_dir, prog, opt, step=done, extra={"loss": loss_value})
     if progress is not None:
         progress.close()

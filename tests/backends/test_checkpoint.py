@@ -1,5 +1,6 @@
 """Sharded checkpoints: resume exactly, across world sizes and plans, crash-safe, and refuse
 another model's checkpoint."""
+import dataclasses
 import multiprocessing
 import os
 
@@ -129,3 +130,98 @@ def test_old_checkpoints_are_pruned(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, prog, opt, step=step, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+# ------------------------------------------------------------------ tp, pp and 3D
+
+
+
+@pytest.mark.parametrize("shape, dim, segments", [((12, 5), 0, (4, 4, 4)), ((3, 12), 1, (4, 8)), ((6, 4, 2), 1, (4,))])
+def test_the_pieces_of_a_tp_slice_and_of_its_zero_shards_are_where_the_layout_puts_them(shape, dim, segments):
+    from bmc import ir
+    layout = ir.Layout("w", dim, segments)
+    full = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    for rank in range(2):
+        local = layout.local(full, rank, 2).reshape(-1)
+        runs = checkpoint._runs(layout, layout.local_shape(shape, 2), rank, 2)
+        for start, end in [(0, local.numel()), (0, 7), (7, local.numel()), (3, 4)]:  # whole, and ZeRO shards
+            pieces = checkpoint._clip(runs, start, end)
+            assert sum(n for _, _, n in pieces) == end - start
+            for lo, f, n in pieces:  # each piece: this rank's elements [lo, lo + n) of the shard
+                assert torch.equal(full.reshape(-1)[f:f + n], local[start + lo:start + lo + n])
+
+def _parallel_program(pipeline, world_size, rows):
+    """gpt-tiny cut to 2 blocks (2 pipeline stages), traced with `rows` rows (one microbatch)."""
+    torch.manual_seed(0)
+    model = zoo.build(dataclasses.replace(zoo.config("gpt-tiny"), n_layer=2))
+    x = torch.zeros(rows, SEQ, dtype=torch.long)
+    prog = bmc.compile(model, passes=pipeline, example_inputs=(x, x), world_size=world_size)
+    return prog, prog.optimizer(torch.optim.AdamW, lr=LR)
+
+
+def _parallel_steps(prog, opt, first, count):
+    """Steps on a replica's rows (its tp and pp ranks read the same); the global mean loss."""
+    mesh = prog.mesh
+    replica, replicas = mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))
+    losses = []
+    for step in range(first, first + count):
+        opt.zero_grad()
+        x, y = TEXT.local(step, replica, replicas)
+        if hasattr(prog, "step"):
+            loss = prog.step(x, y)
+        else:
+            loss = prog(x, y)
+            loss.backward()
+        opt.step()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / dist.get_world_size())
+    return losses
+
+
+def _interrupted_and_uninterrupted(rank, world_size, pipeline, rows, root):
+    """3 steps, a checkpoint, 3 more (uninterrupted); then a fresh program that has taken a
+    step of its own loads the checkpoint and takes the same 3 steps."""
+    prog, opt = _parallel_program(pipeline, world_size, rows)
+    _parallel_steps(prog, opt, 0, 3)
+    checkpoint.save(root, prog, opt, step=3)
+    saved = prog.full_state_dict()
+    expected = _parallel_steps(prog, opt, 3, 3)
+    fresh, fresh_opt = _parallel_program(pipeline, world_size, rows)
+    _parallel_steps(fresh, fresh_opt, 0, 1)  # weights and optimizer states the load must replace
+    checkpoint.load(root, fresh, fresh_opt)
+    loaded = fresh.full_state_dict()
+    return saved, loaded, expected, _parallel_steps(fresh, fresh_opt, 3, 3)
+
+
+def _check_resume_and_one_process_reader(results, root):
+    saved = results[0][0]
+    for _, loaded, expected, resumed in results:
+        for name, tensor in saved.items():
+            assert torch.equal(loaded[name], tensor), f"{name} changed through the checkpoint"
+        assert max(abs(a - b) for a, b in zip(resumed, expected)) <= 1e-6, (resumed, expected)
+    # the full-size layout: one process reads the tp slices (fused qkv included) as whole weights
+    prog, opt = _parallel_program("dce", 1, GLOBAL_BATCH)
+    checkpoint.load(root, prog, opt)
+    for name, tensor in prog.full_state_dict().items():
+        assert torch.equal(tensor, saved[name]), f"{name} reassembled wrongly"
+    opt.zero_grad()
+    loss = prog(*TEXT.local(3))
+    loss.backward()
+    opt.step()
+    assert abs(loss.item() - results[0][2][0]) <= 1e-5 * loss.item()
+    return results[0][2]
+
+
+def test_tp2_resumes_exactly_and_loads_in_one_process(tmp_path):
+    results = run_ranks(2, _interrupted_and_uninterrupted, "tp2", GLOBAL_BATCH, str(tmp_path))
+    _check_resume_and_one_process_reader(results, tmp_path)
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores
+def test_tp2_zero1_pp2_on_8_ranks_resumes_exactly(tmp_path):
+    pipeline = "tp2,zero{stage=1},pp{stages=2,microbatches=2}"
+    # 2 replicas of 2 rows each, in 2 microbatches of one row
+    results = run_ranks(8, _interrupted_and_uninterrupted, pipeline, 1, str(tmp_path), timeout=600)
+    expected = _check_resume_and_one_process_reader(results, tmp_path)
+    print("3D losses after the checkpoint:", expected, "resumed:", results[0][3])
