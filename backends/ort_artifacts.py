@@ -11,22 +11,51 @@ SMALL = 1024  # bytes: constants below this (shapes, slice bounds, scalars) stay
 # ONNX Runtime's shape inference reads them; everything larger is a weight and is paged
 
 
-def machine_key() -> str:
-    """What prepacked weights are valid for: the ONNX Runtime version and the CPU's vector
-    extensions (its kernels, chosen by them, fix the packed layout)."""
-    import onnxruntime as ort
-    flags = ""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo's first `flags` line; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = " ".join(sorted(x for x in line.split(":", 1)[1].split()
-                                            if x.startswith(("avx", "amx", "sse", "fma", "f16c", "neon", "asimd", "sve"))))
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def machine_key() -> str:
+    """What prepacked weights are valid for: the ONNX Runtime version and the CPU's vector
+    extensions (its kernels, chosen by them, fix the packed layout)."""
+    import onnxruntime as ort
+    flags = " ".join(sorted(x for x in cpu_flags()
+                            if x.startswith(("avx", "amx", "sse", "fma", "f16c", "neon", "asimd", "sve"))))
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return f"onnxruntime-{ort.__version__}/{platform.machine()}/{digest}"
+
+
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 extensions with an exact u8 x s8 dot product
+
+
+def saturating_u8s8(flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer GEMM (MatMulInteger, DynamicQuantizeMatMul with
+    int8 weights) loses products on this CPU. On x86 without VNNI/AMX its kernels (MLAS AVX2,
+    AVX-512 BW) multiply with vpmaddubsw, which adds each adjacent pair of u8*s8 products into
+    an int16 with saturation: |a0*w0 + a1*w1| can reach 2*255*127 = 64770 > 32767, and asymmetric
+    u8 activations sit around 128, so full-range int8 weights saturate (measured: 5x the
+    quantization error of the exact product on gpt-tiny's c_attn/c_fc). VNNI's vpdpbusd and
+    AMX sum into int32 exactly; other architectures' kernels widen first."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not (set(INT8_DOT) & (cpu_flags() if flags is None else flags))
+
+
+def int8_weight_format(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """How CPU builds hand int8 weights to ONNX Runtime: "s8" (int8 as they are, the u8 x s8
+    kernels) where those are exact, else "u8" (int8 + 128 with zero point 128: the same
+    integers, run by the u8 x u8 kernels, which widen to int16 before multiplying and never
+    saturate)."""
+    return "u8" if saturating_u8s8(flags, machine) else "s8"
 
 
 def sha256(path: str) -> str:

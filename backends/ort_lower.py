@@ -35,7 +35,7 @@ import torch.fx as fx
 import bmc.ir.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
 from bmc import ir
 from bmc.errors import BackendError
-from bmc.backends.ort_artifacts import SMALL, machine_key
+from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key
 from bmc.analysis.structure import structure_of
 
 log = logging.getLogger(__name__)
@@ -182,12 +182,20 @@ def record(step: fx.GraphModule, parts: list[Part], inputs: tuple) -> dict[fx.No
 # ------------------------------------------------------------------ ONNX
 
 
-def _int8_translation(gpu: bool):
+def _int8_translation(gpu: bool, weights: str = "s8"):
+    """`weights` (CPU): "s8" feeds the int8 weights to the u8 x s8 kernels as they are; "u8"
+    feeds int8 + 128 with zero point 128, the same integers for the u8 x u8 kernels, on CPUs
+    where the u8 x s8 ones saturate (ort_artifacts.int8_weight_format)."""
     from onnxscript import opset18 as op
 
     def int8_linear_cpu(x, weight_q, scale, bias, act: str):
         xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
-        y = op.MatMulInteger(xq, op.Transpose(weight_q, perm=[1, 0]), x_zero)
+        weight = op.Transpose(weight_q, perm=[1, 0])
+        if weights == "u8":
+            shifted = op.Add(op.Cast(weight, to=5), op.Cast(op.Constant(value_int=128), to=5))  # 5: int16
+            y = op.MatMulInteger(xq, op.Cast(shifted, to=2), x_zero, op.Cast(op.Constant(value_int=128), to=2))  # 2: uint8
+        else:
+            y = op.MatMulInteger(xq, weight, x_zero)
         y = op.Mul(op.Cast(y, to=1), op.Mul(x_scale, scale))
         return y if bias is None else op.Add(y, bias)
 
@@ -196,6 +204,8 @@ def _int8_translation(gpu: bool):
         y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
         return y if bias is None else op.Add(y, bias)
 
+    if weights not in ("s8", "u8"):
+        raise ValueError(f"int8 weights are fed as s8 or u8, got {weights!r}")
     return {torch.ops.bmc.int8_linear.default: int8_linear_gpu if gpu else int8_linear_cpu}
 
 
@@ -212,8 +222,10 @@ def _quiet(*loggers: str):
             logger.setLevel(level)
 
 
-def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tuple, gpu: bool = False):
-    """The part as an ONNX ModelProto; dims that differ between the two example runs are dynamic."""
+def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tuple, gpu: bool = False,
+                int8_weights: str = "s8"):
+    """The part as an ONNX ModelProto; dims that differ between the two example runs are dynamic;
+    `int8_weights`: how bmc::int8_linear's weights reach the CPU's integer kernels (_int8_translation)."""
     from torch.export import Dim
     dynamic = []
     for a, b in zip(examples, other):
@@ -226,12 +238,81 @@ def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tupl
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, examples, dynamo=True, dynamic_shapes=tuple(dynamic),
                                         input_names=names, output_names=[n.name for n in part.outputs],
-                                        custom_translation_table=_int8_translation(gpu), verbose=False)
+                                        custom_translation_table=_int8_translation(gpu, int8_weights),
+                                        verbose=False)
         log.debug("torch.onnx on %s: %s", part.name, chatter.getvalue())
     except Exception as exc:  # noqa: BLE001 - torch.onnx raises many kinds; one line names the part
         raise BackendError(f"ort-paged: exporting part {part.name} to ONNX failed: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[0][:200]}") from exc
-    return program.model_proto
+    model = program.model_proto
+    if not gpu and int8_weights == "u8":
+        fold_integer_weights(model)
+    return model
+
+
+_FOLDABLE = {"Cast", "Add", "Transpose", "Identity", "Constant"}
+
+
+def fold_integer_weights(model) -> int:
+    """Compute the constant weight operands of MatMulInteger (the u8 form's int8 -> int16 + 128
+    -> uint8, which torch.onnx folds only below 8192 elements) once, here: the weight file then
+    holds the uint8 weights the kernels read, one byte each, and a streamed block (weights fed
+    as inputs) does not recompute them every step. Returns how many it folded."""
+    import onnx
+    from onnx import numpy_helper
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    cache: dict[str, np.ndarray | None] = {}
+
+    def value(name: str):
+        if name in cache:
+            return cache[name]
+        node, result = producer.get(name), None
+        if name in initializers:
+            result = numpy_helper.to_array(initializers[name])
+        elif node is not None and node.op_type in _FOLDABLE:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            args = [value(i) for i in node.input]
+            if all(a is not None for a in args):
+                if node.op_type == "Constant" and "value" in attrs:
+                    result = numpy_helper.to_array(attrs["value"])
+                elif node.op_type == "Constant" and "value_int" in attrs:
+                    result = np.array(attrs["value_int"], np.int64)
+                elif node.op_type == "Cast":
+                    result = args[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+                elif node.op_type == "Add":
+                    result = args[0] + args[1]
+                elif node.op_type == "Transpose":
+                    result = np.transpose(args[0], attrs.get("perm"))
+                elif node.op_type == "Identity":
+                    result = args[0]
+        cache[name] = result
+        return result
+
+    folded = 0
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] in initializers:
+            continue
+        weight = value(node.input[1])
+        if weight is None:
+            continue
+        name = node.input[1] + "_folded"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        node.input[1] = name
+        folded += 1
+    if folded:  # drop what fed only the folded weights
+        while True:
+            used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+            dead = [n for n in graph.node if not any(out in used for out in n.output)]
+            if not dead:
+                break
+            for n in dead:
+                graph.node.remove(n)
+        used = {i for n in graph.node for i in n.input}
+        for tensor in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(tensor)
+    return folded
 
 
 def split_weights(model, weight_path: str) -> list[dict]:
@@ -409,13 +490,14 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
             raise BackendError(f"ort-paged serves encoders that take token ids alone; this one takes {count} inputs")
         examples = [(torch.zeros(2, 3, dtype=torch.long),), (torch.zeros(3, 4, dtype=torch.long),)]
     parts = partition(step, names)
+    int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate
     small, other = (record(step, parts, inputs) for inputs in examples)
     entries = []
     os.makedirs(directory, exist_ok=True)
     for index, part in enumerate(parts):
         module = part_module(step, part)
         proto = export_part(module, part, tuple(small[n] for n in part.inputs), tuple(other[n] for n in part.inputs),
-                            gpu=gpu)
+                            gpu=gpu, int8_weights=int8_weights or "s8")
         stem = f"part-{index:02d}"
         table = split_weights(proto, os.path.join(directory, stem + ".bin"))
         save_proto(resident_form(proto, table, stem + ".bin"), os.path.join(directory, stem + ".onnx"))
@@ -434,4 +516,4 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
             "inputs": [n.name for n in step.graph.find_nodes(op="placeholder")],
             "max_len": layout.max_positions, "widest_per_token": int(widest), "task": task,
             "attention_heads": max(heads, default=0),
-            "prepacked_for": None if gpu else machine_key()}
+            "prepacked_for": None if gpu else machine_key(), "int8_weights": int8_weights}

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmc.backends.ort_artifacts import SMALL, machine_key, sha256
+from bmc.backends.ort_artifacts import SMALL, machine_key, saturating_u8s8, sha256
 from bmc.backends.ort_streamer import SLOTS, Streamer, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
@@ -471,6 +471,11 @@ def load(directory: str, **options) -> PagedProgram:
     """A served directory, checksums verified before any session is created."""
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
+    if manifest.get("quantized") and not manifest.get("gpu") and manifest.get("int8_weights", "s8") == "s8" \
+            and saturating_u8s8():
+        log.warning("ort-paged: %s feeds int8 weights to ONNX Runtime's u8 x s8 kernels, which saturate on this "
+                    "CPU (x86 without VNNI): its int8 outputs are off by several times the quantization error; "
+                    "rebuild the directory here (it will feed u8 weights)", directory)
     return PagedProgram(directory, manifest, **options)
 
 

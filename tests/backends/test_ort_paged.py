@@ -146,8 +146,58 @@ def test_int8_build_stays_within_the_int8_bound(tmp_path):
     error = ((served(ids) - fp32).norm() / fp32.norm()).item()
     assert error < 0.01, error  # the quant-int8 pass's stated bound against fp32
     fp32_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "c_attn" in n or "c_fc" in n or "c_proj" in n)
-    int8_bytes = sum(t["nbytes"] for p in served.manifest["parts"] for t in p["weights"] if t["dtype"] == "|i1")
-    assert int8_bytes <= 0.26 * fp32_bytes
+    one_byte = [t for p in served.manifest["parts"] for t in p["weights"] if t["dtype"] in ("|i1", "|u1")]
+    assert {t["dtype"] for t in one_byte} == {"|u1" if served.manifest["int8_weights"] == "u8" else "|i1"}
+    assert sum(t["nbytes"] for t in one_byte) <= 0.26 * fp32_bytes
+
+
+def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
+    """The ONNX Runtime graph bmc::int8_linear becomes on the CPU (DynamicQuantizeLinear +
+    MatMulInteger, fused into DynamicQuantizeMatMul) equals its own arithmetic done exactly,
+    on inputs built to saturate: u8 activations of 255 against weights of 127 in adjacent
+    columns, whose pair sum 2 * 255 * 127 overflows the int16 that x86's u8 x s8 kernels
+    without VNNI (vpmaddubsw) add pairs into. The build feeds u8 weights there."""
+    import numpy as np
+    import onnxruntime as ort
+    from bmc.backends import ort_lower
+    from bmc.backends.ort_artifacts import int8_weight_format
+    from bmc.passes.quant_int8 import quantize
+
+    class Linear(torch.nn.Module):
+        def __init__(self, q, scale, bias):
+            super().__init__()
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale)
+            self.register_buffer("bias", bias)
+
+        def forward(self, x):
+            return torch.ops.bmc.int8_linear(x, self.q, self.scale, self.bias, "none")
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
+    w[:, :16] = w.abs().amax() + 1  # every row's absmax: q = 127 in the first 16 columns
+    q, scale = quantize(w, "row")
+    x = torch.rand(2, 24, 256, generator=g) * 2 - 1
+    x[..., :16], x[0, 0, 16] = 1.0, -1.0  # u8 255 (zero point 128) against those 127s
+    weights = int8_weight_format()
+    with torch.no_grad():
+        program = torch.onnx.export(Linear(q, scale, b).eval(), (x,), dynamo=True, input_names=["x"],
+                                    custom_translation_table=ort_lower._int8_translation(False, weights))
+    model = program.model_proto
+    if weights == "u8":
+        ort_lower.fold_integer_weights(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x.numpy()})[0]
+    # ONNX's DynamicQuantizeLinear, then the integer product, in float64 / int64
+    xs = x.numpy().astype(np.float32)
+    x_scale = np.float32((max(0.0, xs.max()) - min(0.0, xs.min())) / 255.0)
+    zero = np.clip(np.rint(-min(0.0, xs.min()) / x_scale), 0, 255)
+    xq = np.clip(np.rint(xs / x_scale) + zero, 0, 255).astype(np.int64) - int(zero)
+    exact = (xq @ q.numpy().astype(np.int64).T) * np.float64(x_scale) * scale.numpy().astype(np.float64) + b.numpy()
+    error = np.abs(out - exact).max() / np.abs(exact).max()
+    assert error < 1e-5, (weights, error)
 
 
 def test_a_saved_build_loads_in_a_fresh_process_and_damage_is_caught(built, tmp_path):
@@ -182,3 +232,13 @@ def test_sampling_is_seeded_and_stops_at_eos(built):
     assert len(streamed) == 4 and all(len(t) == 2 for t in streamed)
     with pytest.raises(bmc.BmcError, match="exceeds the model's 64 positions"):
         served.generate([[1] * 60], 10)
+
+
+def test_u8_weights_where_x86_has_no_exact_u8s8_dot_product():
+    from bmc.backends.ort_artifacts import int8_weight_format
+    avx2 = {"sse4_2", "avx", "avx2", "fma"}
+    assert int8_weight_format(avx2, "x86_64") == "u8"
+    assert int8_weight_format(avx2 | {"avx512f", "avx512bw"}, "x86_64") == "u8"  # AVX-512 without VNNI: vpmaddubsw too
+    assert int8_weight_format(avx2 | {"avx512f", "avx512_vnni"}, "x86_64") == "s8"
+    assert int8_weight_format(avx2 | {"avx_vnni"}, "x86_64") == "s8"
+    assert int8_weight_format({"asimd", "asimddp"}, "aarch64") == "s8"
