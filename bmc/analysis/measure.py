@@ -96,3 +96,20 @@ def format_comparison(measured: dict[str, int], prediction: dict[str, float], ti
         ratio = f"{got / want:8.3f}" if want else f"{'-':>8}"
         lines.append(f"{part:<16}{got:>14,}{int(want):>14,}{ratio}")
     return "\n".join(lines) + "\n"
+
+
+def resident_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters (a tied weight, or views
+    of one storage, count once): what this rank really holds."""
+    storages = {}
+    for p in module.parameters():
+        storage = p.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def tensor_parallel_bound(model: torch.nn.Module, split: set[str], degree: int) -> int:
+    """What a tp rank should hold at most: 1/degree of the weights the plan splits, and every
+    other parameter whole (by the source model, whose parameters are all whole)."""
+    split_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name in split)
+    return split_bytes // degree + resident_parameter_bytes(model) - split_bytes

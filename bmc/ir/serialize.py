@@ -151,6 +151,25 @@ def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
                              f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
 
 
+def _ties(gm: fx.GraphModule) -> list[list[str]]:
+    """The names of each parameter held under several names (a tied embedding and head):
+    torch.export saves them as separate tensors, so the archive records the ties."""
+    names: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(gm: fx.GraphModule, ties: list[list[str]]) -> None:
+    """Every name of a tied group holds the one tensor the graph reads again."""
+    read = ir.parameter_nodes(gm)
+    for group in ties:
+        keep = gm.get_parameter(next((n for n in group if n in read), group[0]))
+        for name in group:
+            owner, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, leaf, keep)
+
+
 def _param_annotations(gm: fx.GraphModule) -> dict[str, str]:
     return {name: text for name, node in ir.parameter_nodes(gm).items()
             if (text := ir.annotations_to_json(node))}
@@ -165,7 +184,7 @@ def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "", state: dict[str,
     ep = to_exported_program(gm, state)
     info = trace_info(gm)
     extra = json.dumps({"format": FORMAT_VERSION, "model_name": info.model_name, "pipeline": pipeline,
-                        "params": _param_annotations(gm), "plans": ir.plans_to_json(gm), "torch": torch.__version__})
+                        "params": _param_annotations(gm), "ties": _ties(gm), "plans": ir.plans_to_json(gm), "torch": torch.__version__})
     atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files={EXTRA_FILE: extra}))
     log.info("wrote %s", path)
 
@@ -214,6 +233,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
         if name in params:
             ir.annotations_from_json(params[name], text)
     ir.plans_from_json(gm, meta.get("plans", {}), source=f"'{path}'")
+    _retie(gm, meta.get("ties", []))
     args, kwargs = _restore_example_inputs(ep, gm)
     model_name = meta.get("model_name") or os.path.splitext(os.path.basename(path))[0]
     gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
