@@ -482,7 +482,9 @@ def load(directory: str, **options) -> PagedProgram:
 def _register() -> None:
     from bmc.plugins import register_backend
 
-    @register_backend("ort-paged", load=load)
+    @register_backend("ort-paged", load=load, refuses=(
+        ("tp-split", "it serves on one process; drop tp (tensor parallelism is for the torch backend)"),
+        ("staged", "it serves on one process; drop pp (pipeline stages are for the torch backend)")))
     def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
               streaming: str = "auto"):

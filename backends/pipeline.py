@@ -22,8 +22,10 @@ import torch.fx as fx
 from torch.fx._pytree import tree_flatten_spec
 
 from bmc import ir
+import bmc.ir.ops  # noqa: F401 - the bmc::pipe ops this module names at import
 from bmc.errors import BackendError
 from bmc.analysis.graph_patterns import is_free
+from bmc.ir.trace import set_trace_info, trace_info
 
 PIPE = torch.ops.bmc.pipe.default
 
@@ -79,7 +81,7 @@ def stage_graph(gm: fx.GraphModule, s: int, total: int) -> fx.GraphModule:
         graph.output(leaves[0] if len(leaves) == 1 else tuple(leaves))
     stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
     ir.copy_plans(gm, stage)
-    stage.meta["bmc.trace"] = gm.meta.get("bmc.trace")
+    set_trace_info(stage, trace_info(gm))
     return stage
 
 

@@ -90,7 +90,9 @@ def own_weights(gm: fx.GraphModule, tp_rank: int = 0) -> None:
             ir.replace_tensor(gm, tensor, new)
 
 
-@register_backend("torch")
+@register_backend("torch", implies=(("tp-split", "tp-collectives",
+                                     "the graph is split by tp but has no collectives: add insert-collectives after tp "
+                                     "(the preset tp2 is tp{degree=2},insert-collectives)"),))
 def lower(gm: fx.GraphModule, context: PassContext, **options) -> Program:
     if options:
         raise BackendError(f"the torch backend takes no options, got {', '.join(sorted(options))}")

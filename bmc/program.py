@@ -10,6 +10,7 @@ import torch.fx as fx
 from bmc.errors import BmcError
 from bmc.plugins import get_backend, load_directory
 from bmc.passmgr.manager import Instrument, PassContext, PassManager, PassRecord
+from bmc.passmgr.properties import graph_properties
 from bmc.ir.trace import trace, trace_info
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,18 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     pipeline `passes` on it, and lower the result with `backend`. `world_size` defaults to the
     initialized process group's size (1 without one); `calibration` is an iterable of example
     batches for the passes that score on data (`prune-heads{score=taylor}`)."""
-    lower = get_backend(backend).lower  # fail on a bad backend name before tracing
+    target = get_backend(backend)  # fail on a bad backend name before tracing
     world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
                           verify=verify, instruments=instruments)
     if len(manager.pipeline):
-        gm = manager.run(gm).graph_module
+        gm = manager.run(gm, backend=target).graph_module
+    else:
+        manager.check(graph_properties(gm, calibration is not None), backend=target)
     context.settings = {**context.settings, "pipeline": str(manager.pipeline)}
-    program = lower(gm, context, **backend_options)
+    program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
     return program
 

@@ -12,6 +12,7 @@ overflows (the step is skipped) and raises after `growth_interval` clean steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -23,8 +24,8 @@ import bmc.ir.ops  # noqa: F401 - registers bmc::scale_grad
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.ir.shapes import propagate_shapes
-from bmc.passmgr.order import require_before_pp, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.passmgr.properties import Properties
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -66,12 +67,6 @@ class AmpOptions:
 def _is_float(node) -> bool:
     val = ir.tensor_val(node) if isinstance(node, fx.Node) else None
     return val is not None and val.dtype.is_floating_point
-
-
-def _check_order(gm: fx.GraphModule) -> None:
-    if ir.get_plan(gm, ir.AmpPlan):
-        raise PipelineError("amp appears twice in the pipeline: keep one amp{dtype=...}")
-    require_before_regions(gm, "amp")
 
 
 def _drop_dtype_asserts(gm: fx.GraphModule) -> int:
@@ -164,13 +159,15 @@ def _restore_outputs(gm: fx.GraphModule, scale: fx.Node | None) -> int:
     return restored
 
 
-@register_pass("amp", options=AmpOptions, invalidates=("cost",))
+@register_pass("amp", options=AmpOptions, invalidates=("cost",), forbids=("staged", "fused-regions", "mixed-precision"))
 class Amp(Pass):
     """Mixed precision: bf16/fp16 parameters and matmuls, fp32 where precision matters, fp16 loss scaling."""
 
+    def properties(self) -> Properties:
+        scaling = ("loss-scaling",) if self.options.dtype == "fp16" else ()
+        return dataclasses.replace(super().properties(), provides=("mixed-precision", *scaling))
+
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "amp")
-        _check_order(gm)
         options = self.options
         low = LOW_DTYPES[options.dtype]
         params = list(gm.parameters())

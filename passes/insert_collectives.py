@@ -29,7 +29,6 @@ from bmc import ir
 from bmc.ir import ops
 from bmc.errors import PipelineError
 from bmc.ir.shapes import propagate_shapes
-from bmc.passmgr.order import require_before_pp, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 GROUP = "tp"
@@ -83,13 +82,12 @@ class CollectivesOptions:
     sequence_parallel: bool = False
 
 
-@register_pass("insert-collectives", options=CollectivesOptions, invalidates=("cost",))
+@register_pass("insert-collectives", options=CollectivesOptions, provides=("tp-collectives",), invalidates=("cost",),
+               forbids=("staged", "fused-regions"))
 class InsertCollectives(Pass):
     """Megatron's f and g where the tp shardings need them (after tp, before pp)."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "insert-collectives")
-        require_before_regions(gm, "insert-collectives")
         plan = ir.get_plan(gm, ir.TensorParallelPlan)
         if plan is None or plan.collectives is not None:
             return PassResult(gm, False, {"f": 0, "g": 0})

@@ -37,8 +37,8 @@ from bmc.rewrite.regions import (
 from torch import fx
 
 from bmc import ir
-from bmc.passmgr.order import require_before_pp
 from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.passmgr.properties import Properties
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class OffloadOptions:
 # ------------------------------------------------------------------ the pass
 
 def _offload_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
-    refuse_fused_regions(gm, "insert-offload{what=activations}")
     blocks = repeated_blocks(gm, "insert-offload{what=activations}")
     book: Ledger = ledger(gm, blocks, trace_substitutions(gm))
     gm, calls = fuse_regions(gm, [nodes for _, nodes in blocks], prefix="offload_block_")
@@ -76,12 +75,20 @@ def _record(gm: fx.GraphModule, **changes) -> None:
     ir.set_plan(gm, dataclasses.replace(current, **changes))
 
 
+FUSE_ONCE = "keep one of insert-remat / insert-offload{what=activations} in the pipeline"
+
+
 @register_pass("insert-offload", options=OffloadOptions, invalidates=("cost",))
 class InsertOffload(Pass):
     """Offload to CPU memory: each block's saved activations, or (flag for the runtime) the optimizer."""
 
+    def properties(self) -> Properties:
+        if self.options.what == "optimizer":
+            return Properties(invalidates=("cost",))
+        return Properties(provides=("fused-regions",), invalidates=("cost",),
+                          forbids=(("staged", ""), ("fused-regions", FUSE_ONCE)))
+
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "insert-offload")
         if self.options.what == "optimizer":
             _record(gm, optimizer=True)
             log.info("insert-offload{what=optimizer}: optimizer states and step marked for the CPU")

@@ -32,7 +32,6 @@ from bmc import ir
 from bmc.analysis import cost
 from bmc.errors import PipelineError
 from bmc.analysis.graph_patterns import _ATTENTION_OPS, _op
-from bmc.passmgr.order import require_before_pp
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.structure import Attention, Linear, _Graph, structure_of
 from bmc.rewrite.regions import (Ledger, Nodes, wrap_region, fuse_regions, ledger, refuse_fused_regions,
@@ -155,7 +154,12 @@ def _saved_bytes(gm: fx.GraphModule, subs: dict) -> int | None:
         return None
 
 
-@register_pass("insert-remat", options=RematOptions, invalidates=("cost",))
+# a second fusing pass would see a block split around the first one's call
+FUSE_ONCE = "keep one of insert-remat / insert-offload{what=activations} in the pipeline"
+
+
+@register_pass("insert-remat", options=RematOptions, provides=("fused-regions",), invalidates=("cost",),
+               forbids=("staged", ("fused-regions", FUSE_ONCE)))
 class InsertRemat(Pass):
     """Recompute activations in backward: checkpoint blocks, attention cores, or blocks to a byte budget."""
 
@@ -174,9 +178,7 @@ class InsertRemat(Pass):
         return [(name, nodes) for name, nodes in blocks if name in chosen]
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "insert-remat")
         self.check()
-        refuse_fused_regions(gm, "insert-remat")
         policy = self.options.policy
         subs = trace_substitutions(gm)
         before = _saved_bytes(gm, subs)

@@ -32,7 +32,6 @@ import bmc.ir.ops  # noqa: F401 - registers bmc::pipe
 from bmc import ir
 from bmc.analysis import cost
 from bmc.errors import PipelineError
-from bmc.passmgr.order import require_before_pp  # noqa: F401 - re-exported for the rewriting passes
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.graph_patterns import is_free
 from bmc.analysis.structure import structure_of
@@ -311,26 +310,20 @@ def insert_markers(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> int:
 # ------------------------------------------------------------------ the pass
 
 
-def _refuse_zero3(gm: fx.GraphModule) -> None:
-    if gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default):
-        raise PipelineError("pp with zero{stage=3} is not supported yet (ZeRO-3 gathers inside pipelined "
-                            "stages); use zero{stage=1} or zero{stage=2} with pp")
+ZERO3 = ("pp with zero{stage=3} is not supported yet (ZeRO-3 gathers inside pipelined stages); "
+         "use zero{stage=1} or zero{stage=2} with pp")
+# each stage would decide alone whether its gradients overflowed and skip the step
+FP16 = ("pp with amp{dtype=fp16} is not supported yet (loss-scale overflow is not agreed across stages); "
+        "use amp{dtype=bf16}, which needs no loss scaling")
 
 
-@register_pass("pp", options=PpOptions, invalidates=("cost",))
+@register_pass("pp", options=PpOptions, provides=("staged",), invalidates=("cost",),
+               forbids=("staged", ("zero3", ZERO3), ("loss-scaling", FP16)))
 class PipelineParallel(Pass):
     """Pipeline parallelism: stages cut at block boundaries, balanced by the cost model."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
-        if ir.get_plan(gm, ir.PipelinePlan):
-            raise PipelineError("pp appears twice in the pipeline: keep one pp{stages=N}")
-        _refuse_zero3(gm)
-        amp = ir.get_plan(gm, ir.AmpPlan)
-        if amp is not None and amp.dtype == "fp16":
-            # each stage would decide alone whether its gradients overflowed and skip the step
-            raise PipelineError("pp with amp{dtype=fp16} is not supported yet (loss-scale overflow is not agreed "
-                                "across stages); use amp{dtype=bf16}, which needs no loss scaling")
         units, count = node_units(gm)
         total = opts.total_stages
         if total > count:

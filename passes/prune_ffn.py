@@ -19,7 +19,6 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
 from bmc.ir.shapes import propagate_shapes
 from bmc.rewrite.params import slice_parameter
 from bmc.passmgr.manager import Pass, PassResult, register_pass
@@ -87,14 +86,12 @@ def rewrite_widths(gm: fx.GraphModule, mlp: MLP, old: int, new: int) -> int:
     return changed
 
 
-@register_pass("prune-ffn", options=PruneFfnOptions, invalidates=("cost",))
+@register_pass("prune-ffn", options=PruneFfnOptions, invalidates=("cost",),
+               forbids=("staged", "fused-regions", "quantized"))
 class PruneFfn(Pass):
     """Remove the lowest-scoring MLP neurons of every block."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "prune-ffn")
-        require_before_quant(gm, "prune-ffn")
-        require_before_regions(gm, "prune-ffn")
         mlps = [b.mlp for b in structure_of(gm).blocks if b.mlp is not None]
         if not mlps:
             raise PipelineError("prune-ffn: the structure analysis found no MLP in this model's blocks")

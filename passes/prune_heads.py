@@ -38,12 +38,12 @@ import torch.fx as fx
 from bmc import ir
 from bmc.errors import PipelineError
 from bmc.analysis.graph_patterns import hinted_shape
-from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
 from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.rewrite.params import slice_parameter
 from bmc.ir.shapes import propagate_shapes
 from bmc.rewrite.linear import operands, projections
 from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.passmgr.properties import Properties
 from bmc.analysis.structure import CACHE_KEY, Attention, Linear, structure_of
 
 log = logging.getLogger(__name__)
@@ -411,15 +411,19 @@ def _choices(gm: fx.GraphModule, attentions: list[Attention], blocks: list[int],
                        may_empty=opts.empty == "skip")
 
 
-@register_pass("prune-heads", options=PruneHeadsOptions, invalidates=("cost",))
+AFTER_TP = "prune first, then split what is left (put prune-heads before tp)"
+
+
+@register_pass("prune-heads", options=PruneHeadsOptions, invalidates=("cost",),
+               forbids=("staged", "fused-regions", "quantized", ("tp-split", AFTER_TP)))
 class PruneHeads(Pass):
     """Remove attention heads (by spec, or a ratio ranked by magnitude, Taylor or random scores)."""
 
+    def properties(self) -> Properties:
+        needs = ("calibration",) if self.options.score == "taylor" and not self.options.heads else ()
+        return dataclasses.replace(super().properties(), requires=needs)
+
     def run(self, gm: fx.GraphModule) -> PassResult:
-        for check in (require_before_pp, require_before_quant, require_before_regions):
-            check(gm, "prune-heads")
-        if ir.get_plan(gm, ir.TensorParallelPlan):
-            raise PipelineError("prune-heads after tp: prune first, then split what is left (put prune-heads before tp)")
         with_attention = [b for b in structure_of(gm).blocks if b.attention is not None]
         attentions = [b.attention for b in with_attention]
         if not attentions:

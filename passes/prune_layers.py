@@ -21,8 +21,8 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass
+from bmc.passmgr.properties import Properties
 from bmc.analysis.structure import CACHE_KEY, Block, structure_of
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,16 @@ def _drop_parameters(gm: fx.GraphModule, block: Block) -> int:
     return count
 
 
-@register_pass("prune-layers", options=PruneLayersOptions, invalidates=("cost",))
+@register_pass("prune-layers", options=PruneLayersOptions, invalidates=("cost",),
+               forbids=("staged", "fused-regions", "quantized"))
 class PruneLayers(Pass):
     """Remove whole residual blocks: by index, or a ratio of them by policy."""
 
+    def properties(self) -> Properties:
+        needs = ("calibration",) if self.options.policy == "score" and self.options.drop is None else ()
+        return dataclasses.replace(super().properties(), requires=needs)
+
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "prune-layers")
-        require_before_quant(gm, "prune-layers")
-        require_before_regions(gm, "prune-layers")
         blocks = structure_of(gm).blocks
         if not blocks:
             raise PipelineError("prune-layers: the structure analysis found no residual blocks in this model")

@@ -21,7 +21,6 @@ import torch.fx as fx
 import bmc.ir.ops  # noqa: F401 - registers bmc::int8_linear
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.passmgr.order import require_before_pp, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.analysis.structure import structure_of
 
@@ -93,13 +92,12 @@ def _replace_weight(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, gra
     return q_node, s_node, fp32_bytes
 
 
-@register_pass("quant-int8", options=QuantOptions, invalidates=("cost",))
+@register_pass("quant-int8", options=QuantOptions, provides=("quantized",), invalidates=("cost",),
+               forbids=("staged", "fused-regions"))
 class QuantInt8(Pass):
     """Linear weights to int8 with per-row fp32 scales, run by bmc::int8_linear."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "quant-int8")
-        require_before_regions(gm, "quant-int8")
         opts = self.options
         linears = [n for n in gm.graph.find_nodes(op="call_function", target=aten.linear.default)
                    if n.args[1].op == "get_attr"]

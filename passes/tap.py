@@ -23,7 +23,6 @@ import torch.utils._pytree as pytree
 
 from bmc import ir
 from bmc.errors import PipelineError
-from bmc.passmgr.order import require_before_pp, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.analysis.structure import structure_of
 
@@ -92,17 +91,11 @@ def _append_outputs(gm: fx.GraphModule, nodes: list[fx.Node], points: tuple[str,
                                              output.args[0])
 
 
-@register_pass("tap", options=TapOptions)
+@register_pass("tap", options=TapOptions, provides=("tapped",), forbids=("staged", "fused-regions", "tapped"))
 class Tap(Pass):
     """Expose hidden states (every block's output, or named modules') as extra graph outputs."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "tap")
-        require_before_regions(gm, "tap")
-        tapped = ir.get_plan(gm, ir.TapPlan)
-        if tapped is not None:
-            raise PipelineError(f"tap: the graph is already tapped at {list(tapped.points)}; tap once, "
-                                f"naming every point in points=[...]")
         points = self.options.points or tuple(b.name for b in structure_of(gm).blocks)
         if not points:
             raise PipelineError("tap: the structure analysis found no residual blocks in this model; "

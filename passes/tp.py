@@ -29,7 +29,6 @@ from bmc.errors import PipelineError
 from bmc.analysis.graph_patterns import hinted_shape
 from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.ir.shapes import propagate_shapes
-from bmc.passmgr.order import require_before_pp, require_before_quant, require_before_regions
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.structure import Linear, structure_of
 from bmc.rewrite.linear import operands, projections
@@ -338,20 +337,13 @@ def _localize_parameter_nodes(gm: fx.GraphModule, layouts: dict[str, ir.Layout],
         ir.place(node, ir.Placement(GROUP, "shard", layout.dim))
 
 
-@register_pass("tp", options=TpOptions, invalidates=("cost",))
+@register_pass("tp", options=TpOptions, provides=("tp-split",), invalidates=("cost",),
+               forbids=("staged", "quantized", "fused-regions", "zero3", "tp-split"))
 class TensorParallel(Pass):
     """Tensor parallelism: attention split by heads, the MLP by neurons, with f/g collectives."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        require_before_pp(gm, "tp")
-        require_before_quant(gm, "tp")
-        require_before_regions(gm, "tp")
-        if any(gm.graph.find_nodes(op="call_function", target=torch.ops.bmc.gather_param.default)):
-            raise PipelineError("tp after zero{stage=3}: ZeRO-3 already routes each weight through a gather that "
-                                "tp would have to split; put tp before zero in the pipeline")
         degree = self.options.degree
-        if ir.get_plan(gm, ir.TensorParallelPlan):
-            raise PipelineError("tp appears twice in the pipeline: keep one tp{degree=N}")
         if degree == 1:
             return PassResult(gm, False, {"degree": 1})
         plan = _plan(gm, degree, vocab=self.options.vocab)

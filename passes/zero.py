@@ -2,6 +2,7 @@
 gradients too (stage 2), and parameters too (stage 3) over the dp group."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -12,6 +13,7 @@ import bmc.ir.ops  # noqa: F401 - registers the bmc:: ops the rewrite inserts
 from bmc import ir
 from bmc.rewrite.params import mark_data_parallel, trainable_parameter_nodes
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
+from bmc.passmgr.properties import Properties
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,19 @@ def gather_before_use(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, in
     return gathered
 
 
+ZERO3_AFTER_PP = ("zero{stage=3} with pp is not supported yet (ZeRO-3 gathers inside pipelined stages); "
+                  "use zero{stage=1} or zero{stage=2} with pp")
+
+
 @register_pass("zero", options=ZeroOptions, provides=("data-parallel",), invalidates=("cost",))
 class Zero(Pass):
     """ZeRO data parallelism: shard optimizer states (1), gradients (2) and parameters (3) over dp."""
+
+    def properties(self) -> Properties:
+        if self.options.stage != 3:
+            return super().properties()
+        return Properties(provides=("data-parallel", "zero3"), invalidates=("cost",),
+                          forbids=(("staged", ZERO3_AFTER_PP),))
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         stage = self.options.stage

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from bmc import ir
-from bmc.ir.trace import BATCH, SEQ
+from bmc.ir.trace import BATCH, SEQ, trace_info
 
 B, S = sympy.symbols(f"{BATCH} {SEQ}", positive=True, integer=True)
 N_d, N_t, N_p = sympy.symbols("N_d N_t N_p", positive=True, integer=True)
@@ -238,7 +238,7 @@ def _calls(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def graph_symbols(gm: fx.GraphModule) -> dict:
-    info = gm.meta.get("bmc.trace")
+    info = trace_info(gm)
     return dict(info.symbols) if info is not None else {}
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from bmc import ir
+from bmc import ir, plugins
 from bmc.errors import BmcError
 
 log = logging.getLogger("bmc")
@@ -505,7 +505,10 @@ def run(argv: Sequence[str] | None, out) -> int:
     context = PassContext(world_size=args.world_size, mesh={"dp": dp, "tp": args.tp, "pp": args.pp})
     instruments, timing, stats = _instruments(args, out)
     manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
-    manager.check()
+    # what the pipeline and the backend need, before any loading; again from the graph's own
+    # properties (a loaded program's plans) once it is loaded
+    target = plugins.get_backend(args.backend) if args.output else None
+    manager.check({"shapes": "tracing", **({"calibration": "--calibration"} if args.calibration else {})}, target)
     gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
     calibration = _calibration(args, gm)
     if calibration is not None:  # the passes take their context when built: build them again with it
@@ -513,7 +516,7 @@ def run(argv: Sequence[str] | None, out) -> int:
         manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
     prepared_eval = _prepare_eval(args, gm) if args.eval else None
     out.write(f"pipeline: {pipeline}\n")
-    gm = manager.run(gm).graph_module
+    gm = manager.run(gm, backend=target).graph_module
     for index, record in enumerate(manager.records, start=1):
         stats_text = ", ".join(f"{k}={v}" for k, v in record.statistics.items())
         out.write(f"  #{index} {str(record.spec):<28} {'changed' if record.modified else 'no change':<9} "

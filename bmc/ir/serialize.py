@@ -9,6 +9,7 @@ that produced the graph in an extra file `bmc.json` inside the archive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from bmc import ir
 from bmc.errors import ModelLoadError, ModelSaveError
 import bmc.ir.ops  # noqa: F401 - the bmc:: ops a saved graph calls must exist before it is read
 from bmc.rewrite.regions import restore_regions
-from bmc.ir.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, trace, trace_info
+from bmc.ir.trace import TraceInfo, _symbol_names, dynamic_shapes_spec, set_trace_info, trace, trace_info
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,25 @@ def to_exported_program(gm: fx.GraphModule, state: dict[str, torch.Tensor] | Non
     return ep
 
 
+@contextlib.contextmanager
+def _regions_interpreted(gm: fx.GraphModule):
+    """Run fused regions node by node while exporting: export gives each traced op the custom
+    meta of the node being interpreted, so a region's nodes keep their own annotations (an
+    int8 linear its Quant, a split linear its Shard) instead of the call's."""
+    subs = [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule)]
+    for sub in subs:
+        sub.forward = functools.partial(_interpret, sub)
+    try:
+        yield
+    finally:
+        for sub in subs:
+            del sub.forward
+
+
+def _interpret(sub: fx.GraphModule, *args):
+    return fx.Interpreter(sub).run(*args)
+
+
 def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
     info = trace_info(gm)
     if info is None:
@@ -145,7 +165,8 @@ def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
                 node.meta.setdefault("custom", {})[ir.CUSTOM_KEY] = text
     spec = dynamic_shapes_spec(gm, info.args, info.kwargs, True) if info.symbols else None
     try:
-        return torch.export.export(gm, info.args, info.kwargs, dynamic_shapes=spec, strict=False)
+        with _regions_interpreted(gm):
+            return torch.export.export(gm, info.args, info.kwargs, dynamic_shapes=spec, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelSaveError(f"cannot re-export the transformed graph: {type(exc).__name__}: "
                              f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
@@ -236,7 +257,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     _retie(gm, meta.get("ties", []))
     args, kwargs = _restore_example_inputs(ep, gm)
     model_name = meta.get("model_name") or os.path.splitext(os.path.basename(path))[0]
-    gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
+    set_trace_info(gm, TraceInfo(model_name, args, kwargs, _symbol_names(gm)))
     gm = restore_regions(gm)
     return gm, meta
 

@@ -214,7 +214,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
         raise
     except Exception as exc:  # noqa: BLE001 - every export failure becomes one clear TraceError
         raise trace_error(model_name, exc) from exc
-    gm.meta["bmc.trace"] = TraceInfo(model_name, args, kwargs, _symbol_names(gm))
+    set_trace_info(gm, TraceInfo(model_name, args, kwargs, _symbol_names(gm)))
     log.info("traced %s: %d nodes, %d parameters", model_name, len(gm.graph.nodes),
              sum(1 for _ in gm.parameters()))
     return gm
@@ -222,3 +222,12 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
 
 def trace_info(gm: torch.fx.GraphModule) -> TraceInfo | None:
     return gm.meta.get("bmc.trace")
+
+
+def set_trace_info(gm: torch.fx.GraphModule, info: TraceInfo | None) -> None:
+    """Record (or, with None, forget) how the graph was captured; a graph cut out of another
+    (a pipeline stage) carries its source's."""
+    if info is None:
+        gm.meta.pop("bmc.trace", None)
+    else:
+        gm.meta["bmc.trace"] = info

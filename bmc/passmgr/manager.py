@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch.fx as fx
 
-from bmc.errors import BmcError, PassFailure, PipelineError, RequirementError
+from bmc.errors import BmcError, PassFailure, PipelineError
+from bmc.passmgr.properties import PROVIDER, Properties, check_backend, check_pipeline, graph_properties
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     invalidates: ClassVar[tuple[str, ...]] = ()
+    forbids: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, options: Any = None, context: PassContext | None = None):
         self.options = options if options is not None else self.Options()
@@ -73,6 +75,11 @@ class Pass:
 
     def check(self) -> None:
         """Validate options against the context before anything runs; raise a BmcError."""
+
+    def properties(self) -> Properties:
+        """The graph properties this pass, with its options, requires, provides, invalidates and
+        forbids (bmc/passmgr/properties.py). Passes whose options change them override this."""
+        return Properties(self.requires, self.provides, self.invalidates, self.forbids)
 
     def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -83,9 +90,11 @@ PRESETS: dict[str, tuple[str, str]] = {}  # name -> (pipeline, summary)
 
 
 def register_pass(name: str, *, options: type = NoOptions, requires: Sequence[str] = (),
-                  provides: Sequence[str] = (), invalidates: Sequence[str] = ()):
+                  provides: Sequence[str] = (), invalidates: Sequence[str] = (),
+                  forbids: Sequence[tuple[str, str] | str] = ()):
     """Class decorator declaring a pass: its name, typed options and the graph properties it
-    requires, provides and invalidates. The docstring's first line is its summary."""
+    requires, provides, invalidates and forbids (a property that must not hold yet, alone or
+    with the reason to give). The docstring's first line is its summary."""
     if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
         raise TypeError(f"options of pass {name!r} must be a frozen dataclass")
 
@@ -97,6 +106,7 @@ def register_pass(name: str, *, options: type = NoOptions, requires: Sequence[st
             raise TypeError(f"pass {name!r} needs a docstring whose first line is its summary")
         cls.name, cls.summary, cls.Options = name, doc.splitlines()[0], options
         cls.requires, cls.provides, cls.invalidates = tuple(requires), tuple(provides), tuple(invalidates)
+        cls.forbids = tuple((f, "") if isinstance(f, str) else tuple(f) for f in forbids)
         REGISTRY[name] = cls
         return cls
 
@@ -407,23 +417,29 @@ class PassManager:
         self.records: list[PassRecord] = []
         self.passes = [REGISTRY[s.name](s.make_options(), self.context) for s in self.pipeline.passes]
 
-    def check(self, initial: frozenset[str] = INITIAL_PROPERTIES) -> None:
-        """Every pass's option checks and requirements, before anything runs."""
-        available = set(initial)
-        broken_by: dict[str, str] = {}
-        for spec, pass_ in zip(self.pipeline.passes, self.passes):
+    def check(self, initial: Mapping[str, str] | frozenset[str] = INITIAL_PROPERTIES, backend=None) -> dict[str, str]:
+        """Every pass's option checks and declared properties, from the `initial` ones (a
+        graph's, by graph_properties) through the pipeline to the backend, before anything
+        runs. Returns the properties the pipeline ends with (property -> what gave it)."""
+        for pass_ in self.passes:
             pass_.check()
-            for need in pass_.requires:
-                if need not in available:
-                    raise RequirementError(_missing_requirement(spec.name, need, broken_by.get(need)))
-            for prop in pass_.invalidates:
-                available.discard(prop)
-                broken_by[prop] = spec.name
-            available.update(pass_.provides)
+        if not isinstance(initial, Mapping):
+            initial = {prop: PROVIDER.get(prop, "the input graph") for prop in initial}
+        if self.context.calibration is not None:
+            initial = {**initial, "calibration": "calibration data"}
+        steps = [(spec.name, str(spec), pass_.properties()) for spec, pass_ in zip(self.pipeline.passes, self.passes)]
+        providers: dict[str, list[str]] = {}
+        for name, cls in sorted(REGISTRY.items()):
+            for prop in cls.provides:
+                providers.setdefault(prop, []).append(name)
+        available = check_pipeline(steps, initial, providers)
+        if backend is not None:
+            check_backend(backend, available)
+        return available
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
+    def run(self, gm: fx.GraphModule, backend=None) -> PassResult:
         from bmc.ir.verify import verify_graph
-        self.check()
+        self.check(graph_properties(gm), backend)
         for instrument in self.instruments:
             instrument.before_pipeline(gm, self.pipeline)
         self.records = []
@@ -457,13 +473,6 @@ class PassManager:
             return exc
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return PassFailure(f"pass '{spec.name}' (#{index}) failed: {type(exc).__name__}: {first}{suffix}")
-
-
-def _missing_requirement(pass_name: str, need: str, broken_by: str | None) -> str:
-    providers = sorted(name for name, cls in REGISTRY.items() if need in cls.provides)
-    fix = f"add {' or '.join(providers)} before it" if providers else "no registered pass provides it"
-    why = f" (invalidated by '{broken_by}')" if broken_by else ""
-    return f"pass '{pass_name}' requires '{need}', which the pipeline does not provide there{why}; {fix}"
 
 
 def describe_passes() -> str:

@@ -119,8 +119,7 @@ def test_optimizer_sets_the_flag_and_leaves_the_graph():
                                            ("insert-offload,insert-remat{policy=selective}", "insert-offload")])
 def test_offload_and_remat_of_the_same_blocks_is_a_clear_error(passes, first):
     model = zoo.build("gpt-tiny")
-    with pytest.raises(PipelineError, match=f"cannot run after {first}, which already fused transformer.h.0: "
-                                            "keep one of insert-remat / insert-offload"):
+    with pytest.raises(PipelineError, match=f"after {first}.*: keep one of insert-remat / insert-offload"):
         bmc.compile(model, passes=passes)
 
 

@@ -115,7 +115,7 @@ def test_bad_points_are_one_clear_error():
     model, inputs = _model("gpt-tiny")
     with pytest.raises(PipelineError, match="no node of the graph lies in module 'transformer.h.7'"):
         bmc.compile(copy.deepcopy(model), passes="tap{points=[transformer.h.7]}", example_inputs=inputs)
-    with pytest.raises(PipelineError, match="already tapped"):
+    with pytest.raises(PipelineError, match="tap appears twice in the pipeline: keep one tap"):
         bmc.compile(copy.deepcopy(model), passes="tap,tap", example_inputs=inputs)
     with pytest.raises(PipelineError, match="names a module twice"):
         bmc.compile(copy.deepcopy(model), passes="tap{points=[lm_head,lm_head]}", example_inputs=inputs)

@@ -138,11 +138,12 @@ def test_sequence_parallel_on_flattened_activations_is_refused():
 def test_heads_that_do_not_divide_are_refused_before_anything_runs():
     model = zoo.build("llama-tiny")  # 4 heads, 2 kv heads
     with pytest.raises(PipelineError, match=r"layers\.0\.self_attn has 2 kv heads, not divisible by 4") as info:
-        bmc.compile(model, passes="tp{degree=4}", example_inputs=model.example_inputs(), world_size=4)
+        bmc.compile(model, passes="tp4", example_inputs=model.example_inputs(), world_size=4)
     assert "\n" not in str(info.value)
     gpt = zoo.build("gpt-tiny")
     with pytest.raises(PipelineError, match="has 4 attention heads, not divisible by 3"):
-        bmc.compile(gpt, passes="tp{degree=3}", example_inputs=gpt.example_inputs(), world_size=3)
+        bmc.compile(gpt, passes="tp{degree=3},insert-collectives", example_inputs=gpt.example_inputs(),
+                    world_size=3)
 
 
 def test_a_tp_plan_needs_its_ranks():
