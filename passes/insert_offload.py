@@ -30,7 +30,6 @@ from bmc.rewrite.regions import (
     wrap_region,
     fuse_regions,
     ledger,
-    refuse_fused_regions,
     repeated_blocks,
     trace_substitutions,
 )

@@ -34,7 +34,7 @@ from bmc.errors import PipelineError
 from bmc.analysis.graph_patterns import _ATTENTION_OPS, _op
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.structure import Attention, Linear, _Graph, structure_of
-from bmc.rewrite.regions import (Ledger, Nodes, wrap_region, fuse_regions, ledger, refuse_fused_regions,
+from bmc.rewrite.regions import (Ledger, Nodes, wrap_region, fuse_regions, ledger,
                                  repeated_blocks, trace_substitutions)
 
 log = logging.getLogger(__name__)

@@ -268,3 +268,24 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     assert "hidden states from python" in capsys.readouterr().out
     assert serve.main([str(encoder_dir), "--prompt", "x"]) == 2
     assert "is an encoder build" in capsys.readouterr().err
+
+
+def test_a_saved_plan_reports_what_planning_it_reports(tmp_path):
+    """A loaded program brings its tp degree in its plan: the report is the one planning gives."""
+    saved = tmp_path / "tp2.pt2"
+    assert bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "-o", str(saved)).returncode == 0
+    planned = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "--report")
+    loaded = bmc_opt(str(saved), "--world-size", "2", "--report")
+    assert loaded.returncode == 0, loaded.stderr
+    table = lambda text: text[text.index("where the memory goes"):]  # noqa: E731
+    assert "(dp=1 tp=2 pp=1)" in loaded.stdout and table(loaded.stdout) == table(planned.stdout)
+    odd = bmc_opt(str(saved), "--world-size", "3")
+    assert odd.returncode == 2 and "planned for tp=2 x pp=1, which does not divide --world-size 3" in odd.stderr
+
+
+def test_the_installed_commands_resolve():
+    """pyproject's console scripts name functions that exist (the README's first command)."""
+    from importlib.metadata import entry_points
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name in ("bmc-opt", "bmc")}
+    assert set(scripts) == {"bmc-opt", "bmc"}
+    assert all(callable(ep.load()) for ep in scripts.values())

@@ -295,6 +295,22 @@ def _mesh_from_pipeline(args, pipeline) -> None:
                          f"pick degrees whose product divides it")
 
 
+def _mesh_from_plans(args, gm) -> None:
+    """A loaded program brings its tp degree and pipeline stages in its plans: --tp and --pp
+    follow them (a different value, given or from the pipeline, is a contradiction)."""
+    tp, pp = ir.get_plan(gm, ir.TensorParallelPlan), ir.get_plan(gm, ir.PipelinePlan)
+    for flag, plan, degree in (("tp", tp, tp and tp.degree), ("pp", pp, pp and pp.stages)):
+        if plan is None:
+            continue
+        if getattr(args, flag) not in (1, degree):
+            raise UsageError(f"--{flag} {getattr(args, flag)} contradicts {args.model}, whose plan has {flag}={degree}: "
+                             f"drop --{flag} or make them equal")
+        setattr(args, flag, degree)
+    if args.world_size % (args.tp * args.pp):
+        raise UsageError(f"{args.model} is planned for tp={args.tp} x pp={args.pp}, which does not divide "
+                         f"--world-size {args.world_size}; give a multiple of {args.tp * args.pp}")
+
+
 def _dump_stages(gm, directory: str) -> None:
     """Each pipeline stage's graph (what its ranks run) beside the per-pass dumps."""
     from bmc.backends.pipeline import stage_graph
@@ -510,6 +526,9 @@ def run(argv: Sequence[str] | None, out) -> int:
     target = plugins.get_backend(args.backend) if args.output else None
     manager.check({"shapes": "tracing", **({"calibration": "--calibration"} if args.calibration else {})}, target)
     gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
+    _mesh_from_plans(args, gm)
+    dp = args.world_size // (args.tp * args.pp)
+    context.mesh = {"dp": dp, "tp": args.tp, "pp": args.pp}
     calibration = _calibration(args, gm)
     if calibration is not None:  # the passes take their context when built: build them again with it
         context = dataclasses.replace(context, calibration=calibration)

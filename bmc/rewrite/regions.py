@@ -43,21 +43,6 @@ def repeated_blocks(gm: fx.GraphModule, pass_name: str) -> list[tuple[str, Nodes
     return found
 
 
-def refuse_fused_regions(gm: fx.GraphModule, pass_name: str) -> None:
-    """insert-remat and insert-offload each fuse whole regions into submodules; a second such
-    pass would see a block split around the first one's call and could not fuse it again."""
-    for node in gm.graph.nodes:
-        origin = ir.get(node, ir.Origin)
-        if node.op != "call_function" or origin is None or origin.pass_name not in ("insert-remat", "insert-offload"):
-            continue
-        if pass_name.startswith(origin.pass_name):
-            raise PipelineError(f"{origin.pass_name} appears twice in the pipeline (it already fused {origin.source}): "
-                                f"keep one {origin.pass_name}")
-        raise PipelineError(f"{pass_name} cannot run after {origin.pass_name}, which already fused "
-                            f"{origin.source}: keep one of insert-remat / insert-offload{{what=activations}} "
-                            f"in the pipeline")
-
-
 def fuse_regions(gm: fx.GraphModule, regions: list[Nodes], prefix: str) -> tuple[fx.GraphModule, list[fx.Node]]:
     """Fuse each region into a submodule `{prefix}{i}`; returns the graph and the
     call_module node of each region, in the order given."""
