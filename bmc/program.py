@@ -86,6 +86,8 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
+    if isinstance(passes, str) and not passes.strip():
+        passes = ()  # "" from Python means no passes, as () does
     manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
                           verify=verify, instruments=instruments)
     if len(manager.pipeline):
