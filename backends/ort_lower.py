@@ -450,26 +450,35 @@ TASKS = ("causal-lm", "encoder")
 
 
 def task_of(gm: fx.GraphModule, task: str | None = None) -> str:
-    """"causal-lm" when the structure analysis finds every attention causal (is_causal, or a mask
-    the graph builds by comparing positions: HF's explicit masks), served as its decode step with
-    a KV cache (which proves each mask to be the causal triangle before using it); "encoder" when
-    it finds none causal, served as its forward (token ids and an attention mask in, hidden
-    states out). `task` states it instead, for graphs the analysis cannot tell."""
+    """"causal-lm" when every attention is causal: sdpa's is_causal, or a mask the graph builds from
+    the length alone that is proved, by evaluating it, to be the causal triangle (HF's explicit
+    masks); served as its decode step with a KV cache. "encoder" when every attention sees every
+    token (no mask, or a mask proved all-visible); served as its forward, token ids and an
+    attention mask in, hidden states out. `task` states it instead, for graphs that cannot be told."""
     if task is not None:
         if task not in TASKS:
             raise BackendError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         return task
     from bmc.serve import kv_cache
-    if not gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA):
+    sites = gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if not sites:
         raise BackendError("ort-paged serves causal LMs and encoders built on scaled_dot_product_attention; "
                            "this graph has none")
-    causal = {b.attention.causal for b in structure_of(gm).blocks if b.attention is not None}
-    if causal == {True}:
+    kinds = set()
+    for node in sites:
+        args = kv_cache.sdpa_arguments(node)
+        mask = args.get("attn_mask")
+        if mask is None:
+            kinds.add("causal" if args.get("is_causal") else "full")
+        else:  # proved by evaluating the mask the graph builds from the length (64 positions checked)
+            kinds.add(kv_cache.proved_causal(gm, placeholders[0], mask, 64) if len(placeholders) == 1 else "")
+    if kinds == {"causal"}:
         return "causal-lm"
-    if causal == {False}:
+    if kinds == {"full"}:
         return "encoder"
     raise BackendError("ort-paged cannot tell whether this model is a causal LM or an encoder (its attention masks "
-                       + ("come from outside the graph" if None in causal else "are mixed")
+                       + ("are not built from the length alone" if "" in kinds else "are mixed")
                        + "); pass task='causal-lm' or task='encoder'")
 
 
@@ -509,7 +518,7 @@ def encoder_step(gm: fx.GraphModule, max_len: int | None = None):
                                f"that is not proved to let every token see every other; it cannot take a padding mask")
     with graph.inserting_after(ids):
         attention_mask = graph.placeholder("attention_mask")
-    with graph.inserting_after(attention_mask):
+    with graph.inserting_before(attention_mask.next):  # in order, before the first layer
         padding = _padding_mask(graph, attention_mask, ir.tensor_val(kv_cache.sdpa_arguments(sites[0])["query"]).dtype)
     heads = []
     for node in sites:
