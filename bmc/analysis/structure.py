@@ -473,15 +473,17 @@ def _attention(g: _Graph, site: _Site) -> Attention | None:
     layout = None
     if fused:
         q_heads = _int(q_val.shape[-3]) if q_val.dim() >= 3 else None
-        layout = _qkv_layout(taken_apart(q_lin), [q_path, k_path, _v_path], q_heads, head_dim)
+        pieces = taken_apart(q_lin)
+        layout = _qkv_layout(pieces, [q_path, k_path, _v_path], q_heads, head_dim)
         if layout is not None:
             q_width, k_width = layout.groups * layout.q, layout.groups * layout.k
+            k_path = k_path[k_path.index(pieces.nodes[1]):]  # k's own way: a gather before the cut is not per head
         else:
             q_width, k_width = _fused_widths_from_shapes(g.linears[q_lin], site, head_dim)
     else:
         q_width, k_width = g.linears[q_lin].out_features, g.linears[k_lin].out_features
     where = module_path(site.anchor) or site.anchor.name
-    gathered = any(_op(n) == "index_select" for n in k_path)
+    gathered = any(_op(n) == "index_select" for n in k_path) and not (fused and layout is None)
     num_heads, num_kv_heads = _heads(where, q_width, k_width, head_dim, gathered)
     projections = [g.linears[n] for n in lins] + [g.linears[o_node]]
     q, k, v = (None, None, None) if fused else tuple(g.linears[n] for n in lins)

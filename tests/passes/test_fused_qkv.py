@@ -161,7 +161,7 @@ class _Model(torch.nn.Module):
 
 
 @pytest.mark.parametrize("passes, pattern", [
-    ("tp{degree=2}", r"tp: cannot prove how q, k and v lie in the fused projection layers\.0\.qkv\.weight"),
+    ("tp2", r"tp: cannot prove how q, k and v lie in the fused projection layers\.0\.qkv\.weight"),
     ("prune-heads{heads=[0:1]}", r"prune-heads: cannot prove how q, k and v lie in the fused projection "
                                  r"layers\.0\.qkv\.weight"),
 ])
