@@ -162,8 +162,9 @@ class ModelStructure:
 
 from bmc.analysis.graph_patterns import (  # noqa: E402 - the op tables and walkers the analysis uses
     _ACTIVATIONS, _ATTENTION_OPS, _CAUSAL_MASK_OPS, _EMBEDDING, _MATMUL, _NORM_OPS, _RESHAPE, _SCORES, _SDPA,
-    _SOFTMAX, _TO_ATTENTION, Pieces, taken_apart, _ancestor_ops, _int, _named_args, _op, _path, _tensor_inputs, _walk_back,
+    _SOFTMAX, _TO_ATTENTION, _ancestor_ops, _int, _named_args, _op, _path, _tensor_inputs, _walk_back,
     _walk_forward)
+from bmc.analysis.graph_patterns import Pieces, taken_apart  # noqa: E402 - how a fused projection is cut
 
 
 def _within(name: str, prefix: str) -> bool:
