@@ -99,7 +99,7 @@ def _rows(gm: fx.GraphModule, lin: Linear) -> torch.Tensor:
 
 def magnitude_scores(gm: fx.GraphModule, att: Attention) -> torch.Tensor:
     hd, n = att.head_dim, att.num_heads
-    q_rows = _rows(gm, att.qkv)[: n * hd] if att.fused else _rows(gm, att.q)
+    q_rows = _rows(gm, att.qkv)[_fused_rows(att, range(n), ())] if att.fused else _rows(gm, att.q)
     o_cols = _rows(gm, att.o).t()  # [in, out]: the rows of o's input features
     return q_rows.reshape(n, -1).norm(dim=1) * o_cols.reshape(n, -1).norm(dim=1)
 
@@ -218,6 +218,17 @@ class _Heads:
                 _refuse(node, "the heads do not land in one dim")
         _refuse(node, "the heads dim disappears")
 
+    def slice_along(self, node: fx.Node, track: Track, start: int, end: int) -> tuple[Track, bool]:
+        """A slice that takes the q, k or v part of a fused output: the same part once pruned."""
+        old = [sum(s[0] for s in track.segments[:i]) for i in range(len(track.segments) + 1)]
+        new = [sum(s[1] for s in track.segments[:i]) for i in range(len(track.segments) + 1)]
+        parts = list(zip(old, old[1:]))
+        if len(track.segments) == 1 or (start, end) not in parts:
+            _refuse(node, f"the slice [{start}:{end}] is not the q, k or v part of a fused projection")
+        i = parts.index((start, end))
+        node.args = (node.args[0], node.args[1], new[i], new[i + 1], *node.args[4:])
+        return Track(track.dim, (track.segments[i],), track.unit), True
+
     def split_along(self, node: fx.Node, track: Track, along: int, pieces: int) -> tuple[tuple, bool]:
         if len(track.segments) == 1:
             _refuse(node, "splitting one of q, k, v along its heads")
@@ -249,8 +260,17 @@ class _Walk:
                                (att.num_kv_heads * hd, kv_new, "v"))
         starts = []
         if att.fused:
+            layout = _proven_layout(att)
+            if layout.interleaved:  # one run of [q k v] blocks, one per kv head (checked): whole blocks go
+                if layout.k != hd or c.needs_gather:
+                    raise PipelineError(f"prune-heads: {att.qkv.weight} interleaves q, k and v per kv group; only "
+                                        f"whole groups can be removed from it (prune with gqa=groups)")
+                q_seg = k_seg = v_seg = (att.qkv.out_features, len(c.keep_kv) * layout.block, "qkv")
+                track = Track(0, (q_seg,), layout.block)
+            else:
+                track = Track(0, (q_seg, k_seg, v_seg), hd)
             for node in projections(self.gm, att.qkv.weight):
-                self.tracks[node] = Track(len(hinted_shape(node)) - 1, (q_seg, k_seg, v_seg), hd)
+                self.tracks[node] = track.at(len(hinted_shape(node)) - 1)
                 starts.append(node)
         else:
             for lin, seg in ((att.q, q_seg), (att.k, k_seg), (att.v, v_seg)):
@@ -291,7 +311,30 @@ class _Walk:
         if not found:
             _refuse(node, "a tuple of tracked tensors used as a whole")
         src, track = self._meet(node, found)[0]
-        return self.dims.through(node, src, track)
+        result = self.dims.through(node, src, track)
+        if track.role == "qkv" and len(track.segments) == 1:  # an interleaved [q k v] block taken apart
+            return self._block_parts(node, src, result)
+        return result
+
+    def _block_parts(self, node: fx.Node, src: fx.Node, carried):
+        """The cut of each interleaved block into q, k and v (a split/chunk, or slices, of the
+        block's features): the pieces carry the q, k or v role (the analysis proved the order)."""
+        layout = self.choice.attention.qkv_layout
+        bounds = {(0, layout.q): "q", (layout.q, layout.q + layout.k): "k", (layout.q + layout.k, layout.block): "v"}
+        if isinstance(carried, tuple):  # a split or chunk
+            widths = [int(v.shape[-1]) for v in node.meta["val"]] if isinstance(node.meta.get("val"), (list, tuple)) \
+                else []
+            if widths != [layout.q, layout.k, layout.v]:
+                _refuse(node, "the pieces are not the q, k and v of the interleaved blocks")
+            return tuple(Track(t.dim, ((t.old, t.new, role),), t.unit) for t, role in zip(carried, "qkv"))
+        if node.target is aten.slice.Tensor:
+            size = hinted_shape(src)[-1]
+            start, end = (node.args[2:4] + (None, None))[:2] if len(node.args) > 2 else (0, None)
+            span = (start or 0, min(size, end if end is not None else size))
+            if (node.args[1] % len(hinted_shape(src))) != len(hinted_shape(src)) - 1 or span not in bounds:
+                _refuse(node, "the slice is not the q, k or v of the interleaved blocks")
+            return Track(carried.dim, ((carried.old, carried.new, bounds[span]),), carried.unit)
+        return carried
 
     def _meet(self, node: fx.Node, found: list[tuple[fx.Node, Track]]) -> list[tuple[fx.Node, Track]]:
         """Where k or v meets q with fewer positions (query heads pruned inside a kv group),
@@ -344,14 +387,29 @@ def _slice_projections(gm: fx.GraphModule, c: Choice) -> int:
 
     removed = 0
     if att.fused:
-        q_width, kv_width = att.num_heads * hd, att.num_kv_heads * hd
-        keep = torch.cat([rows(c.keep_q), rows(c.keep_kv, q_width), rows(c.keep_kv, q_width + kv_width)])
+        keep = torch.tensor(_fused_rows(att, c.keep_q, c.keep_kv), dtype=torch.long)
         removed += _slice_linear(gm, att.qkv, keep, output=True)
     else:
         removed += _slice_linear(gm, att.q, rows(c.keep_q), output=True)
         removed += _slice_linear(gm, att.k, rows(c.keep_kv), output=True)
         removed += _slice_linear(gm, att.v, rows(c.keep_kv), output=True)
     return removed + _slice_linear(gm, att.o, rows(c.keep_q), output=False)
+
+
+def _proven_layout(att: Attention):
+    if att.qkv_layout is None:
+        raise PipelineError(f"prune-heads: cannot prove how q, k and v lie in the fused projection {att.qkv.weight} "
+                            f"(its output is not cut into q, k, v by a split, chunk or slices the structure analysis "
+                            f"follows); its heads cannot be removed")
+    return att.qkv_layout
+
+
+def _fused_rows(att: Attention, keep_q, keep_kv) -> list[int]:
+    """The fused projection's output features of these query and kv heads, in weight order."""
+    layout, hd = _proven_layout(att), att.head_dim
+    rows = [r for h in keep_q for r in layout.features("q", h, hd)]
+    rows += [r for part in "kv" for g in keep_kv for r in layout.features(part, g, hd)]
+    return sorted(rows)
 
 
 def _slice_linear(gm: fx.GraphModule, lin: Linear, keep: torch.Tensor, output: bool) -> int:

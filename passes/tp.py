@@ -30,7 +30,7 @@ from bmc.analysis.graph_patterns import hinted_shape
 from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.ir.shapes import propagate_shapes
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
-from bmc.analysis.structure import Linear, structure_of
+from bmc.analysis.structure import structure_of
 from bmc.rewrite.linear import operands, projections
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,21 @@ class _Plan:
     vocab: set[str] = field(default_factory=set)  # token embeddings split by vocabulary rows
 
 
-def _segments_qkv(attention, linear: Linear) -> tuple[int, ...]:
-    hd = attention.head_dim
-    return (attention.num_heads * hd, attention.num_kv_heads * hd, attention.num_kv_heads * hd)
+def _segments_qkv(attention) -> tuple[int, ...]:
+    """The fused qkv's runs that each split by heads, from the layout the structure analysis
+    proved (q | k | v contiguous; the whole width when interleaved per head group)."""
+    if attention.qkv_layout is None:
+        raise PipelineError(f"tp: cannot prove how q, k and v lie in the fused projection {attention.qkv.weight} "
+                            f"(its output is not cut into q, k, v by a split, chunk or slices the structure "
+                            f"analysis follows); split it into separate q/k/v projections to use tp")
+    return attention.qkv_layout.parts()
+
+
+def _segments_mlp(mlp) -> tuple[int, ...]:
+    """A fused gate|up projection (Phi-3's gate_up_proj, chunked in two) splits per part."""
+    if mlp.gate is None and mlp.up_parts:
+        return mlp.up_parts
+    return (mlp.up.out_features,)
 
 
 def _check_divisible(what: str, count: int, degree: int, layer: str) -> None:
@@ -110,7 +122,7 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
             _check_divisible("attention heads", att.num_heads, degree, att.module)
             _check_divisible("kv heads", att.num_kv_heads, degree, att.module)
             if att.qkv is not None:
-                plan.column[att.qkv.weight] = _segments_qkv(att, att.qkv)
+                plan.column[att.qkv.weight] = _segments_qkv(att)
             for lin in (att.q, att.k, att.v):
                 if lin is not None:
                     plan.column[lin.weight] = (lin.out_features,)
@@ -118,9 +130,9 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
         mlp = block.mlp
         if mlp is not None:
             _check_divisible("MLP neurons", mlp.up.out_features, degree, mlp.module)
-            for lin in (mlp.up, mlp.gate):
-                if lin is not None:
-                    plan.column[lin.weight] = (lin.out_features,)
+            plan.column[mlp.up.weight] = _segments_mlp(mlp)
+            if mlp.gate is not None:
+                plan.column[mlp.gate.weight] = (mlp.gate.out_features,)
             plan.row[mlp.down.weight] = None
     if vocab:
         _plan_vocab(gm, structure, degree, plan)
@@ -135,6 +147,19 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
 
 
 # ------------------------------------------------------------------ propagating the split dim
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """A fused column-parallel output: its split dim holds several runs (q | k | v, gate | up),
+    each split over the ranks, so it may be cut only at their boundaries."""
+
+    dim: int
+    segments: tuple[int, ...]
+
+
+def _dim(carried) -> int | tuple | None:
+    return carried.dim if isinstance(carried, _Parts) else carried
 
 
 class _Propagation:
@@ -173,7 +198,8 @@ class _Propagation:
 
     def annotate(self) -> None:
         """Record each activation's placement (`bmc.shard`): what insert-collectives reads."""
-        for node, dim in self.split.items():
+        for node, carried in self.split.items():
+            dim = _dim(carried)
             if isinstance(dim, int):
                 ir.place(node, ir.Placement(GROUP, "shard", dim))
         for node in self.partial:
@@ -186,7 +212,8 @@ class _Propagation:
         if self.split.get(x) is not None:
             raise PipelineError(f"tp: the input of {weight.target} is already split; "
                                 f"two column-parallel projections in a row are not supported")
-        self.split[node] = len(hinted_shape(node)) - 1
+        dim, segments = len(hinted_shape(node)) - 1, self.plan.column[str(weight.target)]
+        self.split[node] = _Parts(dim, segments) if len(segments) > 1 else dim
         self.stats["column"] += 1
 
     def _row(self, node: fx.Node) -> None:
@@ -224,7 +251,7 @@ class _Propagation:
     def _vocab_cross_entropy(self, node: fx.Node) -> None:
         logits, target = node.args[:2]
         options = dict(zip(("weight", "reduction", "ignore_index", "label_smoothing"), node.args[2:]), **node.kwargs)
-        dim = self.split[logits]
+        dim = _dim(self.split[logits])
         if dim != len(hinted_shape(logits)) - 1 or options.get("weight") is not None \
                 or options.get("reduction", 1) != 1 or options.get("label_smoothing", 0.0):
             _refuse(node, "the vocab-parallel loss takes [tokens, vocab] logits split on the vocabulary, "
@@ -236,7 +263,9 @@ class _Propagation:
     def _gather_outputs(self, output: fx.Node) -> None:
         """Outputs are whole on every rank: split ones (logits over the vocabulary) are
         gathered; their gradient, whole on every rank, is sliced back."""
-        for arg in [a for a in output.all_input_nodes if isinstance(self.split.get(a), int)]:
+        for arg in [a for a in output.all_input_nodes if isinstance(self.split.get(a), (int, _Parts))]:
+            if isinstance(self.split[arg], _Parts):
+                _refuse(output, "a fused projection's parts are returned before they are taken apart")
             with self.gm.graph.inserting_before(output):
                 gathered = self.gm.graph.call_function(torch.ops.bmc.unscatter.default, (arg, self.split[arg], GROUP))
             ir.copy_meta(arg, gathered, "tp")
@@ -248,7 +277,7 @@ class _Propagation:
         """The split input (the first, when several are split the same way, counted from
         the right as broadcasting aligns them)."""
         found = [(a, self.split[a]) for a in node.all_input_nodes if self.split.get(a) is not None]
-        if any(isinstance(d, tuple) for _, d in found):
+        if any(isinstance(d, (tuple, _Parts)) for _, d in found):
             return found[0]
         if len({len(hinted_shape(a)) - d for a, d in found}) > 1:
             _refuse(node, "its inputs are split on different dims")
@@ -259,39 +288,60 @@ class _Propagation:
 
 
 class _SplitDim:
-    """tp's policy for the dim walk: a tensor carries its split dim (a tuple of them for a
-    split's pieces); sizes baked for it are divided by the degree."""
+    """tp's policy for the dim walk: a tensor carries its split dim (`_Parts` for a fused
+    projection's output, a tuple of dims for a split's pieces); sizes baked for it are divided
+    by the degree."""
 
     noun = "split"
 
     def __init__(self, degree: int):
         self.degree = degree
 
-    def dim(self, carried: int) -> int:
-        return carried
+    def dim(self, carried) -> int:
+        return _dim(carried)
 
-    def at(self, carried: int, dim: int) -> int:
-        return dim
+    def at(self, carried, dim: int):
+        return _Parts(dim, carried.segments) if isinstance(carried, _Parts) else dim
 
-    def rescale(self, size, carried: int, node: fx.Node):
+    def rescale(self, size, carried, node: fx.Node):
         return _divided(size, self.degree, node)
 
-    def land(self, node: fx.Node, carried: int, view: ViewGroup) -> tuple[int, int]:
+    def land(self, node: fx.Node, carried, view: ViewGroup):
         """Ranks split the outermost factor, so the dim lands in the outermost result dim
-        that is not 1."""
+        that is not 1; a fused output's parts must stay one dim until they are taken apart."""
+        dim = _dim(carried)
         targets = [j for j in view.dst_dims if view.after[j] > 1]
-        if view.before[carried] == 1 or not targets:
+        if view.before[dim] == 1 or not targets:
             _refuse(node, "the split dim is not the outermost of the dims it is viewed with")
+        if isinstance(carried, _Parts):
+            if len(targets) != 1 or view.after[targets[0]] != view.before[dim]:
+                _refuse(node, "a fused projection's q/k/v (or gate/up) parts are viewed into other dims before "
+                              "they are taken apart")
+            return targets[0], _Parts(targets[0], carried.segments)
         return targets[0], targets[0]
 
-    def split_along(self, node: fx.Node, carried: int, along: int, pieces: int) -> tuple[tuple, bool]:
+    def split_along(self, node: fx.Node, carried, along: int, pieces: int) -> tuple[tuple, bool]:
+        """Only a fused output's parts are cut along the split dim, exactly at their
+        boundaries: each rank's tensor holds its piece of every part, in order."""
+        widths = [int(v.shape[along]) for v in node.meta["val"]]
+        if not isinstance(carried, _Parts) or widths != list(carried.segments):
+            _refuse(node, f"the pieces {widths} are not the parts of a fused projection "
+                          f"(the layout says {list(getattr(carried, 'segments', ()))})")
         if node.target is aten.chunk.default:
-            return tuple([carried] * pieces), False  # equal chunks of the local tensor: each split alike
-        sizes = node.args[1]
-        sizes = [_divided(s, self.degree, node) for s in sizes] if isinstance(sizes, (list, tuple)) \
-            else _divided(sizes, self.degree, node)
-        node.args = (node.args[0], sizes, *node.args[2:])
-        return tuple([carried] * pieces), True
+            return tuple([along] * pieces), False  # equal parts: equal chunks of the local tensor
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], [_divided(w, self.degree, node) for w in widths], along)
+        return tuple([along] * pieces), True
+
+    def slice_along(self, node: fx.Node, carried, start: int, end: int):
+        """A slice that takes one whole part of a fused output: the same part of a rank's."""
+        bounds = [sum(carried.segments[:i]) for i in range(len(carried.segments) + 1)] \
+            if isinstance(carried, _Parts) else []
+        if (start, end) not in zip(bounds, bounds[1:]):
+            _refuse(node, f"the slice [{start}:{end}] is not one part of a fused projection "
+                          f"(parts at {bounds or 'none'})")
+        node.args = (node.args[0], node.args[1], start // self.degree, end // self.degree, *node.args[4:])
+        return carried.dim, True
 
     def refuse(self, node: fx.Node, why: str):
         _refuse(node, why)

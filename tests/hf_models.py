@@ -5,8 +5,8 @@ VOCAB, SEQ = 256, 16
 
 
 def build(name: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM)
     torch.manual_seed(seed)
     if name == "gpt2":
         cfg = GPT2Config(n_layer=layers, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, use_cache=False,
@@ -23,6 +23,16 @@ def build(name: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
         model = BertModel(cfg)
     elif name in SERVE_NAMES:
         model = _build_causal_lm(name, layers)
+    elif name == "gpt_neox":  # fused query_key_value stored head by head: [heads, (q, k, v), head_dim]
+        cfg = GPTNeoXConfig(num_hidden_layers=layers, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                            vocab_size=VOCAB, max_position_embeddings=64, use_cache=False, bos_token_id=0,
+                            eos_token_id=0, attention_bias=True)
+        model = GPTNeoXForCausalLM(cfg)
+    elif name in ("phi3", "phi3-gqa"):  # fused qkv_proj taken apart by slices; fused gate_up_proj chunked
+        cfg = Phi3Config(num_hidden_layers=layers, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                         num_key_value_heads=2 if name == "phi3-gqa" else 4, vocab_size=VOCAB,
+                         max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = Phi3ForCausalLM(cfg)
     else:
         raise KeyError(name)
     return model.eval()

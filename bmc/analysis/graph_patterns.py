@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -200,3 +201,113 @@ def is_free(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
         result = all(is_free(a, memo) for a in node.all_input_nodes)
     memo[node] = result
     return result
+
+
+# ---------------------------------------------------------------------------- fused projections
+
+@dataclass(frozen=True)
+class Pieces:
+    """How the graph takes a projection's output features apart: viewed (or not) into
+    `groups` equal blocks, each cut into the runs `bounds` ([start, end) within a block) by
+    `how` ("split", "chunk", "slice"); `nodes[i]` is the node yielding piece i (a split's
+    getitem or a slice), None for a piece nothing reads."""
+
+    groups: int
+    bounds: tuple[tuple[int, int], ...]
+    how: str
+    nodes: tuple[fx.Node | None, ...]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(end - start for start, end in self.bounds)
+
+
+# Ops that keep every element where it is (for following the feature dim of a projection).
+_SAME_ELEMENTS = {"contiguous", "clone", "to", "_to_copy", "alias", "detach", "type_as"}
+_CUTS = {"split", "split_with_sizes", "chunk"}
+
+
+def taken_apart(projection: fx.Node) -> Pieces | None:
+    """How `projection`'s output is cut into pieces along its features, read from the
+    graph: followed through views that keep the features whole or divide them into equal
+    blocks (GPT-NeoX's view(B, S, heads, 3 * head_dim)), transposes and copies, up to a
+    split/chunk along them, or slices of them that tile the features. None when the output
+    goes anywhere else first, or the pieces do not tile the features exactly."""
+    node, dim, groups = projection, len(hinted_shape(projection)) - 1, 1
+    while True:
+        users = [u for u in node.users if _op(u) != "_assert_tensor_metadata"]
+        if users and all(_op(u) == "slice" for u in users):
+            return _slices(node, users, dim, groups)
+        if len(users) != 1:
+            return None
+        (user,) = users
+        if _op(user) in _CUTS:
+            return _cut(node, user, dim, groups)
+        moved = _feature_dim_after(user, node, dim, groups)
+        if moved is None:
+            return None
+        node, (dim, groups) = user, moved
+
+
+def _feature_dim_after(node: fx.Node, src: fx.Node, dim: int, groups: int) -> tuple[int, int] | None:
+    """Where the tracked feature dim of `src` is in `node`'s output, and into how many equal
+    blocks views have divided it so far; None if `node` moves the features any other way."""
+    op, rank = _op(node), len(hinted_shape(src))
+    if op in _SAME_ELEMENTS:
+        return dim, groups
+    if op == "transpose":
+        a, b = (d % rank for d in node.args[1:3])
+        return (b if dim == a else a if dim == b else dim), groups
+    if op == "permute":
+        return [d % rank for d in node.args[1]].index(dim), groups
+    if op == "unsqueeze":
+        k = node.args[1] % (rank + 1)
+        return (dim + 1 if k <= dim else dim), groups
+    if op not in ("view", "reshape", "_unsafe_view"):
+        return None
+    before, after = hinted_shape(src), hinted_shape(node)
+    try:
+        regrouped = view_groups(before, after)
+    except ValueError:
+        return None
+    src_dims, dst_dims = next(g for g in regrouped if dim in g[0])
+    if [d for d in src_dims if before[d] != 1] != [dim]:
+        return None  # merged with other dims: the features are no longer a run of their own
+    kept = [d for d in dst_dims if after[d] != 1]
+    if len(kept) == 1:
+        return kept[0], groups
+    if len(kept) == 2 and groups == 1:
+        return kept[1], after[kept[0]]  # [features] -> [blocks, features per block]
+    return None
+
+
+def _slices(node: fx.Node, users: list[fx.Node], dim: int, groups: int) -> Pieces | None:
+    size = hinted_shape(node)[dim]
+    runs: dict[tuple[int, int], fx.Node] = {}
+    for user in users:
+        args = list(user.args) + [None] * (5 - len(user.args))
+        along, start, end, step = args[1] if args[1] is not None else 0, args[2] or 0, args[3], args[4] or 1
+        if along % len(hinted_shape(node)) != dim or step != 1:
+            return None
+        if not isinstance(start, int) or not (end is None or isinstance(end, int)):
+            return None
+        start, end = (max(0, min(size, v + size if v < 0 else v)) for v in (start, size if end is None else end))
+        runs.setdefault((start, end), user)
+    bounds = sorted(runs)
+    if [b[0] for b in bounds] != [0] + [b[1] for b in bounds[:-1]] or bounds[-1][1] != size:
+        return None  # overlapping, missing or empty runs: not a tiling of the features
+    return Pieces(groups, tuple(bounds), "slice", tuple(runs[b] for b in bounds))
+
+
+def _cut(node: fx.Node, cut: fx.Node, dim: int, groups: int) -> Pieces | None:
+    along = _named_args(cut).get("dim", 0)
+    pieces = cut.meta.get("val")
+    if along % len(hinted_shape(node)) != dim or not isinstance(pieces, (list, tuple)):
+        return None
+    widths = [_int(p.shape[dim]) for p in pieces]
+    if any(w is None for w in widths):
+        return None
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    getitems = {u.args[1]: u for u in cut.users if _op(u) == "getitem"}
+    return Pieces(groups, tuple((s, s + w) for s, w in zip(starts, widths)),
+                  "chunk" if _op(cut) == "chunk" else "split", tuple(getitems.get(i) for i in range(len(widths))))

@@ -23,7 +23,7 @@ import torch.fx as fx
 from bmc.errors import StructureError
 from bmc.ir.schema import module_path, normalize_module_path, tensor_val
 
-__all__ = ["Linear", "Attention", "MLP", "Embedding", "Block", "ModelStructure",
+__all__ = ["Linear", "QkvLayout", "Attention", "MLP", "Embedding", "Block", "ModelStructure",
            "analyze", "structure_of", "format_structure", "CACHE_KEY"]
 
 CACHE_KEY = "bmc.structure"
@@ -44,6 +44,42 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class QkvLayout:
+    """How q, k and v sit in a fused projection's output features, proven from how the graph
+    takes them apart: `groups` equal blocks of [q | k | v], `q`, `k`, `v` features each per
+    block. One block: contiguous parts (GPT-2's c_attn split in thirds, Phi-3's slices, GQA
+    sizes alike); several: interleaved per head or kv group (GPT-NeoX views its output as
+    [heads, 3 * head_dim] and chunks the last dim). `taken_by`: "split", "chunk" or "slice"."""
+
+    groups: int
+    q: int
+    k: int
+    v: int
+    taken_by: str
+
+    @property
+    def interleaved(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def block(self) -> int:
+        return self.q + self.k + self.v
+
+    def parts(self) -> tuple[int, ...]:
+        """The runs of output features that splitting by heads cuts evenly, each into equal
+        pieces: q | k | v when contiguous; the whole width when interleaved, since heads
+        split by kv groups keep whole [q k v] blocks, which lie one after another."""
+        return (self.groups * self.block,) if self.interleaved else (self.q, self.k, self.v)
+
+    def features(self, part: str, index: int, head_dim: int) -> range:
+        """The output features of query head (`part` "q") or kv head ("k", "v") `index`."""
+        per_block = {"q": self.q, "k": self.k, "v": self.v}[part] // head_dim  # heads of the part per block
+        block, within = divmod(index, per_block)
+        offset = block * self.block + {"q": 0, "k": self.q, "v": self.q + self.k}[part] + within * head_dim
+        return range(offset, offset + head_dim)
+
+
+@dataclass(frozen=True)
 class Attention:
     module: str
     q: Linear | None
@@ -56,6 +92,7 @@ class Attention:
     head_dim: int
     causal: bool | None  # None: a mask the graph does not show the nature of
     kv_gathered: bool = False  # k/v picked per query head (index_select): heads need not divide evenly
+    qkv_layout: QkvLayout | None = None  # how a fused qkv's features are laid out; None: not proven
 
     @property
     def fused(self) -> bool:
@@ -72,6 +109,9 @@ class MLP:
     gate: Linear | None
     down: Linear
     activation: str  # "gelu", "gelu_tanh", "silu", "relu", ... or "none"
+    # a fused gate|up projection (Phi-3's gate_up_proj): the widths its output is cut into,
+    # as the graph cuts it; () when `up` is one part
+    up_parts: tuple[int, ...] = ()
 
     @property
     def gated(self) -> bool:
@@ -124,6 +164,7 @@ from bmc.analysis.graph_patterns import (  # noqa: E402 - the op tables and walk
     _ACTIVATIONS, _ATTENTION_OPS, _CAUSAL_MASK_OPS, _EMBEDDING, _MATMUL, _NORM_OPS, _RESHAPE, _SCORES, _SDPA,
     _SOFTMAX, _TO_ATTENTION, _ancestor_ops, _int, _named_args, _op, _path, _tensor_inputs, _walk_back,
     _walk_forward)
+from bmc.analysis.graph_patterns import Pieces, taken_apart  # noqa: E402 - how a fused projection is cut
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -387,25 +428,33 @@ def _producer(g: _Graph, node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return found[0], _path(toward, found[0])
 
 
-def _split_width(g: _Graph, lin: fx.Node, path: list[fx.Node]) -> int | None:
-    """The width of this branch of a fused projection: the last dim of the piece taken by the
-    first split/chunk/slice along `path` that cuts the projection's full output width."""
-    width = g.linears[lin].out_features
-    for node in path[1:]:
-        piece, source = node, node
-        if _op(node) == "getitem":
-            source = node.args[0]
-        op = _op(source)
-        if op not in ("split", "split_with_sizes", "chunk", "slice", "narrow"):
-            continue
-        whole, val = tensor_val(source.args[0]), tensor_val(piece)
-        if whole is None or val is None or _int(whole.shape[-1]) != width:
-            continue
-        named = _named_args(source)
-        dim = named.get("dim", 0)
-        if dim % whole.dim() == whole.dim() - 1:
-            return _int(val.shape[-1])
-    return None
+def _qkv_layout(pieces: Pieces | None, paths: list[list[fx.Node]], q_heads: int | None,
+                head_dim: int) -> QkvLayout | None:
+    """The fused layout, when the graph proves it: the projection's features cut into three
+    pieces (per block) of which the first reaches q, the second k and the third v; k and v
+    equally wide; whole heads in each; and, interleaved, as many query heads as q has at the
+    attention op."""
+    if pieces is None or len(pieces.bounds) != 3:
+        return None
+    if any(node is None or node not in path for node, path in zip(pieces.nodes, paths)):
+        return None
+    q, k, v = pieces.widths
+    if k != v or any(w % head_dim for w in (q, k)):
+        return None
+    layout = QkvLayout(pieces.groups, q, k, v, pieces.how)
+    if layout.interleaved and q_heads is not None and q_heads != layout.groups * q // head_dim:
+        return None
+    return layout
+
+
+def _fused_widths_from_shapes(qkv: Linear, site: _Site, head_dim: int) -> tuple[int, int]:
+    """No provable layout: q is never repeated, so its head count is its heads dim at the
+    attention op; k and v share what is left. Counts for the report only: passes that split
+    or remove heads refuse a fused projection without a layout."""
+    q_val = tensor_val(site.q)
+    heads = _int(q_val.shape[-3]) if q_val is not None and q_val.dim() >= 3 else None
+    q_width = heads * head_dim if heads else qkv.out_features // 3
+    return q_width, (qkv.out_features - q_width) // 2
 
 
 def _attention(g: _Graph, site: _Site) -> Attention | None:
@@ -422,30 +471,27 @@ def _attention(g: _Graph, site: _Site) -> Attention | None:
                              f"cannot read head_dim from q's shape")
     lins = [p[0] for p in produced]
     fused = lins[0] is lins[1] is lins[2]
+    layout = None
     if fused:
-        q_width, k_width = _split_width(g, q_lin, q_path), _split_width(g, k_lin, k_path)
-        if q_width is None or k_width is None:
+        q_heads = _int(q_val.shape[-3]) if q_val.dim() >= 3 else None
+        pieces = taken_apart(q_lin)
+        layout = _qkv_layout(pieces, [q_path, k_path, _v_path], q_heads, head_dim)
+        if layout is not None:
+            q_width, k_width = layout.groups * layout.q, layout.groups * layout.k
+            k_path = k_path[k_path.index(pieces.nodes[1]):]  # k's own way: a gather before the cut is not per head
+        else:
             q_width, k_width = _fused_widths_from_shapes(g.linears[q_lin], site, head_dim)
     else:
         q_width, k_width = g.linears[q_lin].out_features, g.linears[k_lin].out_features
     where = module_path(site.anchor) or site.anchor.name
-    gathered = any(_op(n) == "index_select" for n in k_path)
+    gathered = any(_op(n) == "index_select" for n in k_path) and not (fused and layout is None)
     num_heads, num_kv_heads = _heads(where, q_width, k_width, head_dim, gathered)
     projections = [g.linears[n] for n in lins] + [g.linears[o_node]]
     q, k, v = (None, None, None) if fused else tuple(g.linears[n] for n in lins)
     return Attention(module=_common_prefix(p.module for p in projections) or where,
                      q=q, k=k, v=v, qkv=g.linears[q_lin] if fused else None, o=g.linears[o_node],
                      num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=site.causal,
-                     kv_gathered=gathered)
-
-
-def _fused_widths_from_shapes(qkv: Linear, site: _Site, head_dim: int) -> tuple[int, int]:
-    """No recognizable split (e.g. a per-head interleaved layout): q is never repeated, so its
-    head count is its heads dim at the attention op; k and v share what is left."""
-    q_val = tensor_val(site.q)
-    heads = _int(q_val.shape[-3]) if q_val is not None and q_val.dim() >= 3 else None
-    q_width = heads * head_dim if heads else qkv.out_features // 3
-    return q_width, (qkv.out_features - q_width) // 2
+                     kv_gathered=gathered, qkv_layout=layout)
 
 
 def _heads(where: str, q_width: int, k_width: int, head_dim: int, gathered: bool = False) -> tuple[int, int]:
@@ -484,7 +530,17 @@ def _mlp(g: _Graph, block: str, candidates: list[fx.Node]) -> MLP | None:
     projections = [g.linears[n] for n in (gate, up, down) if n is not None]
     return MLP(module=_common_prefix(p.module for p in projections) or block,
                up=g.linears[up], gate=g.linears[gate] if gate is not None else None, down=g.linears[down],
-               activation=_activation_name(region))
+               activation=_activation_name(region), up_parts=_fused_parts(up, region) if gate is None else ())
+
+
+def _fused_parts(up: fx.Node, region: list[fx.Node]) -> tuple[int, ...]:
+    """The widths a lone feeder's output is cut into on its way to the down projection
+    (every piece read inside the MLP), or () when it is used whole."""
+    pieces = taken_apart(up)
+    inside = set(region)
+    if pieces is None or pieces.groups != 1 or any(n is None or n not in inside for n in pieces.nodes):
+        return ()
+    return pieces.widths
 
 
 def _feeders(g: _Graph, block: str, linear: fx.Node, candidates: list[fx.Node],

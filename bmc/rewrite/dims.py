@@ -58,6 +58,11 @@ class DimPolicy(Protocol):
     def refuse(self, node: fx.Node, why: str) -> NoReturn:
         """Raise the pass's one-line error for `node`."""
 
+    # Optional: a policy without it refuses slices along the tracked dim.
+    # def slice_along(self, node, carried, start: int, end: int) -> tuple[Any, bool]:
+    #     """A slice [start, end) along the tracked dim (bounds clamped to the size): what
+    #     the piece carries, and whether the node was rewritten."""
+
 
 @dataclass
 class _Step:
@@ -164,6 +169,24 @@ def _across(step: _Step) -> Any:
     return step.carried
 
 
+def _slice(step: _Step) -> Any:
+    """A slice along another dim keeps the tracked one; along it, the policy says whether the
+    piece is one it can rewrite (a part of a fused projection, say)."""
+    node = step.node
+    along, start, end, stride = (list(node.args[1:]) + [0, 0, None, 1][len(node.args) - 1:])[:4]
+    if (along or 0) % step.rank_in != step.dim:
+        return step.carried
+    slice_along = getattr(step.policy, "slice_along", None)
+    size = hinted_shape(step.src)[step.dim]
+    if slice_along is None or stride not in (None, 1) or not isinstance(start or 0, int) \
+            or not isinstance(end if end is not None else size, int):
+        step.refuse(f"it works along the {step.policy.noun} dim")
+    start, end = (max(0, min(size, v + size if v < 0 else v)) for v in (start or 0, size if end is None else end))
+    carried, rewritten = slice_along(node, step.carried, start, end)
+    step.follower.rewritten += rewritten
+    return carried
+
+
 def _select(step: _Step) -> Any:
     _across(step)
     return step.to(step.dim - 1 if step.axes()[0] < step.dim else step.dim)  # select drops its dim
@@ -197,8 +220,9 @@ RULES: dict[Any, Callable[[_Step], Any]] = {
     aten.split_with_sizes.default: _split,
     aten.chunk.default: _split,
     aten.select.int: _select,
+    aten.slice.Tensor: _slice,
     aten.scaled_dot_product_attention.default: _attention,
-    **dict.fromkeys((aten.slice.Tensor, aten.softmax.int, aten._softmax.default, aten.cat.default,
+    **dict.fromkeys((aten.softmax.int, aten._softmax.default, aten.cat.default,
                      aten.mean.dim, aten.sum.dim_IntList, aten.index_select.default), _across),
 }
 
