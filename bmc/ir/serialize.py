@@ -1,5 +1,5 @@
 """Reading and writing models: `.pt2` (torch.export archives) both ways, pickled `.pt` modules
-(only with an explicit trust flag), and `zoo:NAME`.
+(only with an explicit trust flag), `zoo:NAME` and `hf:DIR` (Hugging Face checkpoint directories).
 
 A `.pt2` that bmc writes is an ordinary torch.export archive: other tools read it. bmc's own
 annotations ride along: those of computing nodes in `node.meta["custom"]` (which export keeps),
@@ -284,7 +284,13 @@ def load_pickled_module(path: str, trust_pickle: bool) -> torch.nn.Module:
 
 def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = None, dynamic: Any = True,
                device: str | None = None, dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, dict]:
-    """MODEL as bmc-opt takes it: `zoo:NAME`, a `.pt2` archive, or a pickled `.pt` module."""
+    """MODEL as bmc-opt takes it: `zoo:NAME`, `hf:DIR` (a Hugging Face checkpoint directory:
+    config.json and safetensors, read on the meta device without its weights when `device` is
+    "meta"; a directory holding config.json may be given without the prefix), a `.pt2`
+    archive, or a pickled `.pt` module."""
+    if spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
+        from bmc.models import hf
+        return hf.load_graph(spec, example=example_inputs, dynamic=dynamic, device=device, dtype=dtype), {}
     if spec.startswith("zoo:"):
         from bmc.models import zoo
         model = zoo.build(spec[4:], device=device, dtype=dtype)
@@ -296,5 +302,5 @@ def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = N
         if dtype is not None:
             model = model.to(dtype)
         return trace(model, example_inputs, dynamic=dynamic), {}
-    raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, a .pt2 archive "
+    raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, hf:DIR, a .pt2 archive "
                          f"(torch.export.save) or a pickled module ({', '.join(PICKLE_SUFFIXES)})")
