@@ -478,6 +478,8 @@ def carry_tokenizer(gm, directory: str) -> dict[str, str]:
     from bmc import ir
     plan = ir.get_plan(gm, ir.TokenizerPlan)
     copied = {}
+    if plan:
+        os.makedirs(directory, exist_ok=True)
     for file in plan.files if plan else ():
         source = os.path.join(plan.directory, file.name)
         if not os.path.isfile(source) or sha256(source) != file.sha256:

@@ -71,14 +71,15 @@ def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
         return model
     if isinstance(model, str):
         from bmc.ir.serialize import load_graph
-        return load_graph(model, example_inputs=example_inputs)[0]
+        return load_graph(model, example_inputs=example_inputs, dynamic=True if dynamic is None else dynamic)[0]
     return trace(model, example_inputs, dynamic=dynamic)
 
 
 def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
             *, world_size: int | None = None, dynamic: Any = None, verify: bool = True,
             instruments: Sequence[Instrument] = (), calibration: Any = None, **backend_options) -> Program:
-    """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path), run the
+    """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path: `zoo:NAME`,
+    `hf:DIR` for a Hugging Face checkpoint directory, a .pt2 archive), run the
     pipeline `passes` on it, and lower the result with `backend`. `world_size` defaults to the
     initialized process group's size (1 without one); `calibration` is an iterable of example
     batches for the passes that score on data (`prune-heads{score=taylor}`)."""

@@ -145,10 +145,12 @@ def build(directory: str, *, device: str | None = None, dtype: torch.dtype | Non
 
 def _from_config(cls, config, dtype: torch.dtype, directory: str) -> torch.nn.Module:
     try:
-        return cls.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
     except (ValueError, ImportError, KeyError) as exc:
         raise ModelLoadError(f"cannot build the model of hf:{directory} ({config.model_type}): "
                              f"{_first_line(exc)}") from None
+    model.tie_weights()  # transformers ties in init_weights, which no_init_weights skips
+    return model
 
 
 def _checkpoint_name_map(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
