@@ -21,7 +21,8 @@ def require(package: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(package)
     except ImportError:
-        extra = EXTRAS.get(package)
-        hint = f"pip install 'bmc[{extra}]'" if extra else f"pip install {package}"
-        raise MissingExtraError(f"{feature} needs the Python package '{package}', which is not installed: "
+        top = package.split(".")[0]
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'bmc[{extra}]'" if extra else f"pip install {top}"
+        raise MissingExtraError(f"{feature} needs the Python package '{top}', which is not installed: "
                                 f"{hint}") from None

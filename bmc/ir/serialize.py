@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any
@@ -230,6 +231,22 @@ def _restore_example_inputs(ep: torch.export.ExportedProgram, gm: fx.GraphModule
     return tuple(args), dict(kwargs)
 
 
+_TRANSFORMERS_TYPE = re.compile(rb'(?<![\w.])(transformers(?:\.[a-z_]\w*)+)\.[A-Z]\w*')  # module, then a class
+
+
+def _import_output_types(path: str) -> None:
+    """A graph traced from a Hugging Face model returns transformers' ModelOutput classes,
+    which torch.export can read back only once their module has registered them with pytree:
+    import the transformers modules the archive's program names (and no other module)."""
+    with zipfile.ZipFile(path) as archive:
+        programs = [n for n in archive.namelist() if "/models/" in n and n.endswith(".json")]
+        modules = {m.decode() for name in programs for m in _TRANSFORMERS_TYPE.findall(archive.read(name))}
+    if modules:
+        from bmc.extras import require
+        for module in sorted(modules):
+            require(module, f"reading {path} (a graph of a Hugging Face model)")
+
+
 def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     """Read a torch.export archive as a bmc graph; returns (graph, bmc metadata)."""
     if not os.path.exists(path):
@@ -238,6 +255,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
         raise ModelLoadError(f"'{path}' is not a torch.export archive (not a zip file); "
                              f"write one with torch.export.save or bmc-opt -o")
     extra = {EXTRA_FILE: ""}
+    _import_output_types(path)
     try:
         ep = torch.export.load(path, extra_files=extra)
         gm = ep.module()

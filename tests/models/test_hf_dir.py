@@ -223,3 +223,20 @@ def test_bmc_run_keeps_ids_and_refuses_a_changed_tokenizer(served, llama_dir, ca
     ir.set_plan(gm, ir.TokenizerPlan(stale.directory, (ir.TokenizerFile("tokenizer.json", "0" * 64),)))
     with pytest.raises(BackendError, match="changed since the model was read"):
         bmc.compile(gm, backend="ort-paged", directory=str(tmp_path / "stale"))
+
+
+def test_a_saved_program_of_a_checkpoint_loads_in_a_fresh_process(llama_dir, tmp_path):
+    """The archive's outputs are transformers' ModelOutput classes: a process that has not
+    imported transformers reads it too; the tokenizer plan rides along."""
+    model, directory = llama_dir
+    saved = str(tmp_path / "llama.pt2")
+    bmc.compile(f"hf:{directory}", passes="dce").save(saved)
+    fresh = subprocess.run([sys.executable, "-m", "bmc.cli.opt", saved, "--pass=verify"], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    from bmc.ir.serialize import load_pt2
+    assert ir.get_plan(load_pt2(saved)[0], ir.TokenizerPlan) == hf.tokenizer_plan(directory)
+    x = ids(1, 5, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(bmc.load(saved)(input_ids=x)), model(input_ids=x).logits,
+                                   rtol=1e-6, atol=1e-6)
