@@ -110,7 +110,7 @@ def run(argv: Sequence[str] | None, out, err) -> int:
     err.write(f"bmc run: {prog.manifest['model']} ({prog.manifest['pipeline'] or 'no passes'}), "
               f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed, "
               f"{plan.weight_bytes:,} bytes of weights held; loaded in {time.perf_counter() - started:.1f}s\n")
-    streams = [Stream(text) for _ in prompts]
+    streams = [Stream(text, prompt) for prompt in prompts]
     start, count = time.perf_counter(), 0
     for tokens in prog.generate(prompts, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed, eos=eos, stream=True):
@@ -129,7 +129,7 @@ def run(argv: Sequence[str] | None, out, err) -> int:
     seconds = time.perf_counter() - start
     if len(prompts) > 1:
         for row, stream in enumerate(streams):
-            shown = text.decode(stream.ids) if as_text else " ".join(map(str, stream.ids))
+            shown = stream.continuation() if as_text else " ".join(map(str, stream.ids))
             out.write(f"[{row}] {shown}\n")
     else:
         out.write((streams[0].finish() if as_text else "") + "\n")

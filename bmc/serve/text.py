@@ -32,11 +32,13 @@ class Text:
 class Stream:
     """One prompt's generated text, handed out as it becomes printable. A token can end inside
     a character (byte-level BPE splits UTF-8), and a tokenizer's spacing depends on the tokens
-    around it, so the whole continuation is decoded again and only what is new is returned,
-    once it no longer ends in a partial character."""
+    before it (SentencePiece-style decoders drop the space that starts a text), so the prompt
+    and the continuation are decoded together and only what is new is returned, once it no
+    longer ends in a partial character."""
 
-    def __init__(self, text: Text):
-        self.text, self.ids, self.shown = text, [], 0
+    def __init__(self, text: Text, prompt: list[int] = ()):
+        self.text, self.prompt, self.ids, self.shown = text, list(prompt), [], 0
+        self.prompt_text = text.decode(self.prompt)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
@@ -45,8 +47,15 @@ class Stream:
     def finish(self) -> str:
         return self._new(final=True)
 
+    def continuation(self) -> str:
+        """The generated text as it reads after the prompt."""
+        whole = self.text.decode(self.prompt + self.ids)
+        if whole.startswith(self.prompt_text):
+            return whole[len(self.prompt_text):]
+        return self.text.decode(self.ids)  # a decoder that rewrites the prompt's end: the tokens alone
+
     def _new(self, final: bool) -> str:
-        decoded = self.text.decode(self.ids)
+        decoded = self.continuation()
         if not final and decoded.endswith(PARTIAL):
             return ""
         new = decoded[self.shown:]

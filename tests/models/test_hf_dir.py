@@ -148,13 +148,18 @@ def test_refusals_are_one_line(llama_dir, tmp_path):
     assert f"shard {shard} listed in model.safetensors.index.json is missing" in refusal(str(wider))
 
 
-def test_a_missing_extra_names_what_to_install(llama_dir, monkeypatch, capsys):
+def test_a_missing_extra_names_what_to_install(llama_dir, monkeypatch, capsys, tmp_path):
     from bmc.cli.opt import main
     _, directory = llama_dir
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     assert main([f"hf:{directory}", "--pass=verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the Python package 'transformers'" in err[0] and "pip install 'bmc[hf]'" in err[0]
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["zoo:gpt-tiny", "--backend=ort-paged", "-o", str(tmp_path / "served")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'onnxruntime'" in err[0] and "pip install 'bmc[serve]'" in err[0]
+    assert not (tmp_path / "served").exists()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +192,11 @@ def test_bmc_run_tokenizes_and_detokenizes_without_torch(served, tokenizer):
     prog, out = served
     prompt = tokenizer.encode("def main(").ids
     eos = tokenizer.token_to_id(EOS)
-    expected = tokenizer.decode(prog.generate([prompt], 12, eos=eos)[0], skip_special_tokens=True)
+    generated = prog.generate([prompt], 12, eos=eos)[0]
+    before = tokenizer.decode(prompt, skip_special_tokens=True)
+    expected = tokenizer.decode(prompt + generated, skip_special_tokens=True)
+    assert expected.startswith(before)
+    expected = expected[len(before):]
     code = ("import sys; from bmc.cli.run import main; rc = main(%r); "
             "sys.exit(rc or (3 if 'torch' in sys.modules else 0))"
             % [out, "--prompt", "def main(", "--max-tokens", "12"])
@@ -240,3 +249,11 @@ def test_a_saved_program_of_a_checkpoint_loads_in_a_fresh_process(llama_dir, tmp
     with torch.no_grad():
         torch.testing.assert_close(logits(bmc.load(saved)(input_ids=x)), model(input_ids=x).logits,
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_text_streams_whole_characters_only():
+    """A character split over two byte tokens is printed once both have come."""
+    from bmc.serve.text import Stream, Text
+    stream = Stream(Text(), list("caf".encode()))
+    assert [stream.add(b) for b in "é!".encode()] == ["", "é", "!"]
+    assert stream.finish() == "" and stream.continuation() == "é!"
