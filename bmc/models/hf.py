@@ -52,7 +52,8 @@ def check_directory(directory: str) -> None:
     if pickles and not weight_files(directory):
         raise ModelLoadError(f"hf:{directory} holds its weights only as pickles ({pickles[0]}), which bmc never "
                              f"loads (unpickling runs code from the file): convert them to safetensors with "
-                             f"model.save_pretrained(DIR) in transformers, or remove them to plan from config.json alone")
+                             f"model.save_pretrained(DIR) in transformers, or remove them to plan from "
+                             f"config.json alone")
 
 
 def weight_files(directory: str) -> list[str]:
@@ -216,7 +217,8 @@ def _check_complete(model, targets: dict[str, torch.Tensor], loaded: dict[int, s
         unexpected = [k for k in unexpected if k.startswith(prefix)]
     if unexpected:
         raise ModelLoadError(f"hf:{directory} holds weights the model built from config.json does not have: "
-                             f"{unexpected[:3]} ({len(unexpected)} in all); the config does not describe this checkpoint")
+                             f"{unexpected[:3]} ({len(unexpected)} in all); the config does not describe this "
+                             f"checkpoint")
     missing = [name for name, t in targets.items()
                if id(t) not in loaded and not _ignored(model, "_keys_to_ignore_on_load_missing", name)]
     if missing:
