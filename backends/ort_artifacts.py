@@ -64,3 +64,17 @@ def sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def open_session(model, options, providers, what: str):
+    """An ONNX Runtime session over `model` (a path or serialized bytes); ONNX Runtime's own
+    exception (a graph it rejects, a provider it lacks) becomes one BackendError line naming
+    `what` it was opening."""
+    import onnxruntime as ort
+    from bmc.errors import BackendError
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported kinds
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BackendError(f"ort-paged: ONNX Runtime refused {what}: {first}; rebuild the directory with this "
+                           f"bmc, or report the model") from exc

@@ -35,7 +35,7 @@ import torch.fx as fx
 import bmc.ir.ops  # noqa: F401 - registers bmc::int8_linear, which the translation table names
 from bmc import ir
 from bmc.errors import BackendError
-from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key
+from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, open_session
 from bmc.analysis.structure import structure_of
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,14 @@ def _connect(step: fx.GraphModule, parts: list[Part], where: dict[fx.Node, int])
                 part.outputs.append(node)
 
 
+def onnx_name(node: fx.Node) -> str:
+    """The ONNX name of a value between parts: the step's inputs keep their names (the manifest's
+    feeds); every other value gets a "bmc:" prefix, a character torch.onnx never puts in the
+    names it gives a graph's own values or weights (a part output named plainly after its step
+    node, "add_8", collided with the part's internal "add_8": "Duplicate definition of name")."""
+    return node.name if node.op == "placeholder" else f"bmc:{node.name}"
+
+
 def _is_size(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is aten.sym_size.int
 
@@ -119,7 +127,7 @@ def part_module(step: fx.GraphModule, part: Part) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in part.inputs:
-        env[node] = graph.placeholder(node.name)
+        env[node] = graph.placeholder(onnx_name(node).replace(":", "_"))
 
     def value(node: fx.Node) -> fx.Node:
         if node in env:
@@ -231,13 +239,13 @@ def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tupl
     for a, b in zip(examples, other):
         dims = {d: Dim.AUTO for d in range(a.dim()) if a.shape[d] != b.shape[d]}
         dynamic.append(dims or None)
-    names = [n.name for n in part.inputs]
+    names = [onnx_name(n) for n in part.inputs]
     chatter = io.StringIO()  # torch.onnx prints its progress and warns about training mode
     try:
         with contextlib.redirect_stdout(chatter), warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, examples, dynamo=True, dynamic_shapes=tuple(dynamic),
-                                        input_names=names, output_names=[n.name for n in part.outputs],
+                                        input_names=names, output_names=[onnx_name(n) for n in part.outputs],
                                         custom_translation_table=_int8_translation(gpu, int8_weights),
                                         verbose=False)
         log.debug("torch.onnx on %s: %s", part.name, chatter.getvalue())
@@ -404,7 +412,7 @@ def write_prepacked(directory: str, stem: str) -> list[str]:
                        ("session.optimized_model_external_initializers_min_size_in_bytes", str(SMALL)),
                        ("session.save_external_prepacked_constant_initializers", "1")):
         options.add_session_config_entry(key, value)
-    ort.InferenceSession(os.path.join(directory, stem + ".onnx"), options, providers=["CPUExecutionProvider"])
+    open_session(os.path.join(directory, stem + ".onnx"), options, ["CPUExecutionProvider"], f"{stem}.onnx")
     import onnx
     model = onnx.load(os.path.join(directory, staging + ".onnx"), load_external_data=False)
     for tensor in _external_tensors(model):  # the graph names its data file: point it at the final name
@@ -438,57 +446,121 @@ def block_names(gm: fx.GraphModule) -> list[str]:
     return [b.name for b in blocks]
 
 
-def task_of(gm: fx.GraphModule) -> str:
-    """"causal-lm" when every attention is causal sdpa (served as its decode step with a KV
-    cache), "encoder" when none is (served as its forward: token ids in, hidden states out)."""
+TASKS = ("causal-lm", "encoder")
+
+
+def task_of(gm: fx.GraphModule, task: str | None = None) -> str:
+    """"causal-lm" when every attention is causal: sdpa's is_causal, or a mask the graph builds from
+    the length alone that is proved, by evaluating it, to be the causal triangle (HF's explicit
+    masks); served as its decode step with a KV cache. "encoder" when every attention sees every
+    token (no mask, or a mask proved all-visible); served as its forward, token ids and an
+    attention mask in, hidden states out. `task` states it instead, for graphs that cannot be told."""
+    if task is not None:
+        if task not in TASKS:
+            raise BackendError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        return task
     from bmc.serve import kv_cache
-    causal = {bool(kv_cache.sdpa_arguments(n).get("is_causal"))
-              for n in gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)}
-    if causal == {True}:
+    sites = gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if not sites:
+        raise BackendError("ort-paged serves causal LMs and encoders built on scaled_dot_product_attention; "
+                           "this graph has none")
+    kinds = set()
+    for node in sites:
+        args = kv_cache.sdpa_arguments(node)
+        mask = args.get("attn_mask")
+        if mask is None:
+            kinds.add("causal" if args.get("is_causal") else "full")
+        else:  # proved by evaluating the mask the graph builds from the length (64 positions checked)
+            kinds.add(kv_cache.proved_causal(gm, placeholders[0], mask, 64) if len(placeholders) == 1 else "")
+    if kinds == {"causal"}:
         return "causal-lm"
-    if causal == {False}:
+    if kinds == {"full"}:
         return "encoder"
-    raise BackendError("ort-paged serves causal LMs (every attention causal sdpa) and encoders (none causal); "
-                       + ("this graph has no scaled_dot_product_attention" if not causal else "this one mixes both"))
+    raise BackendError("ort-paged cannot tell whether this model is a causal LM or an encoder (its attention masks "
+                       + ("are not built from the length alone" if "" in kinds else "are mixed")
+                       + "); pass task='causal-lm' or task='encoder'")
 
 
-def encoder_step(gm: fx.GraphModule):
-    """The forward of an encoder as the step to cut into parts: positional inputs, the hidden
-    states (the first output) out; its layout has no cache, and max_positions is the rows of
-    the position table an arange indexes."""
+def _padding_mask(graph: fx.Graph, attention_mask: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """[B, 1, 1, S] additive: 0 where attention_mask is 1, the dtype's lowest where it is 0 (as
+    HF builds it, so a row of padding stays finite)."""
+    call = graph.call_function
+    blocked = call(aten.eq.Scalar, (attention_mask, 0))
+    bias = call(aten.masked_fill.Scalar, (call(aten.zeros_like.default, (blocked,), {"dtype": dtype}), blocked,
+                                          torch.finfo(dtype).min))
+    return call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (bias, 1)), 1))
+
+
+def encoder_step(gm: fx.GraphModule, max_len: int | None = None):
+    """The forward of an encoder as the step to cut into parts: token ids and an attention mask
+    [B, S] (1: a token, 0: padding) in, the hidden states (the first output) out. Each attention's
+    own mask must be proved to let every token see every token (sdpa without a mask, or one the
+    graph builds from the length alone: HF's); it is replaced by the padding mask, so padded rows
+    give what their unpadded tokens give. Its layout has no cache; max_positions are the rows of
+    the position tables (less their offset), capped by `max_len`."""
     from bmc.serve import kv_cache
     step = kv_cache.copy_graph(gm)
     graph = step.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(placeholders) != 1:
+        raise BackendError(f"ort-paged serves encoders traced on token ids alone (it adds the attention mask); "
+                           f"this one takes {len(placeholders)} inputs: trace it with input_ids only")
+    ids = placeholders[0]
+    bound = kv_cache.table_bound(step, ids)
+    limit = min(x for x in (max_len, bound or None) if x) if (max_len or bound) else 512
+    sites = list(graph.find_nodes(op="call_function", target=kv_cache.SDPA))
+    for node in sites:
+        args = kv_cache.sdpa_arguments(node)
+        mask = args.get("attn_mask")
+        if args.get("is_causal") or (mask is not None and kv_cache.proved_causal(step, ids, mask, min(limit, 512)) != "full"):
+            raise BackendError(f"ort-paged: attention {ir.module_path(node) or node.name} of this encoder has a mask "
+                               f"that is not proved to let every token see every other; it cannot take a padding mask")
+    with graph.inserting_after(ids):
+        attention_mask = graph.placeholder("attention_mask")
+    with graph.inserting_before(attention_mask.next):  # in order, before the first layer
+        padding = _padding_mask(graph, attention_mask, ir.tensor_val(kv_cache.sdpa_arguments(sites[0])["query"]).dtype)
+    heads = []
+    for node in sites:
+        args = kv_cache.sdpa_arguments(node)
+        heads.append(int(ir.tensor_val(args["query"]).shape[1]))
+        kwargs = {"scale": args["scale"]} if args.get("scale") is not None else {}
+        node.args, node.kwargs = (args["query"], args["key"], args["value"], padding), kwargs
+    for node in list(graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)):
+        graph.erase_node(node)
     output = graph.output_node()
     hidden = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
     output.args = ((hidden,),)
     kv_cache.flatten_signature(step)
-    rows = [step.get_parameter(str(n.args[0].target)).shape[0]
-            for n in graph.find_nodes(op="call_function", target=aten.embedding.default)
-            if n.args[0].op == "get_attr" and isinstance(n.args[1], fx.Node) and n.args[1].target is aten.arange.default]
-    heads = tuple(int(ir.tensor_val(kv_cache.sdpa_arguments(n)["query"]).shape[1])
-                  for n in graph.find_nodes(op="call_function", target=kv_cache.SDPA))
-    layout = kv_cache.CacheLayout((), (), vocab=0, max_positions=int(min(rows)) if rows else 1 << 30)
-    return step, layout, heads
+    rows = [r for r in (bound, max_len) if r]
+    layout = kv_cache.CacheLayout((), (), vocab=0, max_positions=min(rows, default=0))
+    return step, layout, tuple(heads)
 
 
-def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None) -> dict:
+def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None,
+                       max_len: int | None = None, task: str | None = None) -> dict:
     """Write the parts of `gm`'s step (a causal LM's decode step, an encoder's forward) to
-    `directory`; the manifest's `parts` entries."""
+    `directory`; the manifest's `parts` entries. `max_len` caps the positions served (and
+    gives them where no position table does: RoPE); `task` overrides task_of's analysis."""
     from bmc.serve import kv_cache
     names = block_names(gm)
-    task = task_of(gm)
+    task = task_of(gm, task)
     if task == "causal-lm":
-        step, layout = kv_cache.decode_step(gm)
-        heads = layout.heads
+        try:
+            step, layout = kv_cache.decode_step(gm, max_len)
+        except kv_cache.CacheError as exc:
+            raise BackendError(f"ort-paged: {exc}") from exc
+        heads = tuple(int(ir.tensor_val(kv_cache.sdpa_arguments(n)["query"]).shape[1])
+                      for n in gm.graph.find_nodes(op="call_function", target=kv_cache.SDPA))
         examples = [kv_cache.example_step_inputs(layout, batch=2, new=3, past=2),
                     kv_cache.example_step_inputs(layout, batch=3, new=4, past=5)]
     else:
-        step, layout, heads = encoder_step(gm)
-        count = len(step.graph.find_nodes(op="placeholder"))
-        if count != 1:
-            raise BackendError(f"ort-paged serves encoders that take token ids alone; this one takes {count} inputs")
-        examples = [(torch.zeros(2, 3, dtype=torch.long),), (torch.zeros(3, 4, dtype=torch.long),)]
+        step, layout, heads = encoder_step(gm, max_len)
+        examples = [(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)),
+                    (torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))]
+    if not layout.max_positions:
+        raise BackendError("ort-paged cannot tell how many positions this model takes (no position table: RoPE "
+                           "computed in the graph, and no config); pass max_len=N (its max_position_embeddings)")
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate
     small, other = (record(step, parts, inputs) for inputs in examples)
@@ -504,11 +576,12 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
         save_proto(streamed_form(proto, table), os.path.join(directory, stem + ".stream.onnx"))
         packed = [] if gpu else write_prepacked(directory, stem)
         entries.append({"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
-                        "stem": stem, "inputs": [n.name for n in part.inputs], "outputs": [n.name for n in part.outputs],
+                        "stem": stem, "inputs": [onnx_name(n) for n in part.inputs],
+                        "outputs": [onnx_name(n) for n in part.outputs],
                         "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed})
         if progress is not None:
             progress(index + 1, len(parts), part.name)
-    step_outputs = [n.name for n in step.graph.output_node().args[0]]
+    step_outputs = [onnx_name(n) for n in step.graph.output_node().args[0]]
     tokens = 2 * 3  # the first example's batch x new tokens
     widest = max(v.numel() // tokens for v in small.values() if isinstance(v, torch.Tensor) and v.dim() >= 2
                  and v.shape[0] == 2 and v.numel() % tokens == 0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmc.backends.ort_artifacts import SMALL, machine_key, saturating_u8s8, sha256
+from bmc.backends.ort_artifacts import SMALL, machine_key, open_session, saturating_u8s8, sha256
 from bmc.backends.ort_streamer import SLOTS, Streamer, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
@@ -291,7 +291,6 @@ class PagedRuntime:
         block's mapped weights are dropped right after its session is made, so loading never
         holds more than one streamed block."""
         import onnx
-        import onnxruntime as ort
         self.sessions, self.renames = [], []
         shared: dict[bytes, object] = {}
         for index, part in enumerate(self.parts):
@@ -299,17 +298,17 @@ class PagedRuntime:
             if streamed and self.streaming != "prepacked":
                 graph, names = canonical_form(onnx.load(os.path.join(self.directory, part["stem"] + ".stream.onnx")))
                 if graph not in shared:
-                    shared[graph] = ort.InferenceSession(graph, _session_options(threads),
-                                                         providers=self.providers)
+                    shared[graph] = open_session(graph, _session_options(threads), self.providers,
+                                                 f"{part['stem']}.stream.onnx")
                 self.sessions.append(shared[graph])
                 self.renames.append(names)
                 continue
             suffix = ".packed.onnx" if self.streaming == "prepacked" else ".onnx"
             packed_weights = os.path.join(self.directory, part["stem"] + ".packed.bin")
             before = mapped_ranges(packed_weights) if streamed else []
-            self.sessions.append(ort.InferenceSession(os.path.join(self.directory, part["stem"] + suffix),
-                                                      _session_options(threads, self.reserved),
-                                                      providers=self.providers))
+            self.sessions.append(open_session(os.path.join(self.directory, part["stem"] + suffix),
+                                              _session_options(threads, self.reserved), self.providers,
+                                              part["stem"] + suffix))
             self.renames.append(None)
             if streamed:
                 mapped = self.streamer.track(index, packed_weights, before)
@@ -341,7 +340,11 @@ class PagedRuntime:
                 inputs.update({k: OrtValue.ortvalue_from_numpy(v) for k, v in self.streamer.weights(index).items()})
             if names is not None:
                 inputs, wanted = {names[k]: v for k, v in inputs.items()}, [names[n] for n in wanted]
-            outputs = session.run_with_ort_values(wanted, inputs)
+            try:
+                outputs = session.run_with_ort_values(wanted, inputs)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line names the part
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {first}") from exc
             del inputs
             if streamed:
                 self.streamer.release(index)
@@ -389,17 +392,31 @@ class PagedProgram:
     def task(self) -> str:
         return self.manifest.get("task", "causal-lm")
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, attention_mask=None):
         """Logits of whole sequences (no cache), or an encoder's hidden states; a torch tensor
-        when given one."""
+        when given one. `attention_mask` [B, S] (1: a token, 0: padding; all ones by default):
+        an encoder's padded rows give, on their tokens, what the tokens alone give."""
         torch = sys.modules.get("torch")  # a torch tensor means torch is imported; serving never imports it
         as_torch = torch is not None and isinstance(input_ids, torch.Tensor)
-        ids = (input_ids.cpu().numpy() if as_torch else np.asarray(input_ids)).astype(np.int64)
+
+        def as_numpy(x):
+            return (x.cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64)
+        ids = as_numpy(input_ids)
         batch, seq = ids.shape
         if seq > self.manifest["max_len"]:
             raise BackendError(f"{seq} tokens exceed the model's {self.manifest['max_len']} positions")
+        mask = np.ones((batch, seq), dtype=np.int64) if attention_mask is None else as_numpy(attention_mask)
+        if mask.shape != ids.shape:
+            raise BackendError(f"attention_mask has shape {list(mask.shape)}, the token ids {list(ids.shape)}")
         if self.task == "encoder":
-            out = self.runtime.step({self.manifest["inputs"][0]: ids})[0].numpy()
+            if len(self.manifest["inputs"]) < 2 and attention_mask is not None:
+                raise BackendError("this build takes token ids alone (made by an older bmc); rebuild it to pass "
+                                   "an attention_mask")
+            feeds = dict(zip(self.manifest["inputs"], (ids, mask)))
+            out = self.runtime.step(feeds)[0].numpy()
+        elif attention_mask is not None:
+            raise BackendError("a causal LM build takes no attention_mask in prog(input_ids); use generate() for "
+                               "padded prompts")
         else:
             positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
             out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch))
@@ -445,7 +462,8 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress=None) -> dict:
+def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress=None, max_len: int | None = None,
+          task: str | None = None) -> dict:
     """Lower `gm` into `directory` and write its manifest (last, atomically: a directory
     without one is not a build)."""
     from bmc import ir
@@ -454,7 +472,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     from bmc.analysis.structure import structure_of
     from bmc.ir.trace import trace_info
     tokenizer = carry_tokenizer(gm, directory)  # first: a changed tokenizer fails before the slow lowering
-    lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress)
+    lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress, max_len=max_len, task=task)
     files = {}
     for part in lowered["parts"]:
         for name in [part["stem"] + suffix for suffix in (".onnx", ".stream.onnx", ".bin")] + part["packed"]:
@@ -510,9 +528,11 @@ def _register() -> None:
         ("staged", "it serves on one process; drop pp (pipeline stages are for the torch backend)")))
     def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
-              streaming: str = "auto"):
+              streaming: str = "auto", task: str | None = None):
         """Build `gm` for ONNX Runtime into `directory` (a temporary one when None; `prog.save`
-        keeps it) and serve it under `budget` bytes."""
+        keeps it) and serve it under `budget` bytes. `max_len` caps the positions served (the
+        model's own, from its position tables or its config, otherwise); `task` ("causal-lm",
+        "encoder") overrides what the structure analysis tells."""
         import tempfile
         if context.world_size != 1:
             raise BackendError("ort-paged serves on one process: compile with world_size=1")
@@ -520,7 +540,9 @@ def _register() -> None:
             raise BackendError(f"budget must be a positive number of bytes, got {budget}")
         gpu = any(p != "CPUExecutionProvider" for p in (providers or []) if isinstance(p, str))
         target = directory or tempfile.mkdtemp(prefix="bmc-ort-")
-        build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu)
+        positions = [n for n in (max_len, context.settings.get("max_positions")) if n]
+        build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu,
+              max_len=min(positions) if positions else None, task=task)
         return load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads, batch=batch,
                     max_len=max_len, streaming=streaming)
 

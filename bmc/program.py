@@ -87,16 +87,28 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
+    if isinstance(passes, str) and not passes.strip():
+        passes = ()  # "" from Python means no passes, as () does
     manager = PassManager(list(passes) if not isinstance(passes, str) else passes, context=context,
                           verify=verify, instruments=instruments)
     if len(manager.pipeline):
         gm = manager.run(gm, backend=target).graph_module
     else:
         manager.check(graph_properties(gm, calibration is not None), backend=target)
-    context.settings = {**context.settings, "pipeline": str(manager.pipeline)}
+    context.settings = {**context.settings, "pipeline": str(manager.pipeline), **_config_limits(model)}
     program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
     return program
+
+
+def _config_limits(model: Any) -> dict:
+    """What a Hugging Face model's config says about the positions it takes (for backends that
+    cannot read it off the graph: RoPE models have no position table): the fewest of
+    max_position_embeddings and a sliding window (within which a windowed mask is causal)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "sliding_window")]
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return {"max_positions": min(limits)} if limits else {}
 
 
 def resolve_world_size(world_size: int | None) -> int:

@@ -61,3 +61,11 @@ def test_distill_never_writes_to_its_teacher():
     assert len(history) == 3
     assert any(not torch.equal(p.detach(), start[n]) for n, p in distilled.named_parameters())
     assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+
+
+def test_an_empty_pipeline_string_means_no_passes():
+    model = zoo.build("gpt-tiny")
+    prog = bmc.compile(model, passes="")
+    (x,) = model.example_inputs()
+    torch.testing.assert_close(prog(x), model(x))
+    assert prog.pipeline == ""

@@ -136,3 +136,17 @@ def test_one_tensor_passed_twice_is_traced_as_two_inputs():
     gm = bmc.trace(model, (x, x))
     batch = torch.randint(0, 256, (2, 17))
     torch.testing.assert_close(gm(batch[:, :-1], batch[:, 1:]), model(batch[:, :-1], batch[:, 1:]))
+
+
+def test_a_hugging_face_model_that_uses_its_cache_traces_as_saved():
+    """Checkpoints say use_cache=True: the cache is left out of the graph, the config untouched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=64)).eval()
+    assert model.config.use_cache is True
+    x = torch.randint(0, 64, (2, 8))
+    gm = bmc.trace(model, ((), {"input_ids": x}), dynamic=True)
+    assert model.config.use_cache is True
+    y = torch.randint(0, 64, (3, 5))
+    torch.testing.assert_close(gm(input_ids=y).logits, model(input_ids=y, use_cache=False).logits)

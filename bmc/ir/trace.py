@@ -7,8 +7,8 @@ allocating its weights.
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import inspect
 import io
 import os
@@ -192,6 +192,22 @@ def _quiet_torch_logs():
         logging.disable(previous)
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model: torch.nn.Module):
+    """Hugging Face models return their KV cache (a DynamicCache, which export cannot put in a
+    graph's outputs) when their config says use_cache, as saved checkpoints do. A traced
+    graph computes the whole sequence; serving derives its own cache step (bmc/serve)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = None) -> torch.fx.GraphModule:
     """Capture `model` as bmc IR: a GraphModule from non-strict torch.export.
 
@@ -206,7 +222,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, dynamic: Any = Non
         example_inputs = _default_example_inputs(model)
     args, kwargs = _unalias(*normalize_example_inputs(example_inputs))
     try:
-        with _quiet_torch_logs():
+        with _quiet_torch_logs(), _without_kv_cache(model):
             ep = torch.export.export(model, args, kwargs,
                                      dynamic_shapes=dynamic_shapes_spec(model, args, kwargs, dynamic), strict=False)
         gm = ep.module()

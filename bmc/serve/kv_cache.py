@@ -4,14 +4,21 @@ The traced graph computes a whole sequence; generation wants one step: the new t
 positions, and each layer's cached keys and values in; the logits and the grown caches out.
 The rewrite:
 
-- positions come from a `position_ids` [B, T] input: `arange(S)` (GPT's position embedding)
-  becomes it, and `table[:S]` slices of a buffer (LLaMA's RoPE cos/sin) become lookups
+- positions come from a `position_ids` [B, T] input: every value the graph computes from the
+  sequence length alone and then reads as positions (proved by evaluating it at two shapes:
+  it is `arange(S) + c`, e.g. GPT-2's and OPT's (c = 2) embedding index, or the positions HF
+  RoPE turns into cos/sin in the graph) becomes `position_ids + c`, shaped as it was; and
+  `table[:S]` slices of a buffer (the zoo LLaMA's RoPE cos/sin) become lookups
   `table[position_ids]` shaped [B, 1, T, d] to broadcast over the heads;
-- each causal attention (sdpa with is_causal) reads `cat(past_k, k)` and `cat(past_v, v)` along
-  the sequence, returns them as the layer's present cache, and takes an explicit mask:
-  query i (slot P + i of S = P + T) sees slot j when j <= P + i and `attention_mask[b, j]`
-  (left-padded prompts), and always its own slot, so a padding row is never fully masked;
-- the cache holds k and v as attention reads them (after a GQA repeat), [B, H, S, head_dim].
+- each causal attention (sdpa with is_causal, or with a mask the graph builds from the length
+  alone and that is proved, by evaluating it, to be the causal triangle: HF's explicit masks)
+  reads `cat(past_k, k)` and `cat(past_v, v)` along the sequence, returns them as the layer's
+  present cache, and takes an explicit mask: query i (slot P + i of S = P + T) sees slot j
+  when j <= P + i and `attention_mask[b, j]` (left-padded prompts), and always its own slot,
+  so a padding row is never fully masked;
+- the cache holds k and v as attention reads them, [B, heads, S, head_dim], except that a GQA
+  repeat of the kv heads (HF's repeat_kv: unsqueeze, expand, reshape) is moved after the
+  cache, which then holds the kv heads only.
 
 The result is a GraphModule with inputs (input_ids, position_ids, attention_mask, past_k_0,
 past_v_0, ...) and outputs (logits, present_k_0, present_v_0, ...); the ort-paged backend cuts
@@ -20,6 +27,7 @@ it into parts and lowers each.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import torch
@@ -41,10 +49,6 @@ class CacheError(BmcError):
 CacheLayout = ir.KvCachePlan
 
 
-def layers(self) -> int:
-        return len(self.heads)
-
-
 def _token_input(gm: fx.GraphModule) -> fx.Node:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     info = trace_info(gm)
@@ -63,34 +67,53 @@ def _seq_size(node: fx.Node) -> bool:
     return isinstance(node, fx.Node) and node.target is aten.sym_size.int and node.args[1] == 1
 
 
-def _rewrite_positions(gm: fx.GraphModule, positions: fx.Node) -> int:
-    changed = 0
+def _rewrite_table_slices(gm: fx.GraphModule, positions: fx.Node) -> tuple[int, list[int]]:
+    """`table[:S]` slices of a buffer (RoPE cos/sin tables) become `table[position_ids]`; how
+    many, and the tables' rows."""
+    changed, rows = 0, []
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in (aten.arange.default, aten.arange.start) and _seq_size(node.args[-1]) and \
-                (node.target is aten.arange.default or node.args[0] == 0):
-            node.replace_all_uses_with(positions)
-            graph.erase_node(node)
-            changed += 1
-        elif node.target is aten.slice.Tensor and node.args[0].op == "get_attr" and len(node.args) >= 4 \
-                and node.args[1] == 0 and node.args[2] in (None, 0) and _seq_size(node.args[3]):
+        if node.op == "call_function" and node.target is aten.slice.Tensor and node.args[0].op == "get_attr" \
+                and len(node.args) >= 4 and node.args[1] == 0 and node.args[2] in (None, 0) and _seq_size(node.args[3]):
             with graph.inserting_before(node):
                 looked_up = graph.call_function(aten.embedding.default, (node.args[0], positions))
                 shaped = graph.call_function(aten.unsqueeze.default, (looked_up, 1))
+            rows.append(_rows(gm, node.args[0]))
             node.replace_all_uses_with(shaped)
             graph.erase_node(node)
             changed += 1
-    return changed
+    return changed, rows
 
 
-def _max_positions(gm: fx.GraphModule, positions: fx.Node) -> int:
-    """Rows of the tables the positions index (wpe, RoPE cos/sin): how far generation can go."""
-    rows = [gm.get_buffer(str(u.args[0].target)).shape[0] if str(u.args[0].target) in dict(gm.named_buffers())
-            else gm.get_parameter(str(u.args[0].target)).shape[0]
-            for u in positions.users if u.target is aten.embedding.default and u.args[0].op == "get_attr"]
-    return int(min(rows)) if rows else 1 << 30
+def _rewrite_position_sources(gm: fx.GraphModule, ids: fx.Node, positions: fx.Node) -> tuple[int, list[int]]:
+    """Every proved position source (position_sources) becomes `position_ids + c`, with the
+    source's dtype and its dims (batch first, the sequence where it was, 1 elsewhere); how
+    many, and the rows - c of the tables they index."""
+    sources = position_sources(gm, ids)
+    graph, rows = gm.graph, []
+    for node, offset in sources.items():
+        shape = list(evaluate_size_only(gm, ids, [node], *PROOF_SHAPES[0])[0].shape)
+        seq_axis = shape.index(PROOF_SHAPES[0][1])
+        lookups = [u for u in node.users if u.target is aten.embedding.default and u.args[1] is node]
+        one_dim = shape == [PROOF_SHAPES[0][1]]
+        if one_dim and len(lookups) != len(node.users):
+            raise CacheError(f"positions {node.name} are a 1-D arange read by {sorted(u.name for u in node.users)}; "
+                             f"the decode step can give per-row positions only to an embedding lookup or to "
+                             f"[batch, seq, ...] positions")
+        if not one_dim and (seq_axis == 0 or any(d != 1 for i, d in enumerate(shape) if i not in (0, seq_axis))):
+            raise CacheError(f"positions {node.name} have shape {shape} at batch 2, length 5; the decode step "
+                             f"gives positions of shape [batch, seq] broadcast over other dims of size 1")
+        with graph.inserting_before(node):
+            value = graph.call_function(aten.add.Tensor, (positions, offset)) if offset else positions
+            dtype = ir.tensor_val(node).dtype if ir.tensor_val(node) is not None else torch.long
+            if dtype != torch.long:
+                value = graph.call_function(aten.to.dtype, (value, dtype))
+            for axis in range(len(shape)):
+                if not one_dim and axis not in (0, seq_axis):
+                    value = graph.call_function(aten.unsqueeze.default, (value, axis))
+        rows += [_rows(gm, u.args[0]) - offset for u in lookups if u.args[0].op == "get_attr"]
+        node.replace_all_uses_with(value)
+    return len(sources), rows
 
 
 def _causal_mask(graph: fx.Graph, ids: fx.Node, attention_mask: fx.Node, dtype: torch.dtype) -> fx.Node:
@@ -120,11 +143,76 @@ def sdpa_arguments(node: fx.Node) -> dict:
     return found
 
 
-def _rewrite_attention(gm: fx.GraphModule, ids: fx.Node, attention_mask: fx.Node) -> tuple[list[fx.Node], CacheLayout]:
-    graph = gm.graph
-    sites = list(graph.find_nodes(op="call_function", target=SDPA))
+def _full_slice(node: fx.Node) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    return (node.op == "call_function" and node.target is aten.slice.Tensor and args[2] in (None, 0)
+            and (args[3] is None or (isinstance(args[3], int) and args[3] >= 1 << 62)) and args[4] in (None, 1))
+
+
+def _through_full_slices(node: fx.Node) -> fx.Node:
+    while _full_slice(node):
+        node = node.args[0]
+    return node
+
+
+def kv_heads_source(key: fx.Node) -> tuple[fx.Node, int]:
+    """(x, r) when `key` is HF's repeat_kv of x [B, kv_heads, S, D]: reshape(expand(unsqueeze(x,
+    2), [B, kv, r, S, D]), [B, kv * r, S, D]) (full slices between), so head h reads kv head
+    h // r; else (key, 1)."""
+    if key.op != "call_function" or key.target not in (aten.reshape.default, aten.view.default):
+        return key, 1
+    expanded = _through_full_slices(key.args[0])
+    if expanded.target is not aten.expand.default:
+        return key, 1
+    unsqueezed = _through_full_slices(expanded.args[0])
+    if unsqueezed.target is not aten.unsqueeze.default or unsqueezed.args[1] != 2:
+        return key, 1
+    source = _through_full_slices(unsqueezed.args[0])
+    kv, out = ir.tensor_val(source), ir.tensor_val(key)
+    grown = ir.tensor_val(expanded)
+    if kv is None or out is None or grown is None or kv.dim() != 4 or grown.dim() != 5 or out.dim() != 4:
+        return key, 1
+    repeat = grown.shape[2]
+    if not isinstance(repeat, int) or int(out.shape[1]) != int(kv.shape[1]) * repeat or \
+            int(grown.shape[1]) != int(kv.shape[1]) or out.shape[3] != kv.shape[3]:
+        return key, 1
+    return source, repeat
+
+
+def _repeat_heads(graph: fx.Graph, cached: fx.Node, repeat: int) -> fx.Node:
+    """HF's repeat_kv after the cache: [B, kv, S, D] -> [B, kv * repeat, S, D], head h = kv h // repeat."""
+    if repeat == 1:
+        return cached
+    grown = graph.call_function(aten.expand.default, (graph.call_function(aten.unsqueeze.default, (cached, 2)),
+                                                      [-1, -1, repeat, -1, -1]))
+    return graph.call_function(aten.flatten.using_ints, (grown, 1, 2))
+
+
+def check_causal_masks(gm: fx.GraphModule, ids: fx.Node, length: int) -> list[fx.Node]:
+    """The sdpa sites, each proved causal (is_causal, or a mask proved to be the triangle up to
+    `length`), or a CacheError naming the one that is not."""
+    sites = list(gm.graph.find_nodes(op="call_function", target=SDPA))
     if not sites:
         raise CacheError("the graph has no scaled_dot_product_attention to give a KV cache")
+    for node in sites:
+        args = sdpa_arguments(node)
+        name = ir.module_path(node) or node.name
+        if args.get("enable_gqa"):
+            raise CacheError(f"attention {name} uses sdpa's enable_gqa, which the KV-cache step does not "
+                             f"support; repeat the kv heads in the model (HF's repeat_kv)")
+        mask = args.get("attn_mask")
+        if mask is None and args.get("is_causal"):
+            continue
+        if mask is None or args.get("is_causal") or proved_causal(gm, ids, mask, length) != "causal":
+            raise CacheError(f"attention {name}'s mask is not proved causal (not built from the length alone, "
+                             f"or not the triangle up to {length} positions: padding, a sliding window, an "
+                             f"input); serve it as an encoder (task='encoder') or give a smaller max_len")
+    return sites
+
+
+def _rewrite_attention(gm: fx.GraphModule, sites: list[fx.Node], ids: fx.Node,
+                       attention_mask: fx.Node) -> tuple[list[fx.Node], CacheLayout]:
+    graph = gm.graph
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     caches = []
     for index in range(len(sites)):
@@ -139,20 +227,28 @@ def _rewrite_attention(gm: fx.GraphModule, ids: fx.Node, attention_mask: fx.Node
     presents, heads, dims = [], [], []
     for index, node in enumerate(sites):
         args = sdpa_arguments(node)
-        if not args.get("is_causal") or args.get("attn_mask") is not None or args.get("enable_gqa"):
-            raise CacheError(f"attention {ir.module_path(node) or node.name} is not causal sdpa without a mask of "
-                             f"its own; the KV-cache decode step supports is_causal attention (zoo GPT, LLaMA)")
-        k_val = ir.tensor_val(args["key"])
+        key, key_repeat = kv_heads_source(args["key"])
+        value, value_repeat = kv_heads_source(args["value"])
+        if key_repeat != value_repeat:
+            key, key_repeat, value, value_repeat = args["key"], 1, args["value"], 1
+        k_val = ir.tensor_val(key)
         heads.append(int(k_val.shape[1]))
         dims.append(int(k_val.shape[3]))
         past_k, past_v = caches[index]
         with graph.inserting_before(node):
-            keys = graph.call_function(aten.cat.default, ([past_k, args["key"]], 2))
-            values = graph.call_function(aten.cat.default, ([past_v, args["value"]], 2))
+            keys = graph.call_function(aten.cat.default, ([past_k, key], 2))
+            values = graph.call_function(aten.cat.default, ([past_v, value], 2))
+            read_keys, read_values = _repeat_heads(graph, keys, key_repeat), _repeat_heads(graph, values, value_repeat)
         kwargs = {"scale": args["scale"]} if args.get("scale") is not None else {}
-        node.args, node.kwargs = (args["query"], keys, values, mask), kwargs
+        node.args, node.kwargs = (args["query"], read_keys, read_values, mask), kwargs
         presents += [keys, values]
     return presents, CacheLayout(tuple(heads), tuple(dims), 0, 0)
+
+
+def _drop_asserts(graph: fx.Graph) -> None:
+    """export's dtype/device checks of intermediate values: they would keep the replaced masks alive."""
+    for node in list(graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)):
+        graph.erase_node(node)
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -173,29 +269,169 @@ def flatten_signature(step: fx.GraphModule) -> None:
     step.recompile()
 
 
-def decode_step(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
-    """The decode-step graph of a traced causal LM (see the module doc) and its cache layout.
-    New nodes carry no `val` meta: the step runs as it is, and the ort-paged lowering traces
-    each part of it again."""
+def decode_step(gm: fx.GraphModule, max_len: int | None = None) -> tuple[fx.GraphModule, CacheLayout]:
+    """The decode step of a traced causal LM (see the module doc) and its cache layout; its
+    max_positions are the rows of the position tables the positions index (0 when they index
+    none: RoPE computed in the graph), capped by `max_len`. Masks are proved causal up to
+    max_len (or the tables' rows; 512 when neither says, and at most 512). New nodes carry no
+    `val` meta: the step runs as it is, and the ort-paged lowering traces each part again."""
     step = copy_graph(gm)
     graph = step.graph
     ids = _token_input(step)
+    bound = table_bound(step, ids)
+    limit = min(x for x in (max_len, bound or None) if x) if (max_len or bound) else 512
+    sites = check_causal_masks(step, ids, min(limit, 512))
     with graph.inserting_after(ids):
         attention_mask = graph.placeholder("attention_mask")
     with graph.inserting_after(ids):
         positions = graph.placeholder("position_ids")
-    if not _rewrite_positions(step, positions):
-        raise CacheError("found no position source (arange over the sequence, or a slice of a position table) "
-                         "to feed position_ids into; this model's positions cannot follow a cache")
-    presents, layout = _rewrite_attention(step, ids, attention_mask)
+    sliced, slice_rows = _rewrite_table_slices(step, positions)
+    sourced, source_rows = _rewrite_position_sources(step, ids, positions)  # before the new mask's aranges exist
+    if not sliced + sourced:
+        raise CacheError("found no position source (a value computed from the length alone that is arange(seq) + c, "
+                         "or a slice of a position table) to feed position_ids into; this model's positions "
+                         "cannot follow a cache")
+    presents, layout = _rewrite_attention(step, sites, ids, attention_mask)
+    _drop_asserts(graph)
+    graph.eliminate_dead_code()  # the model's own masks, now unread
     output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
     output.args = ((logits, *presents),)
     flatten_signature(step)
-    layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]),
-                         _max_positions(step, positions))
+    rows = [r for r in (*slice_rows, *source_rows, max_len) if r]
+    layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]), min(rows, default=0))
     ir.set_plan(step, layout)
     return step, layout
+
+
+# ------------------------------------------------------------------ what the graph computes from sizes alone
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten._assert_tensor_metadata.default
+
+
+def size_only_nodes(gm: fx.GraphModule, ids: fx.Node, weights: bool = False) -> set[fx.Node]:
+    """The nodes whose value depends on the token ids' shape alone (aranges, masks, positions
+    built from sym_size(ids, d)), never on the ids' values, nor on a weight or buffer unless
+    `weights` (BERT's position_ids buffer sliced to the length)."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if weights and node.op == "get_attr":
+            found.add(node)
+        if node.op != "call_function" or _is_assert(node):
+            continue
+        if node.target is aten.sym_size.int:
+            if node.args[0] is ids:
+                found.add(node)
+        elif all(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def evaluate_size_only(gm: fx.GraphModule, ids: fx.Node, wanted: list[fx.Node], batch: int, seq: int) -> list:
+    """The values of size-only nodes for token ids of shape [batch, seq], computed by a copy
+    of just their ancestors (the model itself is not run)."""
+    keep: set[fx.Node] = set()
+    stack = list(wanted)
+    while stack:
+        node = stack.pop()
+        if node in keep or node is ids:
+            continue
+        keep.add(node)
+        stack.extend(node.all_input_nodes)
+    graph = fx.Graph()
+    env = {ids: graph.placeholder("ids")}
+    for node in gm.graph.nodes:
+        if node in keep:
+            env[node] = graph.node_copy(node, lambda arg: env[arg])
+    graph.output(tuple(env[n] for n in wanted))
+    with torch.no_grad():
+        return list(fx.GraphModule(gm, graph)(torch.zeros(batch, seq, dtype=torch.long)))
+
+
+# two shapes the proofs are evaluated at: a batch and a length the tracing example is unlikely to have
+PROOF_SHAPES = ((2, 5), (3, 11))
+
+
+def _position_offset(values: list[torch.Tensor], shapes=PROOF_SHAPES) -> int | None:
+    """c when each value is arange(seq) + c broadcast over its other dims (the same c at every
+    shape), else None."""
+    offsets = set()
+    for value, (_, seq) in zip(values, shapes):
+        if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or seq not in value.shape:
+            return None
+        axis = list(value.shape).index(seq)
+        if sum(1 for d in value.shape if d == seq) != 1:
+            return None
+        line = value.movedim(axis, -1).reshape(-1, seq).double()
+        offset = line[0, 0].item()
+        expected = torch.arange(seq, dtype=torch.float64) + offset
+        if offset != int(offset) or not torch.equal(line, expected.expand_as(line)):
+            return None
+        offsets.add(int(offset))
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+def position_sources(gm: fx.GraphModule, ids: fx.Node) -> dict[fx.Node, int]:
+    """The size-only values the model reads as token positions: the last size-only node before
+    a computation with data or weights, whose value is proved (evaluated at two shapes) to be
+    arange(seq) + c; with that offset c (OPT's 2)."""
+    size_only = size_only_nodes(gm, ids)
+    frontier = [n for n in gm.graph.nodes if n in size_only and n.target is not aten.sym_size.int and
+                any(u not in size_only and not _is_assert(u) for u in n.users)]
+    if not frontier:
+        return {}
+    found = {}
+    runs = [evaluate_size_only(gm, ids, frontier, b, s) for b, s in PROOF_SHAPES]
+    for index, node in enumerate(frontier):
+        offset = _position_offset([run[index] for run in runs])
+        if offset is not None:
+            found[node] = offset
+    return found
+
+
+def table_bound(gm: fx.GraphModule, ids: fx.Node) -> int:
+    """How many positions the model's position tables hold: for each embedding whose index is
+    proved to be arange(seq) + c (computed from sizes and buffers), its rows - c; 0 when none."""
+    static = size_only_nodes(gm, ids, weights=True)
+    lookups = [n for n in gm.graph.find_nodes(op="call_function", target=aten.embedding.default)
+               if n.args[0].op == "get_attr" and n.args[1] in static]
+    if not lookups:
+        return 0
+    runs = [evaluate_size_only(gm, ids, [n.args[1] for n in lookups], b, s) for b, s in PROOF_SHAPES]
+    bounds = []
+    for index, node in enumerate(lookups):
+        offset = _position_offset([run[index] for run in runs])
+        if offset is not None:
+            bounds.append(_rows(gm, node.args[0]) - offset)
+    return min(bounds, default=0)
+
+
+def _rows(gm: fx.GraphModule, table: fx.Node) -> int:
+    return int(operator.attrgetter(str(table.target))(gm).shape[0])
+
+
+def proved_causal(gm: fx.GraphModule, ids: fx.Node, mask: fx.Node, length: int) -> str:
+    """"causal" when the mask sdpa is given lets query i see key j exactly when j <= i, at every
+    length up to `length` checked (evaluated at two small shapes and at `length`); "full" when
+    it lets every query see every key; else "" (padding, windows, masks from inputs)."""
+    if mask not in size_only_nodes(gm, ids):
+        return ""
+    kinds = set()
+    for batch, seq in (*PROOF_SHAPES, (1, length)):
+        value = evaluate_size_only(gm, ids, [mask], batch, seq)[0]
+        visible = value if value.dtype == torch.bool else value == 0
+        if value.dtype != torch.bool and not bool((value[~visible] <= torch.finfo(value.dtype).min / 2).all()):
+            return ""  # an additive bias that is neither 0 nor a blocking value
+        triangle = torch.ones(seq, seq, dtype=torch.bool).tril()
+        if bool((visible == triangle).all()):
+            kinds.add("causal")
+        elif bool(visible.all()):
+            kinds.add("full")
+        else:
+            return ""
+    return kinds.pop() if len(kinds) == 1 else ""
 
 
 def example_step_inputs(layout: CacheLayout, batch: int, new: int, past: int, dtype=torch.float32) -> tuple:

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Serving a Hugging Face LLaMA-architecture checkpoint: bmc's ort-paged builds against
+onnxruntime-genai (its model builder run on the same directory), side by side in one run.
+
+    OMP_NUM_THREADS=1 python tools/bench/serve_hf.py                 # 12 layers, width 768, GQA
+    OMP_NUM_THREADS=1 python tools/bench/serve_hf.py --layers 2 --width 128 --quick   # a smoke run
+
+The checkpoint is written here (random weights, a byte-level BPE tokenizer trained with the
+`tokenizers` library on the standard library's sources): nothing is downloaded. Each build
+decodes greedily from the same prompts; the figures are time to first token (prefill of the
+prompt and the first new token) and decode tokens/s after it (new tokens x batch / time), the
+median of --repeat runs, at batch 1 and 8, with one ONNX Runtime thread on each side. Both
+sides run the same precision at a time: fp32 against genai's `-p fp32`, bmc's quant-int8
+against genai's `-p int8`; bmc's paged build (a budget of 30% of the weights, which genai
+cannot do) is compared against bmc's resident fp32 build.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+def _stdlib_text(limit: int = 4_000_000) -> list[str]:
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    texts, size = [], 0
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+        size += len(texts[-1])
+        if size > limit:
+            break
+    return texts
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_stdlib_text(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def write_checkpoint(directory: str, layers: int, width: int, heads: int, kv_heads: int, vocab: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = _tokenizer(vocab)
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=width * 8 // 3 // 64 * 64,
+                         vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+def _prompts(directory: str, batch: int, length: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    ids = tok.encode("".join(_stdlib_text(200_000))).ids
+    return [ids[i * length:(i + 1) * length] for i in range(batch)]
+
+
+def _timed_stream(steps) -> tuple[float, float, list]:
+    """Time to the first step and the time of the rest, draining a generator of steps."""
+    start = time.perf_counter()
+    first, out = None, []
+    for step in steps:
+        out.append(step)
+        if first is None:
+            first = time.perf_counter() - start
+    return first, time.perf_counter() - start - first, out
+
+
+def genai_stream(model, prompts: list[list[int]], new: int):
+    import numpy as np
+    import onnxruntime_genai as og
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompts[0]) + new, do_sample=False, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+    for _ in range(new):
+        generator.generate_next_token()
+        yield generator.get_next_tokens().tolist()
+
+
+def bmc_stream(prog, prompts: list[list[int]], new: int):
+    yield from prog.generate(prompts, new, stream=True)
+
+
+def measure(stream, prompts, new: int, repeat: int) -> dict:
+    runs = [_timed_stream(stream(prompts, new)) for _ in range(repeat + 1)][1:]  # the first warms up
+    ttft = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    tokens = [list(step) for step in runs[-1][2]]
+    return {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * len(prompts) / decode, "tokens": tokens}
+
+
+def build_genai(directory: str, out: str, precision: str) -> str:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", directory, "-o", out, "-p", precision,
+           "-e", "cpu", "-c", os.path.join(out, "cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"onnxruntime-genai's builder failed ({precision}): {done.stderr[-800:]}")
+    _one_thread(out)
+    return out
+
+
+def _one_thread(out: str) -> None:
+    """genai reads its session options from genai_config.json: one intra-op thread, as bmc's side."""
+    path = os.path.join(out, "genai_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    options["inter_op_num_threads"] = 1
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def build_bmc(directory: str, out: str, passes: str, budget: int | None):
+    import bmc
+    return bmc.compile(f"hf:{directory}", passes=passes, backend="ort-paged", directory=out, budget=budget,
+                       dynamic=True)
+
+
+def weight_bytes(directory: str) -> int:
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _row(name: str, result: dict, anchor: dict | None) -> str:
+    ratio = f"{result['tok_s'] / anchor['tok_s']:.2f}x" if anchor else ""
+    return f"| {name} | {result['ttft_ms']:.1f} ms | {result['tok_s']:.1f} | {ratio} |"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--budget", type=float, default=0.3, help="the paged build's budget, a fraction of the weights")
+    p.add_argument("--anchor-only", action="store_true", help="only onnxruntime-genai (checks the anchor's side)")
+    p.add_argument("--keep", metavar="DIR", help="write everything under DIR and keep it (default: a temporary one)")
+    args = p.parse_args()
+    import onnxruntime_genai as og
+    work = args.keep or tempfile.mkdtemp(prefix="serve_hf_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        ckpt = os.path.join(work, "checkpoint")
+        if not os.path.exists(os.path.join(ckpt, "config.json")):
+            write_checkpoint(ckpt, args.layers, args.width, args.heads, args.kv_heads, args.vocab)
+        total = weight_bytes(ckpt)
+        print(f"checkpoint: LLaMA {args.layers} layers, width {args.width}, {args.heads} heads / {args.kv_heads} kv "
+              f"heads, {total / 2**20:.1f} MiB of weights; prompt {args.prompt}, {args.new} new tokens, "
+              f"median of {args.repeat}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        builds = {}
+        for precision in ("fp32", "int8"):
+            model = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision))
+            builds[f"onnxruntime-genai {precision}"] = (lambda pr, n, m=model: genai_stream(m, pr, n), precision, None)
+        if not args.anchor_only:
+            for name, passes, budget, precision in (("bmc fp32", "", None, "fp32"),
+                                                    ("bmc int8", "quant-int8", None, "int8"),
+                                                    (f"bmc fp32 paged, {args.budget:.0%} budget", "", int(total * args.budget),
+                                                     "paged")):
+                prog = build_bmc(ckpt, os.path.join(work, name.split(",")[0].replace(" ", "-") + ("-paged" if budget else "")),
+                                 passes, budget)
+                builds[name] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), precision, budget)
+        for batch in (int(b) for b in args.batches.split(",")):
+            prompts = _prompts(ckpt, batch, args.prompt)
+            results = {name: measure(stream, prompts, args.new, args.repeat) for name, (stream, _, _) in builds.items()}
+            print(f"\nbatch {batch}\n| build | time to first token | decode tokens/s | x anchor |\n|---|---|---|---|")
+            for name, (_, precision, _) in builds.items():
+                anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
+                ref = results.get(anchor[precision]) if anchor[precision] != name else None
+                print(_row(name, results[name], ref))
+            same = results.get("bmc fp32", {}).get("tokens") == results["onnxruntime-genai fp32"]["tokens"]
+            if "bmc fp32" in results:
+                print(f"greedy tokens of bmc fp32 and onnxruntime-genai fp32 equal: {same}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
