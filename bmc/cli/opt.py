@@ -567,7 +567,8 @@ def run(argv: Sequence[str] | None, out) -> int:
         if instrument:
             out.write("\n" + instrument.format())
     if args.output and args.backend == "ort-paged":
-        _build_paged(gm, args.output, str(pipeline), out)
+        from bmc.program import config_limits
+        _build_paged(gm, args.output, str(pipeline), out, config_limits(args.model).get("max_positions"))
     elif args.output:
         from bmc.ir.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
@@ -575,7 +576,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     return 0
 
 
-def _build_paged(gm, directory: str, pipeline: str, out) -> None:
+def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
     from bmc.ir.serialize import staged_directory
@@ -587,7 +588,7 @@ def _build_paged(gm, directory: str, pipeline: str, out) -> None:
             sys.stderr.flush()
     try:
         with staged_directory(directory) as staging:
-            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress)
+            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len)
     finally:
         if show:
             sys.stderr.write("\n")

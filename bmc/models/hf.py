@@ -38,6 +38,14 @@ def is_spec(spec: str) -> bool:
     return spec.startswith(PREFIX)
 
 
+def directory_of(spec: str) -> str | None:
+    """The checkpoint directory a model path names (`hf:DIR`, or a directory holding
+    config.json), or None for other paths."""
+    if is_spec(spec):
+        return spec[len(PREFIX):]
+    return spec if os.path.isfile(os.path.join(spec, CONFIG)) else None
+
+
 # ------------------------------------------------------------------ the directory
 
 
@@ -267,7 +275,7 @@ def load_graph(spec: str, *, example: Any = None, dynamic: Any = True, device: s
                dtype: torch.dtype | None = None):
     """`hf:DIR` traced: the graph, carrying its tokenizer's plan when the directory has one."""
     from bmc.ir.trace import trace
-    directory = spec[len(PREFIX):] if is_spec(spec) else spec
+    directory = directory_of(spec) or spec
     model = build(directory, device=device, dtype=dtype)
     gm = trace(model, example_inputs(model, example), dynamic=dynamic)
     plan = tokenizer_plan(directory)

@@ -163,19 +163,13 @@ def test_a_missing_extra_names_what_to_install(llama_dir, monkeypatch, capsys, t
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, llama_dir, tokenizer):
-    """A build carrying the tokenizer of llama_dir. The ort-paged export of HF LLaMA fails for a
-    reason of its own (duplicate ONNX names, issue 16 item 4), so the zoo's gpt-tiny (a 256-token
-    vocabulary, like the tokenizer) stands in for the model: the tokenizer reaches the build
-    through the plan that reading hf:DIR sets, as it does for an HF model."""
-    from bmc.models import zoo
+def served(tmp_path_factory, llama_dir):
+    """`bmc-opt hf:DIR --backend=ort-paged -o OUT`: the LLaMA checkpoint with its tokenizer."""
+    from bmc.cli.opt import main
     _, directory = llama_dir
-    model = zoo.build("gpt-tiny")
-    gm = bmc.trace(model, model.example_inputs(), dynamic=True)
-    ir.set_plan(gm, hf.tokenizer_plan(directory))
     out = str(tmp_path_factory.mktemp("build") / "served")
-    prog = bmc.compile(gm, backend="ort-paged", directory=out)
-    return prog, out
+    assert main([f"hf:{directory}", "--pass=dce", "--backend=ort-paged", "-o", out]) == 0
+    return bmc.load(out), out
 
 
 def test_the_build_carries_the_tokenizer_with_its_checksum(served, llama_dir):
@@ -188,11 +182,18 @@ def test_the_build_carries_the_tokenizer_with_its_checksum(served, llama_dir):
         assert manifest["files"][name] == hf.sha256(os.path.join(out, name))
 
 
-def test_bmc_run_tokenizes_and_detokenizes_without_torch(served, tokenizer):
+def test_bmc_run_tokenizes_and_detokenizes_without_torch(served, tokenizer, llama_dir):
+    """The text `bmc run DIR --prompt` prints is transformers' greedy continuation of the
+    checkpoint, through the tokenizer the directory brought."""
+    model, _ = llama_dir
     prog, out = served
     prompt = tokenizer.encode("def main(").ids
     eos = tokenizer.token_to_id(EOS)
     generated = prog.generate([prompt], 12, eos=eos)[0]
+    with torch.no_grad():
+        eager = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                               pad_token_id=eos)[0, len(prompt):].tolist()
+    assert [t for t in generated if t != eos] == [t for t in eager if t != eos][:len(generated)]
     before = tokenizer.decode(prompt, skip_special_tokens=True)
     expected = tokenizer.decode(prompt + generated, skip_special_tokens=True)
     assert expected.startswith(before)
