@@ -471,18 +471,41 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     from bmc.ir.serialize import atomic_write_text
     from bmc.analysis.structure import structure_of
     from bmc.ir.trace import trace_info
+    tokenizer = carry_tokenizer(gm, directory)  # first: a changed tokenizer fails before the slow lowering
     lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress, max_len=max_len, task=task)
     files = {}
     for part in lowered["parts"]:
         for name in [part["stem"] + suffix for suffix in (".onnx", ".stream.onnx", ".bin")] + part["packed"]:
             files[name] = sha256(os.path.join(directory, name))
+    files.update(tokenizer)
     info = trace_info(gm)
     manifest = {"format": FORMAT, "model": info.model_name if info else "graph", "pipeline": pipeline,
+                "tokenizer": next(iter(tokenizer), None),
                 "blocks": [b.name for b in structure_of(gm).blocks], "dtype": "float32", "gpu": gpu,
                 "quantized": any(ir.get(n, ir.Quant) is not None for n in gm.graph.nodes),
                 "versions": _versions(), "files": files, **lowered}
     atomic_write_text(os.path.join(directory, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
+
+
+def carry_tokenizer(gm, directory: str) -> dict[str, str]:
+    """Copy the tokenizer of a model read from a Hugging Face directory (its TokenizerPlan)
+    into the build: file name -> sha256, tokenizer.json first. A file that changed since the
+    model was read is refused: the build would pair the weights with another vocabulary."""
+    import shutil
+    from bmc import ir
+    plan = ir.get_plan(gm, ir.TokenizerPlan)
+    copied = {}
+    if plan:
+        os.makedirs(directory, exist_ok=True)
+    for file in plan.files if plan else ():
+        source = os.path.join(plan.directory, file.name)
+        if not os.path.isfile(source) or sha256(source) != file.sha256:
+            raise BackendError(f"{source} is missing or changed since the model was read from {plan.directory}: "
+                               f"read hf:{plan.directory} again (or restore the file) and rebuild")
+        shutil.copyfile(source, os.path.join(directory, file.name))
+        copied[file.name] = file.sha256
+    return copied
 
 
 def load(directory: str, **options) -> PagedProgram:

@@ -44,3 +44,7 @@ class StructureError(BmcError):
 
 class ModelSaveError(BmcError):
     """A program that cannot be written (e.g. weights on the meta device)."""
+
+
+class MissingExtraError(BmcError):
+    """An optional package a feature needs is not installed; the message names the extra."""

@@ -71,14 +71,15 @@ def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
         return model
     if isinstance(model, str):
         from bmc.ir.serialize import load_graph
-        return load_graph(model, example_inputs=example_inputs)[0]
+        return load_graph(model, example_inputs=example_inputs, dynamic=True if dynamic is None else dynamic)[0]
     return trace(model, example_inputs, dynamic=dynamic)
 
 
 def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
             *, world_size: int | None = None, dynamic: Any = None, verify: bool = True,
             instruments: Sequence[Instrument] = (), calibration: Any = None, **backend_options) -> Program:
-    """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path), run the
+    """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path: `zoo:NAME`,
+    `hf:DIR` for a Hugging Face checkpoint directory, a .pt2 archive), run the
     pipeline `passes` on it, and lower the result with `backend`. `world_size` defaults to the
     initialized process group's size (1 without one); `calibration` is an iterable of example
     batches for the passes that score on data (`prune-heads{score=taylor}`)."""
@@ -94,17 +95,22 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
         gm = manager.run(gm, backend=target).graph_module
     else:
         manager.check(graph_properties(gm, calibration is not None), backend=target)
-    context.settings = {**context.settings, "pipeline": str(manager.pipeline), **_config_limits(model)}
+    context.settings = {**context.settings, "pipeline": str(manager.pipeline), **config_limits(model)}
     program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
     return program
 
 
-def _config_limits(model: Any) -> dict:
+def config_limits(model: Any) -> dict:
     """What a Hugging Face model's config says about the positions it takes (for backends that
     cannot read it off the graph: RoPE models have no position table): the fewest of
-    max_position_embeddings and a sliding window (within which a windowed mask is causal)."""
+    max_position_embeddings and a sliding window (within which a windowed mask is causal).
+    `model` is the module, or a model path (`hf:DIR`: its config.json)."""
     config = getattr(model, "config", None)
+    if isinstance(model, str):
+        from bmc.models import hf
+        directory = hf.directory_of(model)
+        config = hf.read_config(directory) if directory else None
     limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "sliding_window")]
     limits = [n for n in limits if isinstance(n, int) and n > 0]
     return {"max_positions": min(limits)} if limits else {}

@@ -32,6 +32,10 @@ def bad_files(tmp_path_factory):
     (d / "text.pt2").write_text("hello")
     torch.save(zoo.build("gpt-tiny"), d / "model.pt")
     torch.save(Untraceable(), d / "untraceable.pt")
+    (d / "no-config").mkdir()
+    (d / "pickled").mkdir()
+    (d / "pickled" / "config.json").write_text('{"model_type": "llama"}')
+    (d / "pickled" / "pytorch_model.bin").write_bytes(b"never unpickled")
     return d
 
 
@@ -49,6 +53,9 @@ BAD_INPUTS = {
     "bad world size": (["zoo:gpt-tiny", "--world-size", "6", "--tp", "4"], r"not divisible by tp\*pp = 4"),
     "bad flag": (["zoo:gpt-tiny", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
     "bad output suffix": (["zoo:gpt-tiny", "-o", "{d}/out.onnx"], r"must end in .pt2"),
+    "hf dir without config": (["hf:{d}/no-config"], r"hf:.*no-config has no config.json: .*save_pretrained"),
+    "hf dir of pickles": (["hf:{d}/pickled"], r"only as pickles \(pytorch_model.bin\), which bmc never loads.*"
+                                              r"convert them to safetensors"),
 }
 
 
@@ -130,6 +137,26 @@ def test_planning_llama_7b_on_meta_stays_small():
     assert "parameters 6,738,415,616" in result.stdout
     assert peak_gib < 3, f"peak RSS {peak_gib:.2f} GiB"
     assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def test_planning_llama3_8b_from_its_config_alone_stays_small(tmp_path):
+    """hf:DIR with a config.json alone (Llama-3-8B's shape): planned on the meta device, no
+    weight allocated; peak RSS measured (0.44 GiB here) and bounded."""
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    # the peak of this one process (RUSAGE_CHILDREN would be the largest of every test's children)
+    code = ("import resource, sys; from bmc.cli.opt import main; rc = main(sys.argv[1:]); "
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, f"hf:{tmp_path}", "--world-size", "8", "--report",
+                             "--seq", "2048"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert "LlamaForCausalLM" in result.stdout and "parameters 8,030,261,248 (bf16" in result.stdout
+    peak_gib = int(result.stdout.split("maxrss")[-1]) / 2**20
+    assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
 
 
 @pytest.mark.parametrize("pipeline, world", [("amp{dtype=bf16},ckpt", "1"),

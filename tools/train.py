@@ -3,6 +3,7 @@
 Python (the standard library's sources, one token per byte).
 
     python tools/train.py --model gpt-mini --steps 200                      # one process
+    python tools/train.py --hf path/to/checkpoint --pass ckpt               # a Hugging Face directory
     OMP_NUM_THREADS=1 torchrun --nproc-per-node=2 tools/train.py \\
         --pass amp{dtype=bf16},zero3,ckpt --steps 200 --ckpt-dir runs/a     # 2 ranks
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=1 ...      # survive a dead rank
@@ -52,7 +53,9 @@ log = logging.getLogger("train")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt-mini", help=f"a zoo model ({', '.join(zoo.names())}); default gpt-mini")
-    p.add_argument("--hf-config", help="train a Hugging Face causal LM built from this config.json instead")
+    p.add_argument("--hf", metavar="DIR", help="train the Hugging Face causal LM of this checkpoint directory "
+                   "(config.json and safetensors weights) instead")
+    p.add_argument("--hf-config", help="train a Hugging Face causal LM built from this config.json, freshly initialized")
     p.add_argument("--pass", dest="pipeline", default=None,
                    help="pipeline string, e.g. 'amp{dtype=bf16},zero3,ckpt' (default: dce on one process, dp on several)")
     p.add_argument("--program", metavar="PROG.pt2",
@@ -111,17 +114,18 @@ class Task:
     loss; Hugging Face causal LMs take input_ids and labels (they shift the labels)."""
 
     def __init__(self, args):
-        self.hf = args.hf_config is not None
+        self.hf = args.hf_config is not None or args.hf is not None
         self.args = args
 
     def build(self) -> torch.nn.Module:
         torch.manual_seed(self.args.seed)
         if not self.hf:
             return zoo.build(self.args.model)
-        try:
-            from transformers import AutoConfig, AutoModelForCausalLM
-        except ImportError:
-            raise BmcError("--hf-config needs transformers: pip install transformers") from None
+        if self.args.hf:
+            return self._from_directory()
+        from bmc.extras import require
+        require("transformers", "--hf-config")
+        from transformers import AutoConfig, AutoModelForCausalLM
         try:
             config = AutoConfig.from_pretrained(self.args.hf_config)
         except (OSError, ValueError) as exc:
@@ -130,6 +134,19 @@ class Task:
             raise BmcError(f"the config's vocab_size {config.vocab_size} is smaller than the {data.VOCAB} byte tokens")
         config.use_cache = False
         return AutoModelForCausalLM.from_config(config)
+
+    def _from_directory(self) -> torch.nn.Module:
+        """--hf DIR: the checkpoint's causal LM with its weights, refused before any weight is
+        read if it cannot learn from byte tokens."""
+        from bmc.models import hf
+        config = hf.read_config(self.args.hf)
+        if hf.model_class(config).__name__ != "AutoModelForCausalLM":
+            kind = (config.architectures or [config.model_type])[0]
+            raise BmcError(f"--hf {self.args.hf} is not a causal LM ({kind}): train.py trains next-token prediction")
+        if getattr(config, "vocab_size", data.VOCAB) < data.VOCAB:
+            raise BmcError(f"the model's vocab_size {config.vocab_size} is smaller than the {data.VOCAB} "
+                           f"byte tokens it is trained on")
+        return hf.build(self.args.hf, device="cpu").train()
 
     def example(self, local_batch: int):
         x = torch.zeros(local_batch, self.args.seq, dtype=torch.long)
@@ -256,8 +273,10 @@ def check(args) -> None:
         raise BmcError(f"--batch {args.batch} does not divide over {world} ranks: use a multiple of {world}")
     if args.pipeline:
         bmc.parse_pipeline(args.pipeline)
-    if args.program and (args.pipeline or args.hf_config):
-        raise BmcError("--program brings its own pipeline and model: drop --pass and --hf-config")
+    if args.program and (args.pipeline or args.hf_config or args.hf):
+        raise BmcError("--program brings its own pipeline and model: drop --pass, --hf and --hf-config")
+    if args.hf and args.hf_config:
+        raise BmcError("--hf DIR brings its config.json: drop --hf-config")
 
 
 def train(args) -> dict:

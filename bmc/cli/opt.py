@@ -1,6 +1,7 @@
 """bmc-opt: run a pass pipeline on a model and show what happened, like mlir-opt.
 
     bmc-opt zoo:gpt2-small --pass=cleanup,analyze --world-size 8 --report
+    bmc-opt hf:path/to/checkpoint --world-size 8 --report        # config.json alone, on the meta device
     bmc-opt model.pt2 --pass=dce --dump-dir dumps/ -o out.pt2
     bmc-opt zoo:gpt-mini --weights trained --pass='prune-heads{score=taylor}' --calibration builtin --eval
 
@@ -21,6 +22,7 @@ import torch
 
 from bmc import ir, plugins
 from bmc.errors import BmcError
+from bmc.extras import require
 
 log = logging.getLogger("bmc")
 
@@ -41,7 +43,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bmc-opt", description="Run a bmc pass pipeline on a model and show what it did.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"zoo:NAME, a .pt2 archive, or a pickled .pt module (default {DEFAULT_MODEL})")
+                   help=f"zoo:NAME; hf:DIR, a Hugging Face checkpoint directory (config.json and safetensors, "
+                        f"sharded or not; planning reads config.json alone); a .pt2 archive; or a pickled .pt "
+                        f"module (default {DEFAULT_MODEL})")
     p.add_argument("--pass", dest="pipeline", default=DEFAULT_PIPELINE,
                    help=f"pipeline string, e.g. 'dce,shape-prop' or 'dce{{drop_unused_params=true}}' "
                         f"(default {DEFAULT_PIPELINE})")
@@ -57,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd-momentum", "sgd"])
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model's weights before tracing")
     p.add_argument("--device", choices=["meta", "cpu"],
-                   help="where zoo models are built (default: meta, no memory, unless -o, --measure, --weights, "
-                        "--calibration or --eval need real weights)")
+                   help="where zoo and hf: models are built (default: meta, no memory, unless -o, --measure, "
+                        "--weights, --calibration or --eval need real weights)")
     p.add_argument("--weights", metavar="FILE.safetensors|trained",
                    help="load these weights into the zoo model before tracing (safetensors only, never pickle; "
                         "'trained': bmc's trained checkpoint of that model)")
@@ -73,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text --eval holds out the last 5%% of (default: the standard library's sources)")
     p.add_argument("--static", action="store_true", help="trace with static shapes (default: batch, seq symbolic)")
     p.add_argument("--example-inputs", metavar="SPEC",
-                   help="inputs for models without example_inputs(), e.g. 'i64[2,16]' or 'i64[2,16],f32[2,16,64]'")
+                   help="inputs for models without example_inputs(), e.g. 'i64[2,16]' or 'i64[2,16],f32[2,16,64]'; "
+                        "for hf: models input_ids, then labels (the program then returns the loss)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled .pt module (unpickling runs code from the file)")
     p.add_argument("--report", action="store_true", help="print where the memory goes per rank")
@@ -131,6 +136,9 @@ def _check_args(args) -> None:
                          f"pick degrees whose product divides it")
     if args.backend == "ort-paged" and not args.output:
         raise UsageError("--backend=ort-paged builds a directory: give it with -o DIR")
+    if args.backend == "ort-paged":
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            require(package, "--backend=ort-paged")
     if args.output and args.backend == "torch" and not args.output.endswith(".pt2"):
         raise UsageError(f"-o {args.output}: the output is a torch.export archive and must end in .pt2 "
                          f"(or add --backend=ort-paged to build a served directory)")
@@ -559,7 +567,8 @@ def run(argv: Sequence[str] | None, out) -> int:
         if instrument:
             out.write("\n" + instrument.format())
     if args.output and args.backend == "ort-paged":
-        _build_paged(gm, args.output, str(pipeline), out)
+        from bmc.program import config_limits
+        _build_paged(gm, args.output, str(pipeline), out, config_limits(args.model).get("max_positions"))
     elif args.output:
         from bmc.ir.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
@@ -567,7 +576,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     return 0
 
 
-def _build_paged(gm, directory: str, pipeline: str, out) -> None:
+def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
     from bmc.ir.serialize import staged_directory
@@ -579,7 +588,7 @@ def _build_paged(gm, directory: str, pipeline: str, out) -> None:
             sys.stderr.flush()
     try:
         with staged_directory(directory) as staging:
-            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress)
+            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len)
     finally:
         if show:
             sys.stderr.write("\n")

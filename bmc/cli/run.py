@@ -3,8 +3,10 @@
     bmc run served/ --prompt "def main(" --max-tokens 64 --budget 40M
     python -m bmc run served/ --prompt-ids 1,2,3 --temperature 0.8 --top-k 40
 
-Byte-level models (a 256-token vocabulary, as the zoo's) read the prompt as UTF-8 bytes and
-print what they generate as text, token by token; others take --prompt-ids and print ids.
+A build from a Hugging Face directory carries its tokenizer (tokenizer.json): the prompt is
+tokenized and what is generated detokenized with the `tokenizers` library. Byte-level models
+(a 256-token vocabulary, as the zoo's) read the prompt as UTF-8 bytes. Text is printed as it
+comes, token by token; with --prompt-ids every model takes and prints ids.
 A status line on stderr shows the residency plan and the tokens per second. Errors are one
 line with exit status 2.
 """
@@ -17,6 +19,8 @@ import time
 from typing import Sequence
 
 from bmc.errors import BmcError
+from bmc.extras import require
+from bmc.serve.text import Stream, Text, default_eos, load_tokenizer
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
@@ -59,19 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prompts(args, vocab: int) -> list[list[int]]:
+def _prompts(args, vocab: int, text: Text) -> list[list[int]]:
     if args.prompt_ids:
         try:
             prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
         except ValueError:
             raise ServeUsageError("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ServeUsageError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
-        return prompts
-    if vocab != 256:
-        raise ServeUsageError(f"this model's vocabulary has {vocab} tokens, not bytes: give --prompt-ids")
-    return [list(p.encode("utf-8")) for p in args.prompt]
+    elif text.tokenizer is None and vocab != 256:
+        raise ServeUsageError(f"this model's vocabulary has {vocab} tokens, not bytes, and the build carries no "
+                              f"tokenizer: give --prompt-ids (or build it from hf:DIR with a tokenizer.json)")
+    else:
+        prompts = [text.encode(p) for p in args.prompt]
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ServeUsageError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+    if not all(prompts):
+        raise ServeUsageError("a prompt gives no tokens: give some text (or ids)")
+    return prompts
 
 
 def run(argv: Sequence[str] | None, out, err) -> int:
@@ -81,12 +89,18 @@ def run(argv: Sequence[str] | None, out, err) -> int:
         raise ServeUsageError("--max-tokens must be >= 1")
     budget = parse_bytes(args.budget) if args.budget else None
     started = time.perf_counter()
+    for package in ("numpy", "onnxruntime"):
+        require(package, "bmc run")
     from bmc.backends.ort_paged import read_manifest
     manifest = read_manifest(args.directory)
     if manifest.get("task") == "encoder":
         raise ServeUsageError(f"{args.directory} is an encoder build: bmc run generates tokens; load it with "
                               f"bmc.load(DIR) and call it on token ids for hidden states")
-    prompts = _prompts(args, manifest["layout"]["vocab"])
+    as_text = args.prompt is not None
+    tokenizer = load_tokenizer(args.directory, manifest) if as_text else None
+    text = Text(tokenizer)
+    prompts = _prompts(args, manifest["layout"]["vocab"], text)
+    eos = args.eos if args.eos is not None else default_eos(args.directory, tokenizer)
     prompts_len = max(len(p) for p in prompts)
     # the budget's reserve is sized for this batch and these lengths (too long is refused by generate)
     max_len = min(manifest["max_len"], prompts_len + args.max_tokens)
@@ -96,24 +110,29 @@ def run(argv: Sequence[str] | None, out, err) -> int:
     err.write(f"bmc run: {prog.manifest['model']} ({prog.manifest['pipeline'] or 'no passes'}), "
               f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed, "
               f"{plan.weight_bytes:,} bytes of weights held; loaded in {time.perf_counter() - started:.1f}s\n")
-    as_text = args.prompt is not None
-    pending = [bytearray() for _ in prompts]
+    streams = [Stream(text, prompt) for prompt in prompts]
     start, count = time.perf_counter(), 0
     for tokens in prog.generate(prompts, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                seed=args.seed, eos=args.eos, stream=True):
+                                seed=args.seed, eos=eos, stream=True):
         count += sum(t is not None for t in tokens)
-        if len(prompts) == 1 and tokens[0] is not None:  # one prompt: show it as it comes
-            out.write(bytes([tokens[0]]).decode("utf-8", "replace") if as_text else f"{tokens[0]} ")
-            out.flush()
         for row, token in enumerate(tokens):
-            if token is not None:
-                pending[row].append(token) if as_text else pending[row].extend(str(token).encode() + b" ")
+            if token is None:
+                continue
+            if as_text:
+                shown = streams[row].add(token)
+            else:
+                streams[row].ids.append(token)
+                shown = f"{token} "
+            if len(prompts) == 1 and shown:  # one prompt: show it as it comes
+                out.write(shown)
+                out.flush()
     seconds = time.perf_counter() - start
     if len(prompts) > 1:
-        for row, text in enumerate(pending):
-            out.write(f"[{row}] {text.decode('utf-8', 'replace')}\n")
+        for row, stream in enumerate(streams):
+            shown = stream.continuation() if as_text else " ".join(map(str, stream.ids))
+            out.write(f"[{row}] {shown}\n")
     else:
-        out.write("\n")
+        out.write((streams[0].finish() if as_text else "") + "\n")
     err.write(f"bmc run: {count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s, "
               f"prompt of {prompts_len})\n")
     return 0

@@ -171,8 +171,25 @@ class KvCachePlan:
         return len(self.heads)
 
 
+@dataclass(frozen=True)
+class TokenizerFile:
+    name: str  # e.g. tokenizer.json, in the directory the model was read from
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TokenizerPlan:
+    """The tokenizer of a model read from a Hugging Face directory (`hf:DIR`): where its files
+    are and their checksums when the model was read, so a build carries the very tokenizer the
+    weights were trained with (a file changed since is refused, never copied)."""
+
+    key: ClassVar[str] = "bmc.tokenizer"
+    directory: str
+    files: tuple[TokenizerFile, ...]
+
+
 PLANS: dict[str, type] = {cls.key: cls for cls in (TensorParallelPlan, PipelinePlan, AmpPlan, DataParallelPlan,
-                                                   OffloadPlan, TapPlan, PrunePlan, KvCachePlan)}
+                                                   OffloadPlan, TapPlan, PrunePlan, KvCachePlan, TokenizerPlan)}
 # Graph meta that is not a plan: how the graph was traced (its example inputs are tensors;
 # serialize.py restores them from the archive) and caches derived from the graph.
 NOT_PLANS = ("bmc.trace", "bmc.structure")

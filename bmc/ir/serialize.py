@@ -1,5 +1,5 @@
 """Reading and writing models: `.pt2` (torch.export archives) both ways, pickled `.pt` modules
-(only with an explicit trust flag), and `zoo:NAME`.
+(only with an explicit trust flag), `zoo:NAME` and `hf:DIR` (Hugging Face checkpoint directories).
 
 A `.pt2` that bmc writes is an ordinary torch.export archive: other tools read it. bmc's own
 annotations ride along: those of computing nodes in `node.meta["custom"]` (which export keeps),
@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any
@@ -230,6 +231,22 @@ def _restore_example_inputs(ep: torch.export.ExportedProgram, gm: fx.GraphModule
     return tuple(args), dict(kwargs)
 
 
+_TRANSFORMERS_TYPE = re.compile(rb'(?<![\w.])(transformers(?:\.[a-z_]\w*)+)\.[A-Z]\w*')  # module, then a class
+
+
+def _import_output_types(path: str) -> None:
+    """A graph traced from a Hugging Face model returns transformers' ModelOutput classes,
+    which torch.export can read back only once their module has registered them with pytree:
+    import the transformers modules the archive's program names (and no other module)."""
+    with zipfile.ZipFile(path) as archive:
+        programs = [n for n in archive.namelist() if "/models/" in n and n.endswith(".json")]
+        modules = {m.decode() for name in programs for m in _TRANSFORMERS_TYPE.findall(archive.read(name))}
+    if modules:
+        from bmc.extras import require
+        for module in sorted(modules):
+            require(module, f"reading {path} (a graph of a Hugging Face model)")
+
+
 def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     """Read a torch.export archive as a bmc graph; returns (graph, bmc metadata)."""
     if not os.path.exists(path):
@@ -238,6 +255,7 @@ def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
         raise ModelLoadError(f"'{path}' is not a torch.export archive (not a zip file); "
                              f"write one with torch.export.save or bmc-opt -o")
     extra = {EXTRA_FILE: ""}
+    _import_output_types(path)
     try:
         ep = torch.export.load(path, extra_files=extra)
         gm = ep.module()
@@ -284,7 +302,13 @@ def load_pickled_module(path: str, trust_pickle: bool) -> torch.nn.Module:
 
 def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = None, dynamic: Any = True,
                device: str | None = None, dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, dict]:
-    """MODEL as bmc-opt takes it: `zoo:NAME`, a `.pt2` archive, or a pickled `.pt` module."""
+    """MODEL as bmc-opt takes it: `zoo:NAME`, `hf:DIR` (a Hugging Face checkpoint directory:
+    config.json and safetensors, read on the meta device without its weights when `device` is
+    "meta"; a directory holding config.json may be given without the prefix), a `.pt2`
+    archive, or a pickled `.pt` module."""
+    if spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
+        from bmc.models import hf
+        return hf.load_graph(spec, example=example_inputs, dynamic=dynamic, device=device, dtype=dtype), {}
     if spec.startswith("zoo:"):
         from bmc.models import zoo
         model = zoo.build(spec[4:], device=device, dtype=dtype)
@@ -296,5 +320,5 @@ def load_graph(spec: str, *, trust_pickle: bool = False, example_inputs: Any = N
         if dtype is not None:
             model = model.to(dtype)
         return trace(model, example_inputs, dynamic=dynamic), {}
-    raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, a .pt2 archive "
+    raise ModelLoadError(f"don't know how to read '{spec}': give zoo:NAME, hf:DIR, a .pt2 archive "
                          f"(torch.export.save) or a pickled module ({', '.join(PICKLE_SUFFIXES)})")

@@ -73,6 +73,28 @@ def test_hugging_face_model_from_a_config(tmp_path):
     assert len(_losses(tmp_path)) == 3
 
 
+def test_hugging_face_checkpoint_directory_trains_from_its_weights(tmp_path):
+    """--hf DIR reads the weights: the first step's loss is the saved model's on that batch."""
+    pytest.importorskip("transformers")
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    import hf_models
+    from bmc.models import data
+    model = hf_models.build("llama", seed=3)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    run = subprocess.run([*TRAIN, "--hf", str(tmp_path / "ckpt"), "--batch", "2", "--seq", "16", "--steps", "2",
+                          "--no-progress", "--out", str(tmp_path)], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    x, _ = data.Batches(data.split(data.text_tokens()).train, 2, 16, seed=0).local(0)
+    with torch.no_grad():
+        expected = model(input_ids=x, labels=x).loss.item()
+    assert abs(_losses(tmp_path)[0]["loss"] - expected) < 1e-5
+    refused = subprocess.run([*TRAIN, "--hf", str(tmp_path), "--no-progress", "--out", str(tmp_path / "x")],
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "has no config.json" in refused.stderr, refused.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--batch", "3"], {"WORLD_SIZE": "2"}, "--batch 3 does not divide over 2 ranks"),
     (["--pass", "zero{stage=4}"], {}, "'stage' of pass 'zero' expects one of 1|2|3"),
