@@ -1,8 +1,10 @@
 """quant-int8: linear weights to int8 with one fp32 scale per output row (symmetric absmax).
 
-Each `aten.linear` whose module is not skipped becomes a `bmc::int8_linear` reading an int8
-weight buffer and a scale buffer; the fp32 weight is removed from the module, so parameter
-counts and bytes drop. `granularity=tensor` (one scale for the whole matrix) exists to show
+Each projection whose module is not skipped becomes a `bmc::int8_linear` reading an int8
+weight buffer, stored (out, in), and a scale buffer. Every form the structure analysis knows is
+rewritten alike: `aten.linear`, Hugging Face's Conv1D `addmm` (its (in, out) weight is
+transposed when quantized) and a matmul by a weight (x @ W.t(), or x @ W stored (in, out)).
+The fp32 weight is removed from the module, so parameter counts and bytes drop. `granularity=tensor` (one scale for the whole matrix) exists to show
 the difference, not as a default. `act=dynamic` also quantizes activations per token at run
 time (W8A8); `act=none` is weight-only (dequantized on the fly). `skip` takes fnmatch
 patterns on module paths; by default the output head is skipped (its outliers cost the most
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -23,6 +26,7 @@ from bmc import ir
 from bmc.errors import PipelineError
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.analysis.structure import structure_of
+from bmc.rewrite.linear import Projection, all_projections, read_elsewhere
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -72,19 +76,36 @@ def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
     return (gm.get_submodule(owner) if owner else gm), leaf
 
 
-def _replace_weight(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, granularity: str,
+def _by_weight(gm: fx.GraphModule) -> dict[fx.Node, list[Projection]]:
+    """Every projection (linear, Conv1D addmm, matmul by a weight), grouped by its weight."""
+    groups: dict[fx.Node, list[Projection]] = {}
+    for proj in all_projections(gm):
+        groups.setdefault(proj.weight, []).append(proj)
+    return groups
+
+
+def _matches(projs: list[Projection], patterns: tuple[str, ...]) -> bool:
+    """A skip pattern names the module running the projection, or the one owning its weight
+    (they differ for a matmul written in the parent's forward)."""
+    paths = {ir.module_path(p.node) for p in projs} | {str(projs[0].weight.target).rpartition(".")[0]}
+    return any(fnmatch.fnmatch(path, pattern) for path in paths for pattern in patterns)
+
+
+def _replace_weight(gm: fx.GraphModule, before: fx.Node, weight_node: fx.Node, in_out: bool, granularity: str,
                     keep_fp32: bool = False) -> tuple[fx.Node, fx.Node, int]:
     """Swap the fp32 weight for int8 + scale buffers on its module (beside it, when it is kept
-    for another reader); the get_attr nodes for them."""
+    for another reader); the get_attr nodes for them. The int8 weight is stored (out, in), one
+    scale per output row, whichever way the fp32 one was (a Conv1D's (in, out) is transposed)."""
     name = str(weight_node.target)
-    q, scale = quantize(gm.get_parameter(name), granularity)
+    weight = gm.get_parameter(name)
+    q, scale = quantize(weight.t() if in_out else weight, granularity)
     owner, leaf = _owner(gm, name)
     fp32_bytes = q.numel() * 4
     if not keep_fp32:
         delattr(owner, leaf)
     owner.register_buffer(f"{leaf}_int8", q)
     owner.register_buffer(f"{leaf}_scale", scale)
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(before):
         q_node = gm.graph.get_attr(f"{name}_int8")
         s_node = gm.graph.get_attr(f"{name}_scale")
     for new, value in ((q_node, q), (s_node, scale)):
@@ -92,39 +113,68 @@ def _replace_weight(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, gra
     return q_node, s_node, fp32_bytes
 
 
+def _rewrite(gm: fx.GraphModule, proj: Projection, q_node: fx.Node, s_node: fx.Node, opts: QuantOptions) -> None:
+    """The projection becomes int8_linear(x, W_q, scale, bias); its output shape is unchanged
+    (an addmm's 2-D x gives the same 2-D result), and a bias added after a matmul stays where it is."""
+    node = proj.node
+    node.target, node.args, node.kwargs = INT8_LINEAR, (proj.x, q_node, s_node, proj.bias, opts.act), {}
+    ir.annotate(node, ir.Quant("int8", opts.granularity, opts.act))
+    if proj.transpose is not None and not proj.transpose.users:
+        gm.graph.erase_node(proj.transpose)
+
+
+def _nothing_quantized(found: Counter, skipped: dict[str, list[str]], patterns: tuple[str, ...]) -> str:
+    """What the pass found and why each was left fp32, for the error when nothing was quantized."""
+    forms = ", ".join(f"{count} {FORM_NAMES[form]}" for form, count in found.items())
+    reasons = []
+    if skipped["pattern"]:
+        reasons.append(f"{len(skipped['pattern'])} by skip patterns {list(patterns)} ({', '.join(skipped['pattern'][:3])}"
+                       f"{', ...' if len(skipped['pattern']) > 3 else ''})")
+    if skipped["shared"]:
+        reasons.append(f"{len(skipped['shared'])} because the weight is also read elsewhere, e.g. tied to an "
+                       f"embedding ({', '.join(skipped['shared'][:3])}; tied=copy quantizes a copy)")
+    return (f"quant-int8: nothing to quantize: found {forms}, all left fp32: {'; '.join(reasons)}; "
+            f"narrow skip=[...] to quantize some")
+
+
+FORM_NAMES = {"linear": "aten.linear", "addmm": "Conv1D addmm", "matmul": "matmul by a weight"}
+
+
 @register_pass("quant-int8", options=QuantOptions, provides=("quantized",), invalidates=("cost",),
                forbids=("staged", "fused-regions"))
 class QuantInt8(Pass):
-    """Linear weights to int8 with per-row fp32 scales, run by bmc::int8_linear."""
+    """Projection weights to int8 with per-row fp32 scales, run by bmc::int8_linear."""
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
-        linears = [n for n in gm.graph.find_nodes(op="call_function", target=aten.linear.default)
-                   if n.args[1].op == "get_attr"]
-        if not linears:
-            raise PipelineError("quant-int8: the graph has no linear layers with weights (aten.linear) to quantize")
+        groups = _by_weight(gm)
+        if not groups:
+            raise PipelineError("quant-int8: the graph has no projections by a weight parameter to quantize "
+                                "(aten.linear, Conv1D addmm, or matmul by a weight)")
         patterns, embedded = _skipped(gm, opts.skip)
+        found = Counter(p.form for projs in groups.values() for p in projs)
+        skipped: dict[str, list[str]] = {"pattern": [], "shared": []}
         stats = {"quantized": 0, "skipped": 0, "fp32-bytes": 0, "int8-bytes": 0}
-        for node in linears:
-            weight_node = node.args[1]
-            name, path = str(weight_node.target), ir.module_path(node)
-            shared = name in embedded or len(weight_node.users) > 1
-            if any(fnmatch.fnmatch(path, p) for p in patterns) or (shared and opts.tied == "skip"):
-                stats["skipped"] += 1
+        for weight_node, projs in groups.items():
+            name = str(weight_node.target)
+            shared = name in embedded or read_elsewhere(weight_node, projs)
+            reason = "pattern" if _matches(projs, patterns) else "shared" if shared and opts.tied == "skip" else None
+            if reason is not None:
+                skipped[reason].append(name)
+                stats["skipped"] += len(projs)
                 continue
-            q_node, s_node, fp32_bytes = _replace_weight(gm, node, weight_node, opts.granularity, keep_fp32=shared)
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            node.target, node.args, node.kwargs = INT8_LINEAR, (node.args[0], q_node, s_node, bias, opts.act), {}
-            ir.annotate(node, ir.Quant("int8", opts.granularity, opts.act))
+            q_node, s_node, fp32_bytes = _replace_weight(gm, projs[0].node, weight_node, projs[0].in_out,
+                                                         opts.granularity, keep_fp32=shared)
+            for proj in projs:
+                _rewrite(gm, proj, q_node, s_node, opts)
             if not weight_node.users:
                 gm.graph.erase_node(weight_node)
-            stats["quantized"] += 1
+            stats["quantized"] += len(projs)
             stats["fp32-bytes"] += fp32_bytes
             stats["int8-bytes"] += ir.tensor_val(q_node).numel() + ir.tensor_val(s_node).numel() * 4
         if not stats["quantized"]:
-            raise PipelineError(f"quant-int8: every linear layer is skipped (patterns {list(patterns)}); "
-                                f"narrow skip=[...]")
+            raise PipelineError(_nothing_quantized(found, skipped, patterns))
         gm.graph.lint()
         gm.recompile()
-        log.info("quant-int8: %s", stats)
+        log.info("quant-int8: %s (found %s)", stats, dict(found))
         return PassResult(gm, True, stats)
