@@ -61,14 +61,17 @@ def quantize(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torc
     return q, scale
 
 
-def _skipped(gm: fx.GraphModule, patterns: tuple[str, ...] | None) -> tuple[tuple[str, ...], set[str]]:
-    """The patterns in force, and the weights that stay fp32 whatever the patterns (tied to
-    an embedding)."""
+def _skipped(gm: fx.GraphModule, patterns: tuple[str, ...] | None) -> tuple[tuple[str, ...], set[str], set[str]]:
+    """The patterns in force, the weights they leave fp32 by default (the output head's: named
+    by weight, since a head written as a matmul in the model's own forward has no module of its
+    own), and the weights that stay fp32 whatever the patterns (tied to an embedding)."""
     structure = structure_of(gm)
+    head = set()
     if patterns is None:
         patterns = (structure.head.module,) if structure.head is not None else ()
+        head = {structure.head.weight, *(structure.tied_group(structure.head.weight) or ())} if structure.head else set()
     embedded = {name for e in structure.embeddings for name in (structure.tied_group(e.weight) or (e.weight,))}
-    return patterns, embedded
+    return patterns, head, embedded
 
 
 def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
@@ -89,6 +92,13 @@ def _matches(projs: list[Projection], patterns: tuple[str, ...]) -> bool:
     (they differ for a matmul written in the parent's forward)."""
     paths = {ir.module_path(p.node) for p in projs} | {str(projs[0].weight.target).rpartition(".")[0]}
     return any(fnmatch.fnmatch(path, pattern) for path in paths for pattern in patterns)
+
+
+def _skip_reason(name: str, projs: list[Projection], opts: QuantOptions, patterns: tuple[str, ...],
+                 head: set[str], shared: bool) -> str | None:
+    if (name in head) if opts.skip is None else _matches(projs, patterns):
+        return "pattern"
+    return "shared" if shared and opts.tied == "skip" else None
 
 
 def _replace_weight(gm: fx.GraphModule, before: fx.Node, weight_node: fx.Node, in_out: bool, granularity: str,
@@ -151,14 +161,14 @@ class QuantInt8(Pass):
         if not groups:
             raise PipelineError("quant-int8: the graph has no projections by a weight parameter to quantize "
                                 "(aten.linear, Conv1D addmm, or matmul by a weight)")
-        patterns, embedded = _skipped(gm, opts.skip)
+        patterns, head, embedded = _skipped(gm, opts.skip)
         found = Counter(p.form for projs in groups.values() for p in projs)
         skipped: dict[str, list[str]] = {"pattern": [], "shared": []}
         stats = {"quantized": 0, "skipped": 0, "fp32-bytes": 0, "int8-bytes": 0}
         for weight_node, projs in groups.items():
             name = str(weight_node.target)
             shared = name in embedded or read_elsewhere(weight_node, projs)
-            reason = "pattern" if _matches(projs, patterns) else "shared" if shared and opts.tied == "skip" else None
+            reason = _skip_reason(name, projs, opts, patterns, head, shared)
             if reason is not None:
                 skipped[reason].append(name)
                 stats["skipped"] += len(projs)

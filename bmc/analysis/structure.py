@@ -263,7 +263,7 @@ class _Graph:
     def _linear(self, node, x, w, b, transposed: bool) -> tuple[Linear, fx.Node, fx.Node] | None:
         if not isinstance(w, fx.Node) or not isinstance(x, fx.Node):
             return None
-        if _op(w) in ("t", "transpose", "permute") and w.args[0].op == "get_attr":
+        if _op(w) in ("t", "numpy_T", "transpose", "permute") and w.args[0].op == "get_attr":
             w, transposed = w.args[0], not transposed  # x @ W.t(): W is stored (out, in)
         shape = self.shape(w)
         if shape is None or len(shape) != 2:

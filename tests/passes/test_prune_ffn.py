@@ -1,5 +1,7 @@
 """prune-ffn: the pruned model equals the original with the removed neurons' down-projection
-columns zeroed (within 1e-5, outputs and gradients), and loses exactly their parameters."""
+columns zeroed (within 1e-5, outputs on the example and on other inputs, and gradients: a sliced
+weight's against the kept slice of the original's), and loses exactly their parameters; on
+every projection form (nn.Linear, HF Conv1D, matmul by a weight)."""
 import copy
 
 import pytest
@@ -8,19 +10,25 @@ import torch
 import bmc
 from bmc import ir
 from bmc.analysis.structure import structure_of
+import projection_models
+from equivalence import assert_grads_match_slices, other_inputs
 from helpers import model_and_inputs, run
 
 
 def _model(name):
+    if name == "matmul-lm":  # projections written as x @ W.t() and x @ W, not nn.Linear
+        return projection_models.build(), projection_models.example_inputs()
     return model_and_inputs(name)
+
+
+def _mlps(model, inputs):
+    return [block.mlp for block in structure_of(bmc.trace(copy.deepcopy(model), inputs)).blocks]
 
 
 def _masked(model, inputs, kept: dict):
     """The original with every removed neuron's contribution zeroed (its down column)."""
     masked = copy.deepcopy(model)
-    structure = structure_of(bmc.trace(model, inputs))
-    for block in structure.blocks:
-        mlp = block.mlp
+    for mlp in _mlps(model, inputs):
         drop = sorted(set(range(mlp.up.out_features)) - set(kept[mlp.module]))
         with torch.no_grad():
             weight = masked.get_parameter(mlp.down.weight)
@@ -31,20 +39,44 @@ def _masked(model, inputs, kept: dict):
     return masked
 
 
-@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "bert-tiny", "hf-gpt2", "hf-llama"])
-def test_pruned_equals_original_with_neurons_zeroed(name):
+def _kept_slices(model, inputs, kept: dict) -> dict:
+    """Parameter -> (dim, kept neuron ids) for every weight and bias pruning slices: rows of
+    up/gate (columns when stored (in, out)) and their biases, columns of down (rows when
+    stored (in, out))."""
+    slices = {}
+    for mlp in _mlps(model, inputs):
+        keep = kept[mlp.module]
+        for lin in (p for p in (mlp.up, mlp.gate) if p is not None):
+            slices[lin.weight] = (1 if lin.transposed else 0, keep)
+            if lin.bias is not None:
+                slices[lin.bias] = (0, keep)
+        slices[mlp.down.weight] = (0 if mlp.down.transposed else 1, keep)
+    return slices
+
+
+CASES = [(name, dynamic) for name in ("gpt-tiny", "llama-tiny", "bert-tiny", "hf-gpt2", "hf-llama", "matmul-lm")
+         for dynamic in (False, True)]
+
+
+@pytest.mark.parametrize("name, dynamic", CASES)
+def test_pruned_equals_original_with_neurons_zeroed(name, dynamic):
+    """Outputs on the example and on other ids (another batch and length when the trace is
+    dynamic); every gradient, a sliced weight's against the kept slice of the masked original's."""
     model, inputs = _model(name)
-    prog = bmc.compile(copy.deepcopy(model), passes="prune-ffn{ratio=0.5},verify", example_inputs=inputs)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-ffn{ratio=0.5},verify", example_inputs=inputs,
+                       dynamic=dynamic)
     kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_neurons()
     masked = _masked(model, inputs, kept)
+    other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
+    out, want = run(prog, other), run(masked, other)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, run(model, other), atol=1e-4)  # the neurons mattered: the test can fail
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     out.square().mean().backward()
     want.square().mean().backward()
-    reference = dict(masked.named_parameters())
-    for pname, p in prog.graph_module.named_parameters():
-        if p.shape == reference[pname].shape:  # untouched parameters: the same gradient
-            torch.testing.assert_close(p.grad, reference[pname].grad, atol=1e-5, rtol=1e-5)
+    assert_grads_match_slices(dict(prog.graph_module.named_parameters()), dict(masked.named_parameters()),
+                              _kept_slices(model, inputs, kept))
     removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in prog.graph_module.parameters())
     assert removed == prog.records[0].statistics["params-removed"] > 0
 
