@@ -45,3 +45,11 @@ def assert_grads_match_slices(transformed: dict, reference: dict, slices: dict, 
         torch.testing.assert_close(got, want, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
         checked += name in slices
     assert checked == len(slices), f"sliced parameters not found in the program: {set(slices) - set(transformed)}"
+
+
+def probe_loss(out: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """A loss whose gradient reaches every parameter: the outputs against a fixed random
+    direction. (out ** 2).mean() is constant after a final LayerNorm with its initial weights,
+    so an encoder's gradients would all be ~0 and any slice would match.)"""
+    direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return (out.float() * direction).sum()

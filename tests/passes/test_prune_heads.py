@@ -1,6 +1,7 @@
 """prune-heads: the physically pruned model equals the original with those heads masked to zero
-(o's columns of the head zeroed) within 1e-5, outputs and gradients, on fused qkv (zoo GPT),
-GQA (zoo LLaMA, HF Llama) and HF BERT; parameter counts drop by exactly the heads' weights."""
+(o's columns of the head zeroed) within 1e-5, outputs (on the example and on other inputs) and
+gradients (a sliced weight's against the kept slice of the original's), on fused qkv (zoo GPT,
+HF GPT-2's Conv1D), GQA (zoo LLaMA, HF Llama) and HF BERT; parameter counts drop by exactly the heads' weights."""
 import copy
 
 import pytest
@@ -12,6 +13,7 @@ from bmc.compress import calibration
 from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.analysis.structure import structure_of
+from equivalence import assert_grads_match_slices, other_inputs, probe_loss
 from helpers import model_and_inputs, run
 
 
@@ -52,34 +54,67 @@ def _head_params(model, inputs, kept: dict) -> int:
     return total
 
 
-def _check_equivalent(model, inputs, prog):
+def _kept_slices(model, inputs, kept: dict) -> dict:
+    """Parameter -> (dim, kept indices) for every weight and bias pruning slices: the kept query
+    heads' rows of q and columns of o, the rows of the kv heads still read (a group with a query
+    head left) in k and v, at their offsets in a fused qkv (contiguous q | k | v here). Layers
+    that lost every head lose their parameters and have no slice."""
+    slices = {}
+    for block in structure_of(bmc.trace(copy.deepcopy(model), inputs)).blocks:
+        att = block.attention
+        keep = sorted(kept.get(att.module, range(att.num_heads)))
+        if not keep:
+            continue
+        hd, group = att.head_dim, att.num_heads // att.num_kv_heads
+        q_rows = [h * hd + i for h in keep for i in range(hd)]
+        kv_rows = [g * hd + i for g in sorted({h // group for h in keep}) for i in range(hd)]
+        if att.fused:
+            q_width, kv_width = att.num_heads * hd, att.num_kv_heads * hd
+            parts = [(att.qkv, q_rows + [q_width + r for r in kv_rows] + [q_width + kv_width + r for r in kv_rows])]
+        else:
+            parts = [(att.q, q_rows), (att.k, kv_rows), (att.v, kv_rows)]
+        for lin, rows in parts:
+            slices[lin.weight] = (1 if lin.transposed else 0, rows)
+            if lin.bias is not None:
+                slices[lin.bias] = (0, rows)
+        slices[att.o.weight] = (0 if att.o.transposed else 1, q_rows)
+    return slices
+
+
+def _check_equivalent(model, inputs, prog, dynamic=False):
+    """Outputs on the example and on other ids (another batch and length when the trace is
+    dynamic); every gradient, a sliced weight's against the kept slice of the masked original's."""
     kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads()
     masked = _masked(model, inputs, kept)
+    other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
+    torch.testing.assert_close(run(prog, other), run(masked, other), atol=1e-5, rtol=1e-5)
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want, run(model, inputs), atol=1e-4)  # the heads mattered: the test can fail
-    out.square().mean().backward()
-    want.square().mean().backward()
-    reference = dict(masked.named_parameters())
-    for name, p in prog.graph_module.named_parameters():
-        if p.shape == reference[name].shape:  # untouched parameters: the same gradient (none = zero: a
-            got, want = (g if g is not None else torch.zeros_like(p) for g in (p.grad, reference[name].grad))
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)  # skipped attention reads no norm)
+    probe_loss(out).backward()
+    probe_loss(want).backward()
+    assert_grads_match_slices(dict(prog.graph_module.named_parameters()), dict(masked.named_parameters()),
+                              _kept_slices(model, inputs, kept))
     removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in prog.graph_module.parameters())
     assert removed == prog.records[0].statistics["params-removed"] == _head_params(model, inputs, kept) > 0
     return prog.records[0].statistics
 
 
-@pytest.mark.parametrize("name,spec", [
-    ("gpt-tiny", "ratio=0.5"),                 # fused qkv split per q/k/v part; layers keep different counts
-    ("llama-tiny", "heads=[0:0,1:0,1:1]"),     # GQA: a whole kv group (layer 1) and one query head (layer 0)
-    ("hf-llama", "heads=[0:1,1:2,1:3]"),
-    ("hf-bert", "ratio=0.4"),
+@pytest.mark.parametrize("name,spec,dynamic", [
+    ("gpt-tiny", "ratio=0.5", False),                 # fused qkv split per q/k/v part; layers keep different counts
+    ("gpt-tiny", "ratio=0.5", True),
+    ("llama-tiny", "heads=[0:0,1:0,1:1]", False),     # GQA: a whole kv group (layer 1) and one query head (layer 0)
+    ("hf-gpt2", "heads=[0:1,1:0,1:3]", False),        # Conv1D, fused qkv
+    ("hf-gpt2", "heads=[0:1,1:0,1:3]", True),
+    ("hf-llama", "heads=[0:1,1:2,1:3]", False),
+    ("hf-llama", "heads=[0:1,1:2,1:3]", True),
+    ("hf-bert", "ratio=0.4", False),
 ])
-def test_pruned_equals_original_with_heads_masked(name, spec):
+def test_pruned_equals_original_with_heads_masked(name, spec, dynamic):
     model, inputs = _model(name)
-    prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{{spec}}},verify", example_inputs=inputs)
-    _check_equivalent(model, inputs, prog)
+    prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{{spec}}},verify", example_inputs=inputs,
+                       dynamic=dynamic)
+    _check_equivalent(model, inputs, prog, dynamic)
 
 
 def test_gqa_says_whether_whole_groups_or_query_heads_went():
