@@ -1,5 +1,6 @@
 """prune-layers: the pruned model equals the original with the dropped blocks replaced by the
-identity (within 1e-5, outputs and gradients), and loses exactly their parameters."""
+identity (within 1e-5, outputs on the example and on other inputs, and gradients), and loses
+exactly their parameters."""
 import copy
 import dataclasses
 
@@ -10,6 +11,7 @@ import bmc
 import hf_models
 from bmc.models import zoo
 from bmc.passes.prune_layers import every_other
+from equivalence import other_inputs, probe_loss
 from helpers import run
 
 
@@ -37,19 +39,27 @@ def _blocks(model):
     raise AssertionError("no block list")
 
 
-@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "bert-tiny", "hf-llama"])
-def test_pruned_equals_original_with_blocks_skipped(name):
+@pytest.mark.parametrize("name, dynamic", [("gpt-tiny", False), ("gpt-tiny", True), ("llama-tiny", False),
+                                           ("bert-tiny", False), ("hf-gpt2", True), ("hf-llama", False),
+                                           ("hf-llama", True)])
+def test_pruned_equals_original_with_blocks_skipped(name, dynamic):
+    """Outputs on the example and on other ids (another batch and length when the trace is
+    dynamic), and every gradient."""
     model, inputs = _model(name)
-    prog = bmc.compile(copy.deepcopy(model), passes="prune-layers{drop=[1,2]},verify", example_inputs=inputs)
+    prog = bmc.compile(copy.deepcopy(model), passes="prune-layers{drop=[1,2]},verify", example_inputs=inputs,
+                       dynamic=dynamic)
     masked = copy.deepcopy(model)
     blocks = _blocks(masked)
     dropped = sum(p.numel() for i in (1, 2) for p in blocks[i].parameters())
     for i in (1, 2):
         blocks[i] = Skip()
+    other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
+    torch.testing.assert_close(run(prog, other), run(masked, other), atol=1e-5, rtol=1e-5)
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    out.square().mean().backward()
-    want.square().mean().backward()
+    assert not torch.allclose(want, run(model, inputs), atol=1e-4)  # the blocks mattered: the test can fail
+    probe_loss(out).backward()
+    probe_loss(want).backward()
     reference = dict(masked.named_parameters())
     for pname, p in prog.graph_module.named_parameters():
         torch.testing.assert_close(p.grad, reference[pname].grad, atol=1e-5, rtol=1e-5)
