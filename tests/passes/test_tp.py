@@ -1,5 +1,6 @@
-"""tp: tensor-parallel programs on real gloo ranks equal the single-device model: outputs,
-and every gradient (a split weight's against the same slice of the reference's)."""
+"""tp: tensor-parallel programs on real gloo ranks equal the single-device model: outputs on the
+example and on other ids, and every gradient (a split weight's against the same slice of the
+reference's)."""
 import copy
 import dataclasses
 
@@ -12,6 +13,7 @@ import hf_models
 from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.cli.local_ranks import run_ranks
+from equivalence import other_inputs, probe_loss
 from helpers import run
 
 
@@ -38,15 +40,23 @@ def _build(name):
     return model, model.example_inputs()
 
 
+def _loss(out, seed=7):
+    """The model's own loss when it returns one, else a probe of its outputs (averaged: the
+    bounds below are absolute)."""
+    return out if out.dim() == 0 else probe_loss(out, seed) / out.numel()
+
+
 def _check(rank, world_size, name, sequence_parallel=False):
     model, inputs = _build(name)
     collectives = "insert-collectives{sequence_parallel=true}" if sequence_parallel else "insert-collectives"
     prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size}}},{collectives},verify",
                        example_inputs=inputs, world_size=world_size)
+    other = other_inputs(model, inputs)  # the same shapes (the trace is static), other ids
     ref, out = run(model, inputs), run(prog, inputs)
-    forward = (out - ref).abs().max().item()
-    ref.float().square().mean().backward()
-    out.float().square().mean().backward()
+    ref2, out2 = run(model, other), run(prog, other)
+    forward = max((out - ref).abs().max().item(), (out2 - ref2).abs().max().item())
+    (_loss(ref) + _loss(ref2, seed=8)).backward()
+    (_loss(out) + _loss(out2, seed=8)).backward()
     plan = ir.get_plan(prog.graph_module, ir.TensorParallelPlan)
     worst = 0.0
     mine = dict(prog.named_parameters())
@@ -86,10 +96,12 @@ def _check_vocab(rank, world_size, name):
         inputs = (x, torch.roll(x, -1, 1))
     prog = bmc.compile(copy.deepcopy(model), passes=f"tp{{degree={world_size},vocab=true}},insert-collectives,verify",
                        example_inputs=inputs, world_size=world_size)
+    other = other_inputs(model, inputs)
     ref, out = run(model, inputs), run(prog, inputs)
-    forward = (out - ref).abs().max().item()
-    (ref if ref.dim() == 0 else ref.float().square().mean()).backward()
-    (out if out.dim() == 0 else out.float().square().mean()).backward()
+    ref2, out2 = run(model, other), run(prog, other)
+    forward = max((out - ref).abs().max().item(), (out2 - ref2).abs().max().item())
+    (_loss(ref) + _loss(ref2, seed=8)).backward()
+    (_loss(out) + _loss(out2, seed=8)).backward()
     plan = ir.get_plan(prog.graph_module, ir.TensorParallelPlan)
     mine = dict(prog.named_parameters())
     # a tied weight is split under the name the graph reads: find layouts by parameter
