@@ -70,13 +70,25 @@ def _check(rank, world_size, name, sequence_parallel=False):
     return forward, worst
 
 
-# CI runs one case per kind of attention (fused qkv + tied embeddings, GQA, HF Conv1D) at 2
-# ranks (4 ranks: the tp2,zero1 training test); every model at 2 and 4 ranks runs with -m slow.
-IN_CI = {("gpt-tiny", 2), ("llama-gqa", 2), ("hf-gpt2", 2)}  # 4 ranks: tp2,zero1 training below
-CASES = [pytest.param(name, degree, marks=[] if (name, degree) in IN_CI else [pytest.mark.slow])
+# CI runs one case per kind of attention (fused qkv + tied embeddings, GQA, HF Conv1D, HF LLaMA)
+# at 2 ranks, all in one launch (4 ranks: the tp2,zero1 training test); every model at 2 and 4
+# ranks runs with -m slow.
+IN_CI = ("gpt-tiny", "llama-gqa", "hf-gpt2", "hf-llama")
+CASES = [pytest.param(name, degree, marks=[pytest.mark.slow])
          for name in ("gpt-tiny", "llama-gqa", "bert-tiny", "hf-gpt2", "hf-llama", "hf-llama-gqa", "hf-bert")
          for degree in (2, 4)
-         if not (name == "hf-llama" and degree == 4)]  # hf_models' llama has 2 kv heads: tp4 is refused
+         if not (name == "hf-llama" and degree == 4)  # hf_models' llama has 2 kv heads: tp4 is refused
+         and not (name in IN_CI and degree == 2)]
+
+
+def _check_each(rank, world_size, names):
+    return [(name, *_check(rank, world_size, name)) for name in names]
+
+
+def test_tensor_parallel_equals_single_device_in_one_launch():
+    for results in run_ranks(2, _check_each, IN_CI):
+        for name, forward, grads in results:
+            assert forward <= 1e-5 and grads <= 1e-5, (name, forward, grads)
 
 
 @pytest.mark.parametrize("name, degree", CASES)
