@@ -6,6 +6,8 @@ it equals zeroing down[:, j] in the original. `ratio=R` removes round(R * width)
 block, the lowest-scoring: `magnitude` scores neuron j by |up_j| * |down[:, j]| (and |gate_j|),
 `random` draws them with `seed`. Widths of the intermediate activations follow by shape
 propagation, and views inside the MLP that bake its width (HF GPT-2's Conv1D) are rewritten.
+Every projection form the structure analysis knows is sliced alike: aten.linear and a matmul by
+W.t() (W stored (out, in)), HF Conv1D's addmm and a matmul by W (stored (in, out)).
 """
 from __future__ import annotations
 
