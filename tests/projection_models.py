@@ -54,3 +54,38 @@ def build(seed: int = 0) -> MatmulLM:
 def example_inputs(batch: int = 2, seq: int = SEQ, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randint(0, VOCAB, (batch, seq), generator=gen),)
+
+
+class SlicedGateUp(nn.Module):
+    """A fused gate|up taken apart by slices (h[..., :FFN], h[..., FFN:])."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Linear(WIDTH, 2 * FFN)
+        self.down = nn.Linear(FFN, WIDTH)
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        return self.down(torch.nn.functional.silu(h[..., :FFN]) * h[..., FFN:])
+
+
+def build_sliced_gate_up(seed: int = 0) -> MatmulLM:
+    model = build(seed)
+    for block in model.layers:
+        block.mlp = SlicedGateUp()
+    return model
+
+
+class InterleavedGateUp(SlicedGateUp):
+    """A fused gate|up whose gate and up features alternate (h[..., 0::2], h[..., 1::2])."""
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        return self.down(torch.nn.functional.silu(h[..., 0::2]) * h[..., 1::2])
+
+
+def build_interleaved_gate_up(seed: int = 0) -> MatmulLM:
+    model = build(seed)
+    for block in model.layers:
+        block.mlp = InterleavedGateUp()
+    return model

@@ -18,6 +18,8 @@ from helpers import model_and_inputs, run
 def _model(name):
     if name == "matmul-lm":  # projections written as x @ W.t() and x @ W, not nn.Linear
         return projection_models.build(), projection_models.example_inputs()
+    if name == "sliced-gate-up":  # a fused gate|up taken apart by slices
+        return projection_models.build_sliced_gate_up(), projection_models.example_inputs()
     return model_and_inputs(name)
 
 
@@ -29,7 +31,7 @@ def _masked(model, inputs, kept: dict):
     """The original with every removed neuron's contribution zeroed (its down column)."""
     masked = copy.deepcopy(model)
     for mlp in _mlps(model, inputs):
-        drop = sorted(set(range(mlp.up.out_features)) - set(kept[mlp.module]))
+        drop = sorted(set(range(mlp.down.in_features)) - set(kept[mlp.module]))
         with torch.no_grad():
             weight = masked.get_parameter(mlp.down.weight)
             if mlp.down.transposed:
@@ -40,22 +42,24 @@ def _masked(model, inputs, kept: dict):
 
 
 def _kept_slices(model, inputs, kept: dict) -> dict:
-    """Parameter -> (dim, kept neuron ids) for every weight and bias pruning slices: rows of
-    up/gate (columns when stored (in, out)) and their biases, columns of down (rows when
-    stored (in, out))."""
+    """Parameter -> (dim, kept indices) for every weight and bias pruning slices: rows of
+    up/gate (columns when stored (in, out); the kept neurons' rows in each part of a fused
+    gate|up) and their biases, columns of down (rows when stored (in, out))."""
     slices = {}
     for mlp in _mlps(model, inputs):
-        keep = kept[mlp.module]
+        keep, width = kept[mlp.module], mlp.down.in_features
         for lin in (p for p in (mlp.up, mlp.gate) if p is not None):
-            slices[lin.weight] = (1 if lin.transposed else 0, keep)
+            parts = len(mlp.up_parts) if lin is mlp.up and mlp.up_parts else 1  # a fused gate|up: each part
+            rows = [part * width + j for part in range(parts) for j in keep]
+            slices[lin.weight] = (1 if lin.transposed else 0, rows)
             if lin.bias is not None:
-                slices[lin.bias] = (0, keep)
+                slices[lin.bias] = (0, rows)
         slices[mlp.down.weight] = (0 if mlp.down.transposed else 1, keep)
     return slices
 
 
 CASES = [(name, dynamic) for name in ("gpt-tiny", "llama-tiny", "bert-tiny", "hf-gpt2", "hf-llama", "matmul-lm")
-         for dynamic in (False, True)]
+         for dynamic in (False, True)] + [("hf-phi3", False), ("sliced-gate-up", True)]  # fused gate|up: chunked, sliced
 
 
 @pytest.mark.parametrize("name, dynamic", CASES)
@@ -96,3 +100,11 @@ def test_bad_ratio_is_one_clear_error():
     model, inputs = _model("gpt-tiny")
     with pytest.raises(bmc.BmcError, match="ratio must be in \\[0, 1\\)"):
         bmc.compile(model, passes="prune-ffn{ratio=1.5}", example_inputs=inputs)
+
+
+def test_a_fused_gate_up_not_cut_into_whole_parts_is_refused_in_one_line():
+    model = projection_models.build_interleaved_gate_up()  # gate and up features alternate: h[..., 0::2]
+    with pytest.raises(bmc.BmcError, match="up/gate give 192 features for the 96 inputs of layers.0.mlp.down.weight, "
+                                           "in parts the graph does not show") as info:
+        bmc.compile(model, passes="prune-ffn{ratio=0.5}", example_inputs=projection_models.example_inputs())
+    assert "\n" not in str(info.value)

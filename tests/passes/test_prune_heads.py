@@ -68,7 +68,8 @@ def _kept_slices(model, inputs, kept: dict) -> dict:
         hd, group = att.head_dim, att.num_heads // att.num_kv_heads
         q_rows = [h * hd + i for h in keep for i in range(hd)]
         kv_rows = [g * hd + i for g in sorted({h // group for h in keep}) for i in range(hd)]
-        if att.fused:
+        if att.fused:  # the models here store q | k | v contiguously (interleaved ones: test_fused_qkv.py)
+            assert att.qkv_layout is not None and not att.qkv_layout.interleaved, att.qkv_layout
             q_width, kv_width = att.num_heads * hd, att.num_kv_heads * hd
             parts = [(att.qkv, q_rows + [q_width + r for r in kv_rows] + [q_width + kv_width + r for r in kv_rows])]
         else:
