@@ -1,11 +1,12 @@
-"""quant-int8: linear weights to int8 with one fp32 scale per output row (symmetric absmax).
+"""quant-int8: projection weights to int8 with one fp32 scale per output row (symmetric absmax).
 
 Each projection whose module is not skipped becomes a `bmc::int8_linear` reading an int8
 weight buffer, stored (out, in), and a scale buffer. Every form the structure analysis knows is
 rewritten alike: `aten.linear`, Hugging Face's Conv1D `addmm` (its (in, out) weight is
 transposed when quantized) and a matmul by a weight (x @ W.t(), or x @ W stored (in, out)).
-The fp32 weight is removed from the module, so parameter counts and bytes drop. `granularity=tensor` (one scale for the whole matrix) exists to show
-the difference, not as a default. `act=dynamic` also quantizes activations per token at run
+The fp32 weight is removed from the module, so parameter counts and bytes drop.
+`granularity=tensor` (one scale for the whole matrix) exists to show the difference, not as a
+default. `act=dynamic` also quantizes activations per token at run
 time (W8A8); `act=none` is weight-only (dequantized on the fly). `skip` takes fnmatch
 patterns on module paths; by default the output head is skipped (its outliers cost the most
 accuracy) and so is any weight tied to an embedding (the lookup needs the fp32 rows).
@@ -66,12 +67,12 @@ def _skipped(gm: fx.GraphModule, patterns: tuple[str, ...] | None) -> tuple[tupl
     by weight, since a head written as a matmul in the model's own forward has no module of its
     own), and the weights that stay fp32 whatever the patterns (tied to an embedding)."""
     structure = structure_of(gm)
-    head = set()
-    if patterns is None:
-        patterns = (structure.head.module,) if structure.head is not None else ()
-        head = {structure.head.weight, *(structure.tied_group(structure.head.weight) or ())} if structure.head else set()
+    head: set[str] = set()
+    if patterns is None and structure.head is not None:
+        patterns = (structure.head.module,)
+        head = {structure.head.weight, *(structure.tied_group(structure.head.weight) or ())}
     embedded = {name for e in structure.embeddings for name in (structure.tied_group(e.weight) or (e.weight,))}
-    return patterns, head, embedded
+    return patterns or (), head, embedded
 
 
 def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
@@ -138,8 +139,8 @@ def _nothing_quantized(found: Counter, skipped: dict[str, list[str]], patterns: 
     forms = ", ".join(f"{count} {FORM_NAMES[form]}" for form, count in found.items())
     reasons = []
     if skipped["pattern"]:
-        reasons.append(f"{len(skipped['pattern'])} by skip patterns {list(patterns)} ({', '.join(skipped['pattern'][:3])}"
-                       f"{', ...' if len(skipped['pattern']) > 3 else ''})")
+        names = ", ".join(skipped["pattern"][:3]) + (", ..." if len(skipped["pattern"]) > 3 else "")
+        reasons.append(f"{len(skipped['pattern'])} by skip patterns {list(patterns)} ({names})")
     if skipped["shared"]:
         reasons.append(f"{len(skipped['shared'])} because the weight is also read elsewhere, e.g. tied to an "
                        f"embedding ({', '.join(skipped['shared'][:3])}; tied=copy quantizes a copy)")

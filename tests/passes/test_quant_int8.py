@@ -103,7 +103,8 @@ def test_per_row_is_closer_to_fp32_than_per_tensor_and_within_one_percent(name):
     want = run(model, x)
     errors = {}
     for granularity in ("row", "tensor"):
-        out = run(bmc.compile(copy.deepcopy(model), passes=f"quant-int8{{granularity={granularity}}}", example_inputs=x), x)
+        prog = bmc.compile(copy.deepcopy(model), passes=f"quant-int8{{granularity={granularity}}}", example_inputs=x)
+        out = run(prog, x)
         errors[granularity] = ((out - want).norm() / want.norm()).item()
     assert errors["row"] < errors["tensor"] and errors["row"] < 0.01, errors
 
