@@ -138,10 +138,28 @@ def _one_thread(out: str) -> None:
         json.dump(config, f, indent=2)
 
 
-def build_bmc(directory: str, out: str, passes: str, budget: int | None):
+def build_bmc(directory: str, out: str, passes: str) -> str:
+    """An ort-paged build directory of the checkpoint; each batch size loads it afresh."""
     import bmc
-    return bmc.compile(f"hf:{directory}", passes=passes, backend="ort-paged", directory=out, budget=budget,
-                       dynamic=True)
+    bmc.compile(f"hf:{directory}", passes=passes, backend="ort-paged", directory=out, dynamic=True)
+    return out
+
+
+def load_bmc(build: str, batch: int, max_len: int, budget: int | None):
+    import bmc
+    return bmc.load(build, budget=budget, batch=batch, max_len=max_len)
+
+
+def _paged(ours: dict, batch: int, max_len: int, budget: int):
+    """The fp32 build under the budget, or None (said) when it cannot be paged under it."""
+    from bmc.errors import BmcError
+    if not ours:
+        return None
+    try:
+        return load_bmc(ours["fp32"], batch, max_len, budget)
+    except BmcError as exc:
+        print(f"paged build at batch {batch}: {exc}")
+        return None
 
 
 def weight_bytes(directory: str) -> int:
@@ -181,28 +199,35 @@ def main() -> None:
         print(f"checkpoint: LLaMA {args.layers} layers, width {args.width}, {args.heads} heads / {args.kv_heads} kv "
               f"heads, {total / 2**20:.1f} MiB of weights; prompt {args.prompt}, {args.new} new tokens, "
               f"median of {args.repeat}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-        builds = {}
+        genai = {}
         for precision in ("fp32", "int8"):
-            model = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision))
-            builds[f"onnxruntime-genai {precision}"] = (lambda pr, n, m=model: genai_stream(m, pr, n), precision, None)
-        if not args.anchor_only:
-            for name, passes, budget, precision in (("bmc fp32", "", None, "fp32"),
-                                                    ("bmc int8", "quant-int8", None, "int8"),
-                                                    (f"bmc fp32 paged, {args.budget:.0%} budget", "", int(total * args.budget),
-                                                     "paged")):
-                prog = build_bmc(ckpt, os.path.join(work, name.split(",")[0].replace(" ", "-") + ("-paged" if budget else "")),
-                                 passes, budget)
-                builds[name] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), precision, budget)
+            genai[precision] = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision))
+        ours = {} if args.anchor_only else {
+            "fp32": build_bmc(ckpt, os.path.join(work, "bmc-fp32"), ""),
+            "int8": build_bmc(ckpt, os.path.join(work, "bmc-int8"), "quant-int8")}
+        budget = int(total * args.budget)
+        max_len = args.prompt + args.new
         for batch in (int(b) for b in args.batches.split(",")):
+            streams = {f"onnxruntime-genai {p}": (lambda pr, n, m=m: genai_stream(m, pr, n), p) for p, m in genai.items()}
+            for precision, build in ours.items():
+                prog = load_bmc(build, batch, max_len, None)
+                streams[f"bmc {precision}"] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), precision)
+            paged = _paged(ours, batch, max_len, budget)
+            if paged is not None:
+                print(f"paged build at batch {batch}: {len(paged.runtime.plan.resident)} of "
+                      f"{len(paged.runtime.plan.resident) + len(paged.runtime.plan.streamed)} blocks resident "
+                      f"under {budget:,} B ({args.budget:.0%} of the weights, KV cache and activations included)")
+                streams[f"bmc fp32 paged, {args.budget:.0%} budget"] = (lambda pr, n, g=paged: bmc_stream(g, pr, n),
+                                                                      "paged")
             prompts = _prompts(ckpt, batch, args.prompt)
-            results = {name: measure(stream, prompts, args.new, args.repeat) for name, (stream, _, _) in builds.items()}
+            results = {name: measure(stream, prompts, args.new, args.repeat) for name, (stream, _) in streams.items()}
+            anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
             print(f"\nbatch {batch}\n| build | time to first token | decode tokens/s | x anchor |\n|---|---|---|---|")
-            for name, (_, precision, _) in builds.items():
-                anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
+            for name, (_, precision) in streams.items():
                 ref = results.get(anchor[precision]) if anchor[precision] != name else None
                 print(_row(name, results[name], ref))
-            same = results.get("bmc fp32", {}).get("tokens") == results["onnxruntime-genai fp32"]["tokens"]
             if "bmc fp32" in results:
+                same = results["bmc fp32"]["tokens"] == results["onnxruntime-genai fp32"]["tokens"]
                 print(f"greedy tokens of bmc fp32 and onnxruntime-genai fp32 equal: {same}")
     finally:
         if not args.keep:

@@ -1,0 +1,30 @@
+"""The coverage table (tools/coverage.py) is a test: every Hugging Face architecture it builds,
+through trace, zero3 training on 2 ranks, tp2, prune-heads, prune-layers, prune-ffn, quant-int8
+and ort-paged fp32 and int8, each cell checked numerically against the original model. No cell
+may give a wrong number; the architectures the README names pass every cell."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import coverage  # noqa: E402
+
+MUST_PASS = ("gpt2", "llama", "llama-tied", "mistral", "qwen2", "gpt-neox", "opt", "bert")
+
+
+def test_every_cell_of_the_coverage_table():
+    results = coverage.run_table(list(coverage.ARCHS), list(coverage.CELLS))
+    table = coverage.format_table(results, list(coverage.ARCHS), list(coverage.CELLS))
+    assert len(results) == len(coverage.ARCHS) * len(coverage.CELLS), table
+    assert not [k for k, v in results.items() if v.startswith("FAIL")], table
+    assert all(results[(arch, cell)] == "pass" for arch in MUST_PASS for cell in coverage.CELLS), table
+    refusals = [v for v in results.values() if v.startswith("refused")]
+    assert all("\n" not in v for v in refusals)
+
+
+def test_a_wrong_number_is_a_failed_cell():
+    """The table can fail: a check that sees a different model reports FAIL, not pass."""
+    outcome = coverage._outcome(lambda: coverage._close(coverage.ids(1, 2, 0).float(), coverage.ids(1, 2, 1).float(),
+                                                        1e-5, "probe"))
+    assert outcome.startswith("FAIL: AssertionError: probe: max abs difference")
