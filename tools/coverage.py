@@ -12,11 +12,14 @@ happen. What each cell checks, on inputs other than the tracing example:
     trace          the traced graph's output equals eager's (another batch and length)
     zero3          3 AdamW steps on 2 gloo ranks: the losses of a one-process eager run (1e-5)
     tp2            2 gloo ranks: outputs equal eager's (1e-5)
+    pp2            2 stages on 2 gloo ranks, 2 microbatches: the loss and every gradient of one
+                   eager step (1e-5)
     prune-heads    equals the original with the removed heads' columns of o zeroed (1e-5)
     prune-layers   equals the original with block 1 replaced by the identity (1e-5)
     prune-ffn      equals the original with the removed neurons' columns of down zeroed (1e-5)
     quant-int8     equals the original with the same linears quantized here, per row (1e-4)
-    ort fp32       causal LMs: logits of whole sequences within 1e-4 of eager, greedy tokens
+    ort fp32       causal LMs (briefly trained, see ort int8): logits of whole sequences within 1e-4
+                   of eager, greedy tokens
                    equal transformers' generate, one prompt and a left-padded batch of two; encoders: hidden states on the real tokens of a
                    padded batch within 1e-4 of eager
     ort int8       logits (or hidden states) within 1% (norm-relative) of the ort fp32 build's,
@@ -41,8 +44,8 @@ import bmc  # noqa: E402
 from bmc.errors import BmcError  # noqa: E402
 
 VOCAB = 256
-CELLS = ("trace", "zero3", "tp2", "prune-heads", "prune-layers", "prune-ffn", "quant-int8", "ort fp32", "ort int8")
-DISTRIBUTED = ("zero3", "tp2")
+CELLS = ("trace", "zero3", "tp2", "pp2", "prune-heads", "prune-layers", "prune-ffn", "quant-int8", "ort fp32", "ort int8")
+DISTRIBUTED = ("zero3", "tp2", "pp2")
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -246,9 +249,19 @@ def _hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
 PROMPTS = ([5, 17, 99, 42, 7, 250, 33], [61, 8, 120])
 
 
+_SERVED: dict = {}  # arch -> (model, its fp32 build): the int8 cell compares against the same build
+
+
+def _served_fp32(arch: str, directory: str):
+    """The served model (briefly trained, for causal LMs: see `trained`) and its fp32 build."""
+    if arch not in _SERVED:
+        model = build(arch) if arch in ENCODERS else trained(arch)
+        _SERVED[arch] = (model, _served(model, "", os.path.join(directory, f"{arch}-fp32")))
+    return _SERVED[arch]
+
+
 def check_ort_fp32(arch: str, directory: str) -> None:
-    model = build(arch)
-    prog = _served(model, "", directory)
+    model, prog = _served_fp32(arch, directory)
     if arch in ENCODERS:
         x, mask = _left_padded([list(p) for p in PROMPTS], 0)
         got = torch.as_tensor(prog(x.numpy(), mask.numpy()))
@@ -286,10 +299,10 @@ def trained(arch: str, steps: int = 300) -> torch.nn.Module:
 
 def check_ort_int8(arch: str, directory: str) -> None:
     from bmc.models import data
-    model = build(arch) if arch in ENCODERS else trained(arch)
+    model, fp32 = _served_fp32(arch, directory)
     x = data.text_tokens()[4096:4096 + 24].long().view(2, 12)
-    full = torch.as_tensor(_served(model, "", os.path.join(directory, "fp32"))(x.numpy()))
-    int8 = torch.as_tensor(_served(model, "quant-int8", os.path.join(directory, "int8"))(x.numpy()))
+    full = torch.as_tensor(fp32(x.numpy()))
+    int8 = torch.as_tensor(_served(model, "quant-int8", os.path.join(directory, f"{arch}-int8"))(x.numpy()))
     error = float((int8 - full).norm() / full.norm())
     if error > 0.01:
         raise AssertionError(f"int8 build off the fp32 build by {error:.2%} (relative), over 1%")
@@ -345,7 +358,34 @@ def _check_tp2(rank: int, world: int, arch: str) -> None:
     _close(main_output(prog(input_ids=x)), main_output(model(input_ids=x)), 1e-5, "tp2 outputs")
 
 
-DISTRIBUTED_CHECKS = {"zero3": _check_zero3, "tp2": _check_tp2}
+def _square_mean(out, target):
+    return main_output(out).float().square().mean()
+
+
+def _check_pp2(rank: int, world: int, arch: str) -> None:
+    """Two stages, two microbatches: the step's loss and every gradient a stage holds equal one
+    eager step's (1e-5). Causal LMs compute their own loss; an encoder's is the caller's."""
+    model = build(arch)
+    causal = arch not in ENCODERS
+    x = ids(4, 12, 13)
+    prog = bmc.compile(copy.deepcopy(model), passes=f"pp{{stages={world},microbatches=2}}",
+                       example_inputs=example(batch=2, seq=12, labels=causal))
+    if causal:
+        want = model(input_ids=x, labels=x).loss
+        got = prog.step(input_ids=x, labels=x)
+    else:
+        want = _square_mean(model(input_ids=x), None)
+        got = prog.step(input_ids=x, target=torch.zeros(4), loss_fn=_square_mean)
+    want.backward()
+    if abs(float(got) - float(want)) > 1e-5 * max(1.0, abs(float(want))):
+        raise AssertionError(f"pp2 loss {float(got):.7f} where one process gives {float(want):.7f}")
+    reference = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in prog.named_parameters():
+        if p.grad is not None or reference[name].grad is not None:
+            _close(p.grad, reference[name].grad, 1e-5, f"pp2 gradient of {name}")
+
+
+DISTRIBUTED_CHECKS = {"zero3": _check_zero3, "tp2": _check_tp2, "pp2": _check_pp2}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -367,6 +407,7 @@ def run_table(archs: list[str], cells: list[str], progress=None) -> dict[tuple[s
     results: dict[tuple[str, str], str] = {}
     local = {"trace": check_trace, "prune-heads": check_prune_heads, "prune-layers": check_prune_layers,
              "prune-ffn": check_prune_ffn, "quant-int8": check_quant_int8}
+    _SERVED.clear()
     with tempfile.TemporaryDirectory(prefix="bmc-coverage-") as work:
         for arch in archs:
             for cell in cells:
@@ -374,8 +415,7 @@ def run_table(archs: list[str], cells: list[str], progress=None) -> dict[tuple[s
                     results[(arch, cell)] = _outcome(lambda: local[cell](arch))
                 elif cell in ("ort fp32", "ort int8"):
                     serve = check_ort_fp32 if cell == "ort fp32" else check_ort_int8
-                    directory = os.path.join(work, f"{arch}-{cell.replace(' ', '-')}")
-                    results[(arch, cell)] = _outcome(lambda: serve(arch, directory))
+                    results[(arch, cell)] = _outcome(lambda: serve(arch, work))
                 if progress and (arch, cell) in results:
                     progress(arch, cell, results[(arch, cell)])
         wanted = [c for c in cells if c in DISTRIBUTED]
@@ -387,6 +427,7 @@ def run_table(archs: list[str], cells: list[str], progress=None) -> dict[tuple[s
                 results[key] = next((o for o in outcomes if o.startswith("FAIL")), outcomes[0])
                 if progress:
                     progress(*key, results[key])
+    _SERVED.clear()
     return results
 
 

@@ -41,10 +41,12 @@ def test_the_analysis_proves_each_fused_layout():
     assert phi3.up_parts == (128, 128)  # gate_up_proj chunked in two: tp splits each half
 
 
-def _check_tp(rank, world_size, names):
+def _check_tp(rank, world_size, names, root):
     """Each model under tp: outputs on another input than the tracing example, every
-    gradient (a split weight's against the same slice of the reference's), and the weights
-    gathered back from the ranks' slices."""
+    gradient (a split weight's against the same slice of the reference's), the weights
+    gathered back from the ranks' slices, and a sharded checkpoint written with these layouts
+    loaded into a program of another seed's model."""
+    from bmc.backends import checkpoint
     results = {}
     for name in names:
         model = hf_models.build(name)
@@ -67,14 +69,19 @@ def _check_tp(rank, world_size, names):
         # the backend's slices reassemble to the original weights (the layouts a checkpoint uses)
         full = prog.full_state_dict()
         whole = max((full[n] - p.detach()).abs().max().item() for n, p in model.named_parameters())
-        results[name] = (forward, max(worst, whole), split, ref.abs().max().item())
+        checkpoint.save(f"{root}/{name}", prog, step=1)
+        other = bmc.compile(hf_models.build(name, seed=1), passes=f"tp{{degree={world_size}}},insert-collectives",
+                            example_inputs=hf_models.example_inputs(), world_size=world_size)
+        checkpoint.load(f"{root}/{name}", other)
+        resumed = (run(other, inputs) - ref.detach()).abs().max().item()
+        results[name] = (forward, max(worst, whole, resumed), split, ref.abs().max().item())
     return results
 
 
-def test_tp2_on_interleaved_and_sliced_fused_qkv_equals_one_process():
+def test_tp2_on_interleaved_and_sliced_fused_qkv_equals_one_process(tmp_path):
     """GPT-NeoX (interleaved per head), Phi-3 (slices, and a chunked gate_up) with and
     without GQA, on 2 gloo ranks in one launch."""
-    for results in run_ranks(2, _check_tp, MODELS):
+    for results in run_ranks(2, _check_tp, MODELS, str(tmp_path)):
         for name, (forward, grads, split, scale) in results.items():
             assert forward <= 1e-5 and grads <= 1e-5, (name, forward, grads)
             assert split >= 8 and scale > 0.1, (name, split, scale)  # weights were split; outputs are not ~0
