@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import platform
 
+from bmc.checksums import sha256  # noqa: F401 - the builds' checksums, re-exported to ort_lower / ort_paged
+
 SMALL = 1024  # bytes: constants below this (shapes, slice bounds, scalars) stay in the graph, where
 # ONNX Runtime's shape inference reads them; everything larger is a weight and is paged
 
@@ -56,14 +58,6 @@ def int8_weight_format(flags: set[str] | None = None, machine: str | None = None
     integers, run by the u8 x u8 kernels, which widen to int16 before multiplying and never
     saturate)."""
     return "u8" if saturating_u8s8(flags, machine) else "s8"
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def open_session(model, options, providers, what: str):

@@ -10,7 +10,6 @@ code from the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import torch
 from bmc import ir
 from bmc.errors import ModelLoadError
 from bmc.extras import require
+from bmc.checksums import sha256
 
 log = logging.getLogger(__name__)
 
@@ -261,14 +261,6 @@ def tokenizer_plan(directory: str) -> ir.TokenizerPlan | None:
     files = tuple(ir.TokenizerFile(name, sha256(os.path.join(directory, name)))
                   for name in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name)))
     return ir.TokenizerPlan(os.path.abspath(directory), files)
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_graph(spec: str, *, example: Any = None, dynamic: Any = True, device: str | None = None,

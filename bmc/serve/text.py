@@ -3,12 +3,12 @@ with the tokenizer a build carries (tokenizer.json, the `tokenizers` library) or
 bytes for byte-level models. Imports neither torch nor transformers: serving stays small."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 from bmc.errors import ModelLoadError
 from bmc.extras import require
+from bmc.checksums import sha256
 
 PARTIAL = "\ufffd"  # what decoding gives for a character whose bytes have not all come yet
 
@@ -61,14 +61,6 @@ class Stream:
         new = decoded[self.shown:]
         self.shown = max(self.shown, len(decoded))
         return new
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_tokenizer(directory: str, manifest: dict):
