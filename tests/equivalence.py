@@ -53,3 +53,24 @@ def probe_loss(out: torch.Tensor, seed: int = 7) -> torch.Tensor:
     so an encoder's gradients would all be ~0 and any slice would match.)"""
     direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     return (out.float() * direction).sum()
+
+
+def heads_masked(model, inputs, kept: dict):
+    """The original with every head prune-heads removed zeroed: its columns of o (rows of a
+    Conv1D o). `kept`: the PrunePlan's kept heads by attention module."""
+    import copy
+
+    import bmc
+    from bmc.analysis.structure import structure_of
+    masked = copy.deepcopy(model)
+    for block in structure_of(bmc.trace(model, inputs)).blocks:
+        att = block.attention
+        drop = sorted(set(range(att.num_heads)) - set(kept.get(att.module, range(att.num_heads))))
+        cols = [h * att.head_dim + i for h in drop for i in range(att.head_dim)]
+        with torch.no_grad():
+            weight = masked.get_parameter(att.o.weight)
+            if att.o.transposed:
+                weight[cols] = 0
+            else:
+                weight[:, cols] = 0
+    return masked

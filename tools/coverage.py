@@ -50,7 +50,7 @@ DISTRIBUTED = ("zero3", "tp2", "pp2")
 
 # ----------------------------------------------------------------------------- architectures
 
-def _common(layers: int = 2) -> dict:
+def _common() -> dict:
     return dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

@@ -288,16 +288,20 @@ def _option_of(pipeline, pass_name: str, option: str) -> int | None:
     return values.pop() if values else None
 
 
+def _adopt_degree(args, flag: str, degree: int, source: str) -> None:
+    """--tp / --pp follow what the pipeline or the loaded plan says; a different value given is a
+    contradiction."""
+    if getattr(args, flag) not in (1, degree):
+        raise UsageError(f"--{flag} {getattr(args, flag)} contradicts {source}: drop --{flag} or make them equal")
+    setattr(args, flag, degree)
+
+
 def _mesh_from_pipeline(args, pipeline) -> None:
-    """--tp and --pp follow the pipeline's tp and pp passes; a different value is a contradiction."""
+    """--tp and --pp follow the pipeline's tp and pp passes."""
     for flag, pass_name, option in (("tp", "tp", "degree"), ("pp", "pp", "stages")):
         degree = _option_of(pipeline, pass_name, option)
-        if degree is None:
-            continue
-        if getattr(args, flag) not in (1, degree):
-            raise UsageError(f"--{flag} {getattr(args, flag)} contradicts the pipeline's "
-                             f"{pass_name}{{{option}={degree}}}: drop --{flag} or make them equal")
-        setattr(args, flag, degree)
+        if degree is not None:
+            _adopt_degree(args, flag, degree, f"the pipeline's {pass_name}{{{option}={degree}}}")
     if args.world_size % (args.tp * args.pp):
         raise UsageError(f"world size {args.world_size} is not divisible by tp*pp = {args.tp * args.pp}; "
                          f"pick degrees whose product divides it")
@@ -305,15 +309,11 @@ def _mesh_from_pipeline(args, pipeline) -> None:
 
 def _mesh_from_plans(args, gm) -> None:
     """A loaded program brings its tp degree and pipeline stages in its plans: --tp and --pp
-    follow them (a different value, given or from the pipeline, is a contradiction)."""
+    follow them."""
     tp, pp = ir.get_plan(gm, ir.TensorParallelPlan), ir.get_plan(gm, ir.PipelinePlan)
-    for flag, plan, degree in (("tp", tp, tp and tp.degree), ("pp", pp, pp and pp.stages)):
-        if plan is None:
-            continue
-        if getattr(args, flag) not in (1, degree):
-            raise UsageError(f"--{flag} {getattr(args, flag)} contradicts {args.model}, whose plan has {flag}={degree}: "
-                             f"drop --{flag} or make them equal")
-        setattr(args, flag, degree)
+    for flag, degree in (("tp", tp and tp.degree), ("pp", pp and pp.stages)):
+        if degree:
+            _adopt_degree(args, flag, degree, f"{args.model}, whose plan has {flag}={degree}")
     if args.world_size % (args.tp * args.pp):
         raise UsageError(f"{args.model} is planned for tp={args.tp} x pp={args.pp}, which does not divide "
                          f"--world-size {args.world_size}; give a multiple of {args.tp * args.pp}")

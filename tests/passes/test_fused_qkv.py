@@ -14,6 +14,7 @@ from bmc import ir
 from bmc.analysis.structure import QkvLayout, structure_of
 from bmc.cli.local_ranks import run_ranks
 from bmc.errors import PipelineError
+from equivalence import heads_masked
 from helpers import run
 
 MODELS = ("gpt_neox", "phi3", "phi3-gqa")
@@ -87,18 +88,6 @@ def test_tp2_on_interleaved_and_sliced_fused_qkv_equals_one_process(tmp_path):
             assert split >= 8 and scale > 0.1, (name, split, scale)  # weights were split; outputs are not ~0
 
 
-def _masked(model, inputs, kept: dict):
-    """The original with every removed head's output zeroed (its columns of o)."""
-    masked = copy.deepcopy(model)
-    for block in structure_of(bmc.trace(model, inputs)).blocks:
-        att = block.attention
-        drop = sorted(set(range(att.num_heads)) - set(kept.get(att.module, range(att.num_heads))))
-        cols = [h * att.head_dim + i for h in drop for i in range(att.head_dim)]
-        with torch.no_grad():
-            masked.get_parameter(att.o.weight)[:, cols] = 0
-    return masked
-
-
 @pytest.mark.parametrize("name, spec", [
     ("gpt_neox", "heads=[0:1,1:0,1:3]"),
     ("phi3", "heads=[0:2,1:0,1:1]"),
@@ -108,7 +97,7 @@ def test_prune_heads_on_fused_layouts_equals_the_original_with_heads_masked(name
     model, example = hf_models.build(name), hf_models.example_inputs()
     prog = bmc.compile(copy.deepcopy(model), passes=f"prune-heads{{{spec}}},verify", example_inputs=example)
     kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads()
-    masked = _masked(model, example, kept)
+    masked = heads_masked(model, example, kept)
     inputs = _other_inputs()
     out, want = run(prog, inputs), run(masked, inputs)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -13,28 +13,12 @@ from bmc.compress import calibration
 from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.analysis.structure import structure_of
-from equivalence import assert_grads_match_slices, other_inputs, probe_loss
+from equivalence import assert_grads_match_slices, heads_masked, other_inputs, probe_loss
 from helpers import model_and_inputs, run
 
 
 def _model(name):
     return model_and_inputs(name)
-
-
-def _masked(model, inputs, kept: dict):
-    """The original with every removed head's output zeroed (its columns of o)."""
-    masked = copy.deepcopy(model)
-    for block in structure_of(bmc.trace(model, inputs)).blocks:
-        att = block.attention
-        drop = sorted(set(range(att.num_heads)) - set(kept.get(att.module, range(att.num_heads))))
-        cols = [h * att.head_dim + i for h in drop for i in range(att.head_dim)]
-        with torch.no_grad():
-            weight = masked.get_parameter(att.o.weight)
-            if att.o.transposed:
-                weight[cols] = 0
-            else:
-                weight[:, cols] = 0
-    return masked
 
 
 def _head_params(model, inputs, kept: dict) -> int:
@@ -86,7 +70,7 @@ def _check_equivalent(model, inputs, prog, dynamic=False):
     """Outputs on the example and on other ids (another batch and length when the trace is
     dynamic); every gradient, a sliced weight's against the kept slice of the masked original's."""
     kept = ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads()
-    masked = _masked(model, inputs, kept)
+    masked = heads_masked(model, inputs, kept)
     other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
     torch.testing.assert_close(run(prog, other), run(masked, other), atol=1e-5, rtol=1e-5)
     out, want = run(prog, inputs), run(masked, inputs)
@@ -137,7 +121,7 @@ def test_layers_keep_different_head_counts_and_dynamic_shapes_still_run():
     counts = [b.attention.num_heads for b in structure_of(prog.graph_module).blocks]
     assert counts == [2, 4], counts
     bigger = model.example_inputs(batch=3, seq=24)
-    masked = _masked(model, inputs, ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads())
+    masked = heads_masked(model, inputs, ir.get_plan(prog.graph_module, ir.PrunePlan).kept_heads())
     torch.testing.assert_close(run(prog, bigger), run(masked, bigger), atol=1e-5, rtol=1e-5)
 
 
