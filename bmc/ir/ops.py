@@ -438,6 +438,39 @@ def _int8_linear_backward(ctx, grad):
 
 torch.library.register_autograd("bmc::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)
 
+# ------------------------------------------------------------------ attention over a KV cache
+
+
+@torch.library.custom_op("bmc::cached_attention", mutates_args=())
+def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                     past_value: torch.Tensor, mask: torch.Tensor, kv_repeat: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's attention (bmc/serve/kv_cache.py): the new keys and values appended to
+    the cache along the sequence ([B, kv_heads, P, D] + [B, kv_heads, T, D]), each kv head read
+    by `kv_repeat` query heads (HF's repeat_kv: head h reads kv head h // kv_repeat), and
+    sdpa(query [B, heads, T, D], ..., mask [B, 1, T, P + T] additive). Returns the attention
+    output and the present cache. One op rather than cat/expand/sdpa so the ONNX lowering can
+    give it to ONNX Runtime's GroupQueryAttention, which reads the cache without copying it per
+    head (ort_lower)."""
+    keys, values = torch.cat([past_key, key], 2), torch.cat([past_value, value], 2)
+    read_keys, read_values = keys, values
+    if kv_repeat > 1:
+        read_keys = keys.repeat_interleave(kv_repeat, dim=1)
+        read_values = values.repeat_interleave(kv_repeat, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, read_keys, read_values, attn_mask=mask, scale=scale)
+    # laid out [B, T, heads, D] as CPU sdpa gives it: models view its transpose(1, 2) without a copy
+    return out.transpose(1, 2).contiguous().transpose(1, 2), keys, values
+
+
+@cached_attention.register_fake
+def _(query, key, value, past_key, past_value, mask, kv_repeat, scale):
+    def grown(past, new):
+        return past.new_empty((*past.shape[:2], past.shape[2] + new.shape[2], past.shape[3]))
+    batch, heads, tokens = query.shape[:3]
+    out = query.new_empty((batch, tokens, heads, value.shape[-1])).transpose(1, 2)
+    return out, grown(past_key, key), grown(past_value, value)
+
+
 # ------------------------------------------------------------------ pipeline stage markers
 
 

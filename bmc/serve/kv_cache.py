@@ -12,13 +12,13 @@ The rewrite:
   `table[position_ids]` shaped [B, 1, T, d] to broadcast over the heads;
 - each causal attention (sdpa with is_causal, or with a mask the graph builds from the length
   alone and that is proved, by evaluating it, to be the causal triangle: HF's explicit masks)
-  reads `cat(past_k, k)` and `cat(past_v, v)` along the sequence, returns them as the layer's
-  present cache, and takes an explicit mask: query i (slot P + i of S = P + T) sees slot j
+  becomes one `bmc::cached_attention`, which reads `cat(past_k, k)` and `cat(past_v, v)` along
+  the sequence, returns them as the layer's present cache, and takes an explicit mask: query i (slot P + i of S = P + T) sees slot j
   when j <= P + i and `attention_mask[b, j]` (left-padded prompts), and always its own slot,
   so a padding row is never fully masked;
 - the cache holds k and v as attention reads them, [B, heads, S, head_dim], except that a GQA
-  repeat of the kv heads (HF's repeat_kv: unsqueeze, expand, reshape) is moved after the
-  cache, which then holds the kv heads only.
+  repeat of the kv heads (HF's repeat_kv: unsqueeze, expand, reshape) is taken into the op
+  (each kv head read by its group of query heads), so the cache holds the kv heads only.
 
 The result is a GraphModule with inputs (input_ids, position_ids, attention_mask, past_k_0,
 past_v_0, ...) and outputs (logits, present_k_0, present_v_0, ...); the ort-paged backend cuts
@@ -27,18 +27,21 @@ it into parts and lowers each.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 
 import torch
 import torch.fx as fx
 
+import bmc.ir.ops  # noqa: F401 - registers bmc::cached_attention
 from bmc import ir
 from bmc.errors import BmcError
 from bmc.ir.trace import trace_info
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+CACHED_ATTENTION = torch.ops.bmc.cached_attention.default
 
 
 class CacheError(BmcError):
@@ -179,15 +182,6 @@ def kv_heads_source(key: fx.Node) -> tuple[fx.Node, int]:
     return source, repeat
 
 
-def _repeat_heads(graph: fx.Graph, cached: fx.Node, repeat: int) -> fx.Node:
-    """HF's repeat_kv after the cache: [B, kv, S, D] -> [B, kv * repeat, S, D], head h = kv h // repeat."""
-    if repeat == 1:
-        return cached
-    grown = graph.call_function(aten.expand.default, (graph.call_function(aten.unsqueeze.default, (cached, 2)),
-                                                      [-1, -1, repeat, -1, -1]))
-    return graph.call_function(aten.flatten.using_ints, (grown, 1, 2))
-
-
 def check_causal_masks(gm: fx.GraphModule, ids: fx.Node, length: int) -> list[fx.Node]:
     """The sdpa sites, each proved causal (is_causal, or a mask proved to be the triangle up to
     `length`), or a CacheError naming the one that is not."""
@@ -235,12 +229,18 @@ def _rewrite_attention(gm: fx.GraphModule, sites: list[fx.Node], ids: fx.Node,
         heads.append(int(k_val.shape[1]))
         dims.append(int(k_val.shape[3]))
         past_k, past_v = caches[index]
+        query = args["query"]
+        scale = args.get("scale")
+        if scale is None:  # sdpa's own default, made explicit for the ONNX lowering
+            scale = 1.0 / math.sqrt(int(ir.tensor_val(query).shape[-1]))
         with graph.inserting_before(node):
-            keys = graph.call_function(aten.cat.default, ([past_k, key], 2))
-            values = graph.call_function(aten.cat.default, ([past_v, value], 2))
-            read_keys, read_values = _repeat_heads(graph, keys, key_repeat), _repeat_heads(graph, values, value_repeat)
-        kwargs = {"scale": args["scale"]} if args.get("scale") is not None else {}
-        node.args, node.kwargs = (args["query"], read_keys, read_values, mask), kwargs
+            attended = graph.call_function(CACHED_ATTENTION, (query, key, value, past_k, past_v, mask, key_repeat,
+                                                              float(scale)))
+            out, keys, values = (graph.call_function(operator.getitem, (attended, i)) for i in range(3))
+        for made in (attended, out, keys, values):  # the block the attention was in: where the parts are cut
+            made.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
         presents += [keys, values]
     return presents, CacheLayout(tuple(heads), tuple(dims), 0, 0)
 
@@ -293,10 +293,10 @@ def decode_step(gm: fx.GraphModule, max_len: int | None = None) -> tuple[fx.Grap
                          "cannot follow a cache")
     presents, layout = _rewrite_attention(step, sites, ids, attention_mask)
     _drop_asserts(graph)
-    graph.eliminate_dead_code()  # the model's own masks, now unread
     output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
-    output.args = ((logits, *presents),)
+    output.args = ((logits, *presents),)  # first: the present caches are read only here
+    graph.eliminate_dead_code()  # the model's own masks, now unread
     flatten_signature(step)
     rows = [r for r in (*slice_rows, *source_rows, max_len) if r]
     layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]), min(rows, default=0))

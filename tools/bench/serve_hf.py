@@ -9,10 +9,13 @@ The checkpoint is written here (random weights, a byte-level BPE tokenizer train
 `tokenizers` library on the standard library's sources): nothing is downloaded. Each build
 decodes greedily from the same prompts; the figures are time to first token (prefill of the
 prompt and the first new token) and decode tokens/s after it (new tokens x batch / time), the
-median of --repeat runs, at batch 1 and 8, with one ONNX Runtime thread on each side. Both
-sides run the same precision at a time: fp32 against genai's `-p fp32`, bmc's quant-int8
-against genai's `-p int8`; bmc's paged build (a budget of 30% of the weights, which genai
-cannot do) is compared against bmc's resident fp32 build.
+median of --repeat runs, at batch 1 and 8, with the same number of ONNX Runtime threads on
+each side (--threads; OMP_NUM_THREADS by default). Both sides run the same precision at a
+time: fp32 against genai's `-p fp32`; bmc's quant-int8 (the head kept fp32, bmc's default) and
+quant-int8{skip=[]} (the head quantized too, as genai's int8 does) against genai's `-p int8`.
+bmc's paged build (a budget of 30% of the weights, which genai cannot do; when its fixed parts
+do not fit that, the smallest budget in steps of 5% that does, said in the output) is compared
+against bmc's resident fp32 build.
 """
 from __future__ import annotations
 
@@ -116,23 +119,23 @@ def measure(stream, prompts, new: int, repeat: int) -> dict:
     return {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * len(prompts) / decode, "tokens": tokens}
 
 
-def build_genai(directory: str, out: str, precision: str) -> str:
+def build_genai(directory: str, out: str, precision: str, threads: int) -> str:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", directory, "-o", out, "-p", precision,
            "-e", "cpu", "-c", os.path.join(out, "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"onnxruntime-genai's builder failed ({precision}): {done.stderr[-800:]}")
-    _one_thread(out)
+    _threads(out, threads)
     return out
 
 
-def _one_thread(out: str) -> None:
-    """genai reads its session options from genai_config.json: one intra-op thread, as bmc's side."""
+def _threads(out: str, threads: int) -> None:
+    """genai reads its session options from genai_config.json: `threads` intra-op threads, as bmc's side."""
     path = os.path.join(out, "genai_config.json")
     with open(path) as f:
         config = json.load(f)
     options = config["model"]["decoder"].setdefault("session_options", {})
-    options["intra_op_num_threads"] = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    options["intra_op_num_threads"] = threads
     options["inter_op_num_threads"] = 1
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
@@ -145,21 +148,24 @@ def build_bmc(directory: str, out: str, passes: str) -> str:
     return out
 
 
-def load_bmc(build: str, batch: int, max_len: int, budget: int | None):
+def load_bmc(build: str, batch: int, max_len: int, budget: int | None, threads: int):
     import bmc
-    return bmc.load(build, budget=budget, batch=batch, max_len=max_len)
+    return bmc.load(build, budget=budget, batch=batch, max_len=max_len, threads=threads)
 
 
-def _paged(ours: dict, batch: int, max_len: int, budget: int):
-    """The fp32 build under the budget, or None (said) when it cannot be paged under it."""
+def _paged(ours: dict, batch: int, max_len: int, total: int, fraction: float, threads: int):
+    """The fp32 build under `fraction` of the weights, or the smallest fraction in steps of 5%
+    its fixed parts fit (said); (program, fraction), or (None, None) past 60%."""
     from bmc.errors import BmcError
     if not ours:
-        return None
-    try:
-        return load_bmc(ours["fp32"], batch, max_len, budget)
-    except BmcError as exc:
-        print(f"paged build at batch {batch}: {exc}")
-        return None
+        return None, None
+    while fraction <= 0.6:
+        try:
+            return load_bmc(ours["fp32"], batch, max_len, int(total * fraction), threads), fraction
+        except BmcError as exc:
+            print(f"paged build at batch {batch}, {fraction:.0%} budget: {exc}")
+            fraction = round(fraction + 0.05, 2)
+    return None, None
 
 
 def weight_bytes(directory: str) -> int:
@@ -183,6 +189,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="ONNX Runtime intra-op threads, on both sides (default: OMP_NUM_THREADS, else 1)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--budget", type=float, default=0.3, help="the paged build's budget, a fraction of the weights")
     p.add_argument("--anchor-only", action="store_true", help="only onnxruntime-genai (checks the anchor's side)")
@@ -198,27 +206,29 @@ def main() -> None:
         total = weight_bytes(ckpt)
         print(f"checkpoint: LLaMA {args.layers} layers, width {args.width}, {args.heads} heads / {args.kv_heads} kv "
               f"heads, {total / 2**20:.1f} MiB of weights; prompt {args.prompt}, {args.new} new tokens, "
-              f"median of {args.repeat}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+              f"median of {args.repeat}, {args.threads} ONNX Runtime thread(s) on each side")
         genai = {}
         for precision in ("fp32", "int8"):
-            genai[precision] = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision))
+            genai[precision] = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision,
+                                                    args.threads))
         ours = {} if args.anchor_only else {
             "fp32": build_bmc(ckpt, os.path.join(work, "bmc-fp32"), ""),
-            "int8": build_bmc(ckpt, os.path.join(work, "bmc-int8"), "quant-int8")}
-        budget = int(total * args.budget)
+            "int8": build_bmc(ckpt, os.path.join(work, "bmc-int8"), "quant-int8"),
+            "int8, head too": build_bmc(ckpt, os.path.join(work, "bmc-int8-head"), "quant-int8{skip=[]}")}
         max_len = args.prompt + args.new
         for batch in (int(b) for b in args.batches.split(",")):
             streams = {f"onnxruntime-genai {p}": (lambda pr, n, m=m: genai_stream(m, pr, n), p) for p, m in genai.items()}
-            for precision, build in ours.items():
-                prog = load_bmc(build, batch, max_len, None)
-                streams[f"bmc {precision}"] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), precision)
-            paged = _paged(ours, batch, max_len, budget)
+            for name, build in ours.items():
+                prog = load_bmc(build, batch, max_len, None, args.threads)
+                streams[f"bmc {name}"] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), name.split(",")[0])
+            paged, fraction = _paged(ours, batch, max_len, total, args.budget, args.threads)
             if paged is not None:
                 print(f"paged build at batch {batch}: {len(paged.runtime.plan.resident)} of "
                       f"{len(paged.runtime.plan.resident) + len(paged.runtime.plan.streamed)} blocks resident "
-                      f"under {budget:,} B ({args.budget:.0%} of the weights, KV cache and activations included)")
-                streams[f"bmc fp32 paged, {args.budget:.0%} budget"] = (lambda pr, n, g=paged: bmc_stream(g, pr, n),
-                                                                      "paged")
+                      f"under {int(total * fraction):,} B ({fraction:.0%} of the weights, KV cache and activations "
+                      f"included)")
+                streams[f"bmc fp32 paged, {fraction:.0%} budget"] = (lambda pr, n, g=paged: bmc_stream(g, pr, n),
+                                                                   "paged")
             prompts = _prompts(ckpt, batch, args.prompt)
             results = {name: measure(stream, prompts, args.new, args.repeat) for name, (stream, _) in streams.items()}
             anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
