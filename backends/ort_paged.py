@@ -562,7 +562,9 @@ def _register() -> None:
         keeps it) and serve it under `budget` bytes. `max_len` caps the positions served (the
         model's own, from its position tables or its config, otherwise); `task` ("causal-lm",
         "encoder") overrides what the structure analysis tells."""
+        import shutil
         import tempfile
+        import weakref
         if context.world_size != 1:
             raise BackendError("ort-paged serves on one process: compile with world_size=1")
         if budget is not None and budget <= 0:
@@ -570,10 +572,18 @@ def _register() -> None:
         gpu = any(p != "CPUExecutionProvider" for p in (providers or []) if isinstance(p, str))
         target = directory or tempfile.mkdtemp(prefix="bmc-ort-")
         positions = [n for n in (max_len, context.settings.get("max_positions")) if n]
-        build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu,
-              max_len=min(positions) if positions else None, task=task)
-        return load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads, batch=batch,
-                    max_len=max_len, streaming=streaming)
+        try:
+            build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu,
+                  max_len=min(positions) if positions else None, task=task)
+            program = load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads,
+                           batch=batch, max_len=max_len, streaming=streaming)
+        except BaseException:
+            if directory is None:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        if directory is None:  # a build of its own: gone with the program (prog.save(DIR) keeps a copy)
+            weakref.finalize(program, shutil.rmtree, target, True)
+        return program
 
 
 _register()

@@ -78,6 +78,7 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
                                 (True, "read")):
         paged = bmc.load(directory, budget=budget, max_len=48, prefetch=prefetch, streaming=streaming)
         assert paged.plan.streamed and not paged.plan.resident and paged.plan.weight_bytes <= budget - reserve
+        assert paged.runtime.whole is None and served.runtime.whole is not None  # parts against the whole graph
         assert paged.generate([[7, 7, 1]], 12) == served.generate([[7, 7, 1]], 12)
         assert paged.runtime.streamer.bytes_read > 0
         if streaming == "prepacked":  # ONNX Runtime's own mappings were paged: out of memory after each run,
@@ -242,3 +243,28 @@ def test_u8_weights_where_x86_has_no_exact_u8s8_dot_product():
     assert int8_weight_format(avx2 | {"avx512f", "avx512_vnni"}, "x86_64") == "s8"
     assert int8_weight_format(avx2 | {"avx_vnni"}, "x86_64") == "s8"
     assert int8_weight_format({"asimd", "asimddp"}, "aarch64") == "s8"
+
+
+def test_a_build_without_a_directory_is_removed_with_its_program():
+    import gc
+    torch.manual_seed(0)
+    model = zoo.build(zoo.config("gpt-tiny")).eval()
+    served = bmc.compile(model, example_inputs=model.example_inputs(), dynamic=True, backend="ort-paged")
+    directory = served.directory
+    assert os.path.isfile(os.path.join(directory, "manifest.json"))
+    del served
+    gc.collect()
+    assert not os.path.exists(directory)
+
+
+def test_the_gpu_lowering_in_standard_ops_gives_the_cpu_builds_tokens(built, tmp_path, caplog):
+    """A GPU build writes its attention as standard ONNX ops (GroupQueryAttention wants fp16
+    there); run here on the CPU provider, it gives what the CPU build (GroupQueryAttention) gives."""
+    reference, served, _ = built
+    gpu_build = str(tmp_path / "gpu")
+    ort_paged.build(reference.graph_module, gpu_build, gpu=True)
+    on_cpu = bmc.load(gpu_build, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(on_cpu(ids), served(ids), atol=1e-4, rtol=1e-4)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    assert on_cpu.generate(prompts, 12) == served.generate(prompts, 12)
