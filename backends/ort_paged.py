@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bmc.backends.ort_artifacts import SMALL, machine_key, open_session, saturating_u8s8, sha256
-from bmc.backends.ort_streamer import SLOTS, Streamer, bound_malloc, mapped_ranges
+from bmc.backends.ort_streamer import DONTNEED, SLOTS, Streamer, advise, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,11 @@ def spread(count: int, total: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(count - 1, 1)) if count > 1 else total // 2 for i in range(count)})
 
 
-def plan_residency(block_bytes: list[int], fixed_bytes: int, budget: int | None, reserved: int = 0) -> Plan:
+def plan_residency(block_bytes: list[int], fixed_bytes: int, budget: int | None, reserved: int = 0,
+                   fixed_streaming: int | None = None) -> Plan:
     """Which blocks stay resident under `budget` (None: all), given the always-resident parts
-    and the bytes `reserved` for the KV cache and activations."""
+    (`fixed_bytes`; `fixed_streaming` when blocks are streamed, where lookup tables are paged
+    by rows: `row_paged`) and the bytes `reserved` for the KV cache and activations."""
     total = len(block_bytes)
     if budget is None:
         return Plan(tuple(range(total)), (), 0, fixed_bytes + sum(block_bytes))
@@ -75,6 +77,7 @@ def plan_residency(block_bytes: list[int], fixed_bytes: int, budget: int | None,
     everything = fixed_bytes + sum(block_bytes) + reserved
     if everything <= budget:
         return Plan(tuple(range(total)), (), 0, fixed_bytes + sum(block_bytes))
+    fixed_bytes = fixed_bytes if fixed_streaming is None else fixed_streaming
     need = fixed_bytes + SLOTS * largest + reserved
     if budget < need:
         raise BackendError(f"budget {budget:,} bytes is below what serving needs: {need:,} (embedding and head "
@@ -263,6 +266,33 @@ def choose_streaming(manifest: dict, requested: str, providers: list) -> str:
     return requested
 
 
+PAGE = 4096
+
+
+def row_paged(directory: str, part: dict, batch: int, max_len: int) -> tuple[list[str], int]:
+    """The part's lookup tables (weights read only as Gather's table: embeddings, position
+    tables) and the bytes they hold when paged by rows: a step looks up at most batch x max_len
+    rows, and each row touches at most its pages plus one (rows straddle pages). Their pages
+    are dropped after every step (PagedRuntime), so only those rows are ever in memory, where
+    holding the table would cost the embedding of a 32k vocabulary at width 4096 (512 MiB fp32)
+    to look up a few rows."""
+    import onnx
+    graph = onnx.load(os.path.join(directory, part["stem"] + ".onnx"), load_external_data=False).graph
+    readers: dict[str, set] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, set()).add((node.op_type, position))
+    tables, held = [], 0
+    for weight in part["weights"]:
+        if len(weight["shape"]) == 2 and readers.get(weight["name"]) == {("Gather", 0)}:
+            row = weight["nbytes"] // max(weight["shape"][0], 1)
+            tables.append(weight["name"])
+            held += min(weight["nbytes"], batch * max_len * (-(-row // PAGE) + 1) * PAGE)
+        else:
+            held += weight["nbytes"]
+    return tables, held
+
+
 class PagedRuntime:
     """Runs the decode step part by part; block weights resident or streamed as planned."""
 
@@ -282,7 +312,21 @@ class PagedRuntime:
         fixed = sum(p["held_bytes"] for i, p in enumerate(self.parts) if i not in blocks)
         self.batch, self.max_len = batch, max_len or manifest["max_len"]
         self.reserved = reserved_bytes(manifest, batch, self.max_len)
-        plan = plan_residency([self.parts[i]["held_bytes"] for i in blocks], fixed, budget, self.reserved)
+        # streaming blocks, the embedding's tables are paged by rows: only where ONNX Runtime
+        # maps them (prepacked), so dropping their pages is ours to do
+        self.row_paged: dict[int, int] = {}  # part -> bytes its tables held when paged by rows
+        fixed_streaming = fixed
+        if self.streaming == "prepacked":
+            for index, part in enumerate(self.parts):
+                if part["kind"] == "embed":
+                    tables, held = row_paged(directory, part, batch, self.max_len)
+                    if tables and held < part["held_bytes"]:
+                        self.row_paged[index] = sum(t["nbytes"] for t in part["weights"] if t["name"] in tables)
+                        fixed_streaming -= part["held_bytes"] - held
+        plan = plan_residency([self.parts[i]["held_bytes"] for i in blocks], fixed, budget, self.reserved,
+                              fixed_streaming)
+        if not plan.streamed:
+            self.row_paged = {}
         self.plan = Plan(tuple(blocks[i] for i in plan.resident), tuple(blocks[i] for i in plan.streamed),
                          plan.slot_bytes, plan.weight_bytes)
         self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
@@ -303,6 +347,7 @@ class PagedRuntime:
         import onnx
         self.sessions, self.renames = [], []
         self.whole = None
+        self.table_ranges: dict[int, list[tuple[int, int]]] = {}
         whole = self.manifest.get("whole")
         if whole and not self.plan.streamed:
             self.whole = open_session(os.path.join(self.directory, whole),
@@ -322,11 +367,13 @@ class PagedRuntime:
                 continue
             suffix = ".packed.onnx" if self.streaming == "prepacked" else ".onnx"
             packed_weights = os.path.join(self.directory, part["stem"] + ".packed.bin")
-            before = mapped_ranges(packed_weights) if streamed else []
+            before = mapped_ranges(packed_weights) if streamed or index in self.row_paged else []
             self.sessions.append(open_session(os.path.join(self.directory, part["stem"] + suffix),
                                               _session_options(threads, self.reserved), self.providers,
                                               part["stem"] + suffix))
             self.renames.append(None)
+            if index in self.row_paged:
+                self._track_tables(index, packed_weights, before)
             if streamed:
                 mapped = self.streamer.track(index, packed_weights, before)
                 if mapped < part["held_bytes"] // 2:  # ONNX Runtime copied them to its heap instead
@@ -334,6 +381,18 @@ class PagedRuntime:
                                        f"its heap ({mapped:,} of {part['held_bytes']:,} bytes mapped), so they "
                                        f"cannot be paged; pass streaming='mmap'")
         self.streamed_sessions = len(shared)
+
+    def _track_tables(self, index: int, path: str, before: list[tuple[int, int]]) -> None:
+        """A row-paged part's session was made: its mappings, whose pages are dropped after each
+        run; refused when ONNX Runtime copied its tables to its heap (the plan counted rows)."""
+        earlier = set(before)
+        ranges = [r for r in mapped_ranges(path) if r not in earlier]
+        if sum(length for _, length in ranges) < self.row_paged[index]:
+            raise BackendError(f"ort-paged: ONNX Runtime holds part {self.parts[index]['name']}'s lookup tables on its "
+                               f"heap, so they cannot be paged by rows; give a budget that holds them, or pass "
+                               f"streaming='mmap'")
+        self.table_ranges[index] = ranges
+        advise(ranges, DONTNEED)
 
     def step(self, feeds: dict) -> list:
         """One decode step: feeds by input name (numpy arrays, wrapped without a copy, or the
@@ -367,6 +426,8 @@ class PagedRuntime:
             del inputs
             if streamed:
                 self.streamer.release(index)
+            if index in self.table_ranges:  # the rows this step looked up leave memory (the page cache keeps them)
+                advise(self.table_ranges[index], DONTNEED)
             env.update(zip(part["outputs"], outputs))
             for name in part["inputs"]:
                 if self.last_use.get(name) == index and name not in keep:

@@ -268,3 +268,28 @@ def test_the_gpu_lowering_in_standard_ops_gives_the_cpu_builds_tokens(built, tmp
     torch.testing.assert_close(on_cpu(ids), served(ids), atol=1e-4, rtol=1e-4)
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     assert on_cpu.generate(prompts, 12) == served.generate(prompts, 12)
+
+
+def test_streaming_blocks_pages_the_embedding_by_rows(tmp_path):
+    """Under a budget that streams blocks, the embedding table is counted as the rows a step can
+    look up, not the table; its pages leave memory after every step, and tokens do not change."""
+    import dataclasses
+    torch.manual_seed(0)
+    model = zoo.build(dataclasses.replace(zoo.config("gpt-tiny"), n_layer=3, vocab_size=2048)).eval()
+    directory = str(tmp_path / "served")
+    served = bmc.compile(model, example_inputs=model.example_inputs(), dynamic=True, backend="ort-paged",
+                         directory=directory)
+    manifest, max_len = served.manifest, 8
+    held = [ort_paged.packed_bytes(directory, p) for p in manifest["parts"]]
+    blocks = [h for h, p in zip(held, manifest["parts"]) if p["kind"] == "block"]
+    embed = next(i for i, p in enumerate(manifest["parts"]) if p["kind"] == "embed")
+    tables, rows = ort_paged.row_paged(directory, manifest["parts"][embed], 1, max_len)
+    assert tables and rows < held[embed] // 4  # 8 rows' pages against a 2048-row table
+    fixed = sum(h for h, p in zip(held, manifest["parts"]) if p["kind"] != "block") - held[embed] + rows
+    needed = fixed + 2 * max(blocks) + ort_paged.reserved_bytes(manifest, 1, max_len)
+    paged = bmc.load(directory, budget=needed, max_len=max_len)
+    assert paged.plan.streamed and embed in paged.runtime.table_ranges
+    assert paged.generate([[7, 300, 1500]], 4) == served.generate([[7, 300, 1500]], 4)
+    assert _mapped_kib(paged.runtime.table_ranges[embed]) == (0, 0)  # dropped after the last step
+    with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
+        bmc.load(directory, budget=needed - 1, max_len=max_len)
