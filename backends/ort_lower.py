@@ -37,6 +37,7 @@ from bmc import ir
 from bmc.errors import BackendError
 from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, open_session
 from bmc.analysis.structure import structure_of
+from bmc.rewrite.merge_projections import merge_shared_input_projections
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -671,6 +672,7 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     if not layout.max_positions:
         raise BackendError("ort-paged cannot tell how many positions this model takes (no position table: RoPE "
                            "computed in the graph, and no config); pass max_len=N (its max_position_embeddings)")
+    merge_shared_input_projections(step)  # q|k|v and gate|up as one product each
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate
     small, other = (record(step, parts, inputs) for inputs in examples)
