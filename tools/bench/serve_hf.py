@@ -9,8 +9,8 @@ The checkpoint is written here (random weights, a byte-level BPE tokenizer train
 `tokenizers` library on the standard library's sources): nothing is downloaded. Each build
 decodes greedily from the same prompts; the figures are time to first token (prefill of the
 prompt and the first new token) and decode tokens/s after it (new tokens x batch / time), the
-median of --repeat runs, at batch 1 and 8, with the same number of ONNX Runtime threads on
-each side (--threads; OMP_NUM_THREADS by default). Both sides run the same precision at a
+median of --repeat rounds (each build once per round, in turn), at batch 1 and 8, with the
+same number of ONNX Runtime threads on each side (--threads; OMP_NUM_THREADS by default). Both sides run the same precision at a
 time: fp32 against genai's `-p fp32`; bmc's quant-int8 (the head kept fp32, bmc's default) and
 quant-int8{skip=[]} (the head quantized too, as genai's int8 does) against genai's `-p int8`.
 bmc's paged build (a budget of 30% of the weights, which genai cannot do; when its fixed parts
@@ -111,12 +111,22 @@ def bmc_stream(prog, prompts: list[list[int]], new: int):
     yield from prog.generate(prompts, new, stream=True)
 
 
-def measure(stream, prompts, new: int, repeat: int) -> dict:
-    runs = [_timed_stream(stream(prompts, new)) for _ in range(repeat + 1)][1:]  # the first warms up
-    ttft = statistics.median(r[0] for r in runs)
-    decode = statistics.median(r[1] for r in runs)
-    tokens = [list(step) for step in runs[-1][2]]
-    return {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * len(prompts) / decode, "tokens": tokens}
+def measure(streams: dict, prompts, new: int, repeat: int) -> dict:
+    """Each build's figures, the builds run in turn in every round (a drift of the machine's
+    speed, which is large on a shared VM, then falls on all of them alike); the first round
+    warms up."""
+    runs: dict[str, list] = {name: [] for name in streams}
+    for _ in range(repeat + 1):
+        for name, stream in streams.items():
+            runs[name].append(_timed_stream(stream(prompts, new)))
+    results = {}
+    for name, timed in runs.items():
+        timed = timed[1:]
+        ttft = statistics.median(r[0] for r in timed)
+        decode = statistics.median(r[1] for r in timed)
+        results[name] = {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * len(prompts) / decode,
+                         "tokens": [list(step) for step in timed[-1][2]]}
+    return results
 
 
 def build_genai(directory: str, out: str, precision: str, threads: int) -> str:
@@ -230,7 +240,7 @@ def main() -> None:
                 streams[f"bmc fp32 paged, {fraction:.0%} budget"] = (lambda pr, n, g=paged: bmc_stream(g, pr, n),
                                                                    "paged")
             prompts = _prompts(ckpt, batch, args.prompt)
-            results = {name: measure(stream, prompts, args.new, args.repeat) for name, (stream, _) in streams.items()}
+            results = measure({name: stream for name, (stream, _) in streams.items()}, prompts, args.new, args.repeat)
             anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
             print(f"\nbatch {batch}\n| build | time to first token | decode tokens/s | x anchor |\n|---|---|---|---|")
             for name, (_, precision) in streams.items():
