@@ -24,9 +24,21 @@ class Text:
         return self.tokenizer.encode(text).ids if self.tokenizer else list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        if self.tokenizer:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-        return bytes(ids).decode("utf-8", "replace")
+        """The text of `ids`. An id the tokenizer does not know (a model's vocabulary is often
+        padded past its tokenizer's) shows as `<id N>`: the library's decode drops it without
+        a word, so text would go missing where the model produced a token."""
+        if not self.tokenizer:
+            return bytes(ids).decode("utf-8", "replace")
+        known = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        pieces, run = [], []
+        for token in ids:
+            if 0 <= token < known:
+                run.append(token)
+                continue
+            pieces += [self.tokenizer.decode(run, skip_special_tokens=True), f"<id {token}>"]
+            run = []
+        pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(pieces)
 
 
 class Stream:

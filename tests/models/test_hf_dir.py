@@ -258,3 +258,15 @@ def test_text_streams_whole_characters_only():
     stream = Stream(Text(), list("caf".encode()))
     assert [stream.add(b) for b in "é!".encode()] == ["", "é", "!"]
     assert stream.finish() == "" and stream.continuation() == "é!"
+
+
+def test_ids_past_the_tokenizers_vocabulary_show_in_the_text(tokenizer):
+    from bmc.serve.text import Stream, Text
+    text = Text(tokenizer)
+    known = tokenizer.encode("def main").ids
+    beyond = tokenizer.get_vocab_size(with_added_tokens=True) + 5  # a padded vocabulary's row
+    assert text.decode(known) == tokenizer.decode(known)
+    assert text.decode([*known, beyond]) == tokenizer.decode(known) + f"<id {beyond}>"
+    stream = Stream(text, known[:1])
+    shown = "".join(stream.add(t) for t in [*known[1:], beyond]) + stream.finish()
+    assert shown.endswith(f"<id {beyond}>")
