@@ -671,7 +671,8 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
                     (torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))]
     if not layout.max_positions:
         raise BackendError("ort-paged cannot tell how many positions this model takes (no position table: RoPE "
-                           "computed in the graph, and no config); pass max_len=N (its max_position_embeddings)")
+                           "computed in the graph, and no config); pass max_len=N (bmc-opt --max-len N), its "
+                           "max_position_embeddings")
     merge_shared_input_projections(step)  # q|k|v and gate|up as one product each
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate

@@ -316,3 +316,20 @@ def test_the_installed_commands_resolve():
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name in ("bmc-opt", "bmc")}
     assert set(scripts) == {"bmc-opt", "bmc"}
     assert all(callable(ep.load()) for ep in scripts.values())
+
+
+def test_a_saved_rope_program_is_served_with_max_len(tmp_path, capsys):
+    """A .pt2 of an HF LLaMA carries no config and computes RoPE in its graph: the build needs
+    the positions from --max-len, and says so in one line without it."""
+    import hf_models
+    model = hf_models.build("llama")
+    program = tmp_path / "llama.pt2"
+    bmc.compile(model, example_inputs=hf_models.example_inputs(), dynamic=True).save(str(program))
+    assert main([str(program), "--backend=ort-paged", "-o", str(tmp_path / "no-len")]) == 2
+    assert "--max-len N" in capsys.readouterr().err
+    assert main([str(program), "--max-len", "0", "--backend=ort-paged", "-o", str(tmp_path / "zero")]) == 2
+    assert main([str(program), "--max-len", "48"]) == 2  # not a serving build
+    assert "add --backend=ort-paged" in capsys.readouterr().err
+    served = tmp_path / "served"
+    assert main([str(program), "--max-len", "48", "--backend=ort-paged", "-o", str(served)]) == 0
+    assert bmc.load(str(served)).manifest["max_len"] == 48

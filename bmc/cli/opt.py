@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a directory that `bmc run DIR` serves")
     p.add_argument("--backend", choices=["torch", "ort-paged"], default="torch",
                    help="what -o writes: a .pt2 archive (torch) or an ONNX Runtime build with paged blocks")
+    p.add_argument("--max-len", type=int, metavar="N",
+                   help="ort-paged: the positions served (caps the model's own; needed where the graph and its "
+                        "config give none, e.g. a .pt2 of a RoPE model)")
+    p.add_argument("--task", choices=["causal-lm", "encoder"],
+                   help="ort-paged: what the build serves, where the attention masks cannot tell")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     return p
 
@@ -136,6 +141,10 @@ def _check_args(args) -> None:
                          f"pick degrees whose product divides it")
     if args.backend == "ort-paged" and not args.output:
         raise UsageError("--backend=ort-paged builds a directory: give it with -o DIR")
+    if (args.max_len is not None or args.task) and args.backend != "ort-paged":
+        raise UsageError("--max-len and --task are for serving builds: add --backend=ort-paged -o DIR")
+    if args.max_len is not None and args.max_len < 1:
+        raise UsageError(f"--max-len must be >= 1, got {args.max_len}")
     if args.backend == "ort-paged":
         for package in ("onnx", "onnxscript", "onnxruntime"):
             require(package, "--backend=ort-paged")
@@ -568,7 +577,8 @@ def run(argv: Sequence[str] | None, out) -> int:
             out.write("\n" + instrument.format())
     if args.output and args.backend == "ort-paged":
         from bmc.program import config_limits
-        _build_paged(gm, args.output, str(pipeline), out, config_limits(args.model).get("max_positions"))
+        limits = [n for n in (args.max_len, config_limits(args.model).get("max_positions")) if n]
+        _build_paged(gm, args.output, str(pipeline), out, min(limits) if limits else None, args.task)
     elif args.output:
         from bmc.ir.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
@@ -576,7 +586,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     return 0
 
 
-def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None) -> None:
+def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
     from bmc.ir.serialize import staged_directory
@@ -588,7 +598,7 @@ def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = N
             sys.stderr.flush()
     try:
         with staged_directory(directory) as staging:
-            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len)
+            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len, task=task)
     finally:
         if show:
             sys.stderr.write("\n")
