@@ -143,10 +143,30 @@ class Task:
         if hf.model_class(config).__name__ != "AutoModelForCausalLM":
             kind = (config.architectures or [config.model_type])[0]
             raise BmcError(f"--hf {self.args.hf} is not a causal LM ({kind}): train.py trains next-token prediction")
-        if getattr(config, "vocab_size", data.VOCAB) < data.VOCAB:
+        if self.tokenizer_path() is None and getattr(config, "vocab_size", data.VOCAB) < data.VOCAB:
             raise BmcError(f"the model's vocab_size {config.vocab_size} is smaller than the {data.VOCAB} "
-                           f"byte tokens it is trained on")
+                           f"byte tokens it is trained on (the directory has no tokenizer.json)")
+        self.vocab_size = getattr(config, "vocab_size", None)
         return hf.build(self.args.hf, device="cpu").train()
+
+    def tokenizer_path(self) -> str | None:
+        """--hf DIR with a tokenizer.json: the text is its ids, not bytes."""
+        path = os.path.join(self.args.hf, "tokenizer.json") if self.args.hf else None
+        return path if path and os.path.isfile(path) else None
+
+    def tokens(self) -> torch.Tensor:
+        """The training text as this model's tokens, refused in one line when the tokenizer
+        gives ids the model has no rows for."""
+        path = self.tokenizer_path()
+        if path is None:
+            return data.text_tokens(self.args.text)
+        tokens = data.tokenized(path, self.args.text)
+        vocab = getattr(self, "vocab_size", None)
+        if vocab is not None and len(tokens) and int(tokens.max()) >= vocab:
+            raise BmcError(f"{path} gives token id {int(tokens.max())}, past the model's vocab_size {vocab}: "
+                           f"the tokenizer is not this checkpoint's")
+        log.info("training on %s tokens of %s", f"{len(tokens):,}", path)
+        return tokens
 
     def example(self, local_batch: int):
         x = torch.zeros(local_batch, self.args.seq, dtype=torch.long)
@@ -290,12 +310,13 @@ def train(args) -> dict:
         raise BmcError(f"a replica's batch of {local_batch} rows does not split into {micro} microbatches: "
                        f"use a --batch that is a multiple of {micro * max(1, world // (tp * pp))}")
     task = Task(args)
-    tokens = data.split(data.text_tokens(args.text))
+    model = task.build() if prog is None else None  # first: the tokens are checked against its vocabulary
+    tokens = data.split(task.tokens())
     train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
     eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
     # a pipelined program is traced at one microbatch's size
     if prog is None:
-        prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch // micro),
+        prog = bmc.compile(model, passes=pipeline, example_inputs=task.example(local_batch // micro),
                            world_size=world)
     # ranks that split one replica's tensors or layers (tp, pp) read the same rows: the data is split by replica
     mesh = getattr(prog, "mesh", None)

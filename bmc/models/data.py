@@ -1,4 +1,5 @@
-"""Real text that ships with Python, tokenized at byte level, and deterministic batches of it.
+"""Real text that ships with Python, tokenized at byte level (or by a checkpoint's own tokenizer),
+and deterministic batches of it.
 
 The standard library's own source files are the corpus: nothing is downloaded, every
 machine with the same Python has the same bytes. Batches depend only on (seed, step), and
@@ -47,6 +48,24 @@ def text_tokens(path: str | None = None, max_bytes: int = 8 * 2**20) -> torch.Te
         except OSError as exc:
             raise BmcError(f"cannot read the text file {path}: {exc.strerror}; pass an existing file") from None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def tokenized(tokenizer_path: str, path: str | None = None, max_bytes: int = 8 * 2**20) -> torch.Tensor:
+    """The text (a file, or the built-in corpus) as a tokenizer's ids: what a model read from a
+    Hugging Face directory with its tokenizer.json learns from, rather than bytes."""
+    from bmc.extras import require
+    tokenizers = require("tokenizers", "training on a checkpoint's tokenizer")
+    text = stdlib_text(max_bytes) if path is None else None
+    if text is None:
+        try:
+            text = Path(path).read_bytes()[:max_bytes]
+        except OSError as exc:
+            raise BmcError(f"cannot read the text file {path}: {exc.strerror}; pass an existing file") from None
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
+    except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for bad files
+        raise BmcError(f"cannot read {tokenizer_path} as a tokenizer: {' '.join(str(exc).split())[:160]}") from None
+    return torch.tensor(tokenizer.encode(text.decode("utf-8", "replace")).ids, dtype=torch.long)
 
 
 @dataclass(frozen=True)

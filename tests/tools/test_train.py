@@ -95,6 +95,46 @@ def test_hugging_face_checkpoint_directory_trains_from_its_weights(tmp_path):
     assert refused.returncode == 2 and "has no config.json" in refused.stderr, refused.stderr[-2000:]
 
 
+def _bpe(vocab: int):
+    import sysconfig
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    stdlib = sysconfig.get_paths()["stdlib"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train([os.path.join(stdlib, n) for n in ("textwrap.py", "string.py")],
+                    trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"]))
+    return tokenizer
+
+
+def test_a_checkpoint_with_a_tokenizer_trains_on_its_tokens(tmp_path):
+    """--hf DIR with a tokenizer.json: the batches are its ids (the first step's loss is the
+    saved model's on the tokenized text), and a tokenizer with ids past the model's vocabulary
+    is refused in one line."""
+    pytest.importorskip("transformers")
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    import hf_models
+    from bmc.models import data
+    model = hf_models.build("llama", seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer = _bpe(200)
+    tokenizer.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    run = subprocess.run([*TRAIN, "--hf", str(tmp_path / "ckpt"), "--batch", "2", "--seq", "16", "--steps", "1",
+                          "--no-progress", "--out", str(tmp_path / "run")], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens = data.tokenized(str(tmp_path / "ckpt" / "tokenizer.json"))
+    assert len(tokens) < 0.8 * len(data.text_tokens())  # BPE ids (merged pairs), not bytes
+    x, _ = data.Batches(data.split(tokens).train, 2, 16, seed=0).local(0)
+    with torch.no_grad():
+        expected = model(input_ids=x, labels=x).loss.item()
+    assert abs(_losses(tmp_path / "run")[0]["loss"] - expected) < 1e-5
+    _bpe(400).save(str(tmp_path / "ckpt" / "tokenizer.json"))  # ids past the model's 256 rows
+    refused = subprocess.run([*TRAIN, "--hf", str(tmp_path / "ckpt"), "--no-progress", "--out", str(tmp_path / "x")],
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "past the model's vocab_size 256" in refused.stderr, refused.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--batch", "3"], {"WORLD_SIZE": "2"}, "--batch 3 does not divide over 2 ranks"),
     (["--pass", "zero{stage=4}"], {}, "'stage' of pass 'zero' expects one of 1|2|3"),
