@@ -66,11 +66,30 @@ def heads_masked(model, inputs, kept: dict):
     for block in structure_of(bmc.trace(model, inputs)).blocks:
         att = block.attention
         drop = sorted(set(range(att.num_heads)) - set(kept.get(att.module, range(att.num_heads))))
-        cols = [h * att.head_dim + i for h in drop for i in range(att.head_dim)]
-        with torch.no_grad():
-            weight = masked.get_parameter(att.o.weight)
-            if att.o.transposed:
-                weight[cols] = 0
-            else:
-                weight[:, cols] = 0
+        zero_inputs(masked, att.o, [h * att.head_dim + i for h in drop for i in range(att.head_dim)])
     return masked
+
+
+def zero_inputs(model, projection, inputs: list[int]) -> None:
+    """Zero the weight entries of `projection` (a structure-analysis Linear) that read the given
+    input features: what removing them from its input leaves of the product."""
+    with torch.no_grad():
+        weight = model.get_parameter(projection.weight)
+        if projection.transposed:
+            weight[inputs] = 0
+        else:
+            weight[:, inputs] = 0
+
+
+def assert_equal_and_backward(prog, reference, model, inputs, dynamic: bool, changed_atol: float) -> None:
+    """`prog` gives `reference`'s outputs on other ids (another batch and length when the trace
+    is dynamic) and on the example; `reference` differs from the untouched `model` (so the test
+    can fail); a probe loss is backpropagated through both, for the caller to compare gradients."""
+    from helpers import run
+    other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
+    torch.testing.assert_close(run(prog, other), run(reference, other), atol=1e-5, rtol=1e-5)
+    out, want = run(prog, inputs), run(reference, inputs)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, run(model, inputs), atol=changed_atol)
+    probe_loss(out).backward()
+    probe_loss(want).backward()

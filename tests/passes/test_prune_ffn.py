@@ -11,7 +11,7 @@ import bmc
 from bmc import ir
 from bmc.analysis.structure import structure_of
 import projection_models
-from equivalence import assert_grads_match_slices, other_inputs, probe_loss
+from equivalence import assert_grads_match_slices, other_inputs, probe_loss, zero_inputs
 from helpers import model_and_inputs, run
 
 
@@ -31,13 +31,7 @@ def _masked(model, inputs, kept: dict):
     """The original with every removed neuron's contribution zeroed (its down column)."""
     masked = copy.deepcopy(model)
     for mlp in _mlps(model, inputs):
-        drop = sorted(set(range(mlp.down.in_features)) - set(kept[mlp.module]))
-        with torch.no_grad():
-            weight = masked.get_parameter(mlp.down.weight)
-            if mlp.down.transposed:
-                weight[drop] = 0
-            else:
-                weight[:, drop] = 0
+        zero_inputs(masked, mlp.down, sorted(set(range(mlp.down.in_features)) - set(kept[mlp.module])))
     return masked
 
 

@@ -13,7 +13,7 @@ from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.passes.quant_int8 import quantize
 import projection_models
-from equivalence import other_inputs, probe_loss
+from equivalence import assert_equal_and_backward, other_inputs
 from helpers import model_and_inputs, run
 
 
@@ -85,13 +85,7 @@ def test_weight_only_equals_an_independently_quantized_model(name, granularity, 
     expected = _expected(model)
     assert _quantized_names(prog) == set(expected)
     ref = independently_quantized(model, expected, granularity)
-    other = other_inputs(model, inputs, batch=3 if dynamic else None, seq=11 if dynamic else None)
-    torch.testing.assert_close(run(prog, other), run(ref, other), atol=1e-5, rtol=1e-5)
-    out, want = run(prog, inputs), run(ref, inputs)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(want, run(model, inputs), atol=1e-5)  # quantizing changed something: the test can fail
-    probe_loss(out).backward()
-    probe_loss(want).backward()
+    assert_equal_and_backward(prog, ref, model, inputs, dynamic, changed_atol=1e-5)  # quantizing changed something: the test can fail
     reference = dict(ref.named_parameters())
     for pname, p in prog.graph_module.named_parameters():  # what stays fp32 still trains, with the same gradients
         torch.testing.assert_close(p.grad, reference[pname].grad, atol=1e-5, rtol=1e-5, msg=pname)
