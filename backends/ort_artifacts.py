@@ -60,6 +60,11 @@ def int8_weight_format(flags: set[str] | None = None, machine: str | None = None
     return "u8" if saturating_u8s8(flags, machine) else "s8"
 
 
+def error_line(exc: BaseException) -> str:
+    """ONNX Runtime's message, first line: its exceptions carry the whole graph context."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def open_session(model, options, providers, what: str):
     """An ONNX Runtime session over `model` (a path or serialized bytes); ONNX Runtime's own
     exception (a graph it rejects, a provider it lacks) becomes one BackendError line naming
@@ -69,6 +74,5 @@ def open_session(model, options, providers, what: str):
     try:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported kinds
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise BackendError(f"ort-paged: ONNX Runtime refused {what}: {first}; rebuild the directory with this "
+        raise BackendError(f"ort-paged: ONNX Runtime refused {what}: {error_line(exc)}; rebuild the directory with this "
                            f"bmc, or report the model") from exc

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmc.backends.ort_artifacts import SMALL, machine_key, open_session, saturating_u8s8, sha256
+from bmc.backends.ort_artifacts import SMALL, error_line, machine_key, open_session, saturating_u8s8, sha256
 from bmc.backends.ort_streamer import DONTNEED, SLOTS, Streamer, advise, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
@@ -383,16 +383,14 @@ class PagedRuntime:
         self.streamed_sessions = len(shared)
 
     def _track_tables(self, index: int, path: str, before: list[tuple[int, int]]) -> None:
-        """A row-paged part's session was made: its mappings, whose pages are dropped after each
-        run; refused when ONNX Runtime copied its tables to its heap (the plan counted rows)."""
-        earlier = set(before)
-        ranges = [r for r in mapped_ranges(path) if r not in earlier]
-        if sum(length for _, length in ranges) < self.row_paged[index]:
+        """A row-paged part's session was made: its mappings (tracked as a streamed block's),
+        whose pages are dropped after each run; refused when ONNX Runtime copied its tables to
+        its heap (the plan counted rows)."""
+        if self.streamer.track(index, path, before) < self.row_paged[index]:
             raise BackendError(f"ort-paged: ONNX Runtime holds part {self.parts[index]['name']}'s lookup tables on its "
                                f"heap, so they cannot be paged by rows; give a budget that holds them, or pass "
                                f"streaming='mmap'")
-        self.table_ranges[index] = ranges
-        advise(ranges, DONTNEED)
+        self.table_ranges[index] = self.streamer.ranges[index]
 
     def step(self, feeds: dict) -> list:
         """One decode step: feeds by input name (numpy arrays, wrapped without a copy, or the
@@ -421,8 +419,7 @@ class PagedRuntime:
             try:
                 outputs = session.run_with_ort_values(wanted, inputs)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line names the part
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {first}") from exc
+                raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {error_line(exc)}") from exc
             del inputs
             if streamed:
                 self.streamer.release(index)
@@ -440,8 +437,7 @@ class PagedRuntime:
         try:
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {first}") from exc
+            raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {error_line(exc)}") from exc
 
 
 # ------------------------------------------------------------------ the program

@@ -146,7 +146,6 @@ class Task:
         if self.tokenizer_path() is None and getattr(config, "vocab_size", data.VOCAB) < data.VOCAB:
             raise BmcError(f"the model's vocab_size {config.vocab_size} is smaller than the {data.VOCAB} "
                            f"byte tokens it is trained on (the directory has no tokenizer.json)")
-        self.vocab_size = getattr(config, "vocab_size", None)
         return hf.build(self.args.hf, device="cpu").train()
 
     def tokenizer_path(self) -> str | None:
@@ -160,8 +159,9 @@ class Task:
         path = self.tokenizer_path()
         if path is None:
             return data.text_tokens(self.args.text)
+        from bmc.models import hf
         tokens = data.tokenized(path, self.args.text)
-        vocab = getattr(self, "vocab_size", None)
+        vocab = getattr(hf.read_config(self.args.hf), "vocab_size", None)
         if vocab is not None and len(tokens) and int(tokens.max()) >= vocab:
             raise BmcError(f"{path} gives token id {int(tokens.max())}, past the model's vocab_size {vocab}: "
                            f"the tokenizer is not this checkpoint's")
@@ -310,13 +310,12 @@ def train(args) -> dict:
         raise BmcError(f"a replica's batch of {local_batch} rows does not split into {micro} microbatches: "
                        f"use a --batch that is a multiple of {micro * max(1, world // (tp * pp))}")
     task = Task(args)
-    model = task.build() if prog is None else None  # first: the tokens are checked against its vocabulary
     tokens = data.split(task.tokens())
     train_text = data.Batches(tokens.train, args.batch, args.seq, seed=args.seed)
     eval_text = data.Batches(tokens.held_out, args.batch, args.seq, seed=args.seed + 1)
     # a pipelined program is traced at one microbatch's size
     if prog is None:
-        prog = bmc.compile(model, passes=pipeline, example_inputs=task.example(local_batch // micro),
+        prog = bmc.compile(task.build(), passes=pipeline, example_inputs=task.example(local_batch // micro),
                            world_size=world)
     # ranks that split one replica's tensors or layers (tp, pp) read the same rows: the data is split by replica
     mesh = getattr(prog, "mesh", None)

@@ -38,16 +38,19 @@ def stdlib_text(max_bytes: int = 8 * 2**20) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
+def text_bytes(path: str | None = None, max_bytes: int = 8 * 2**20) -> bytes:
+    """A text file's bytes, or the built-in corpus's when `path` is None."""
+    if path is None:
+        return stdlib_text(max_bytes)
+    try:
+        return Path(path).read_bytes()[:max_bytes]
+    except OSError as exc:
+        raise BmcError(f"cannot read the text file {path}: {exc.strerror}; pass an existing file") from None
+
+
 def text_tokens(path: str | None = None, max_bytes: int = 8 * 2**20) -> torch.Tensor:
     """Byte tokens of a text file, or of the built-in corpus when `path` is None."""
-    if path is None:
-        data = stdlib_text(max_bytes)
-    else:
-        try:
-            data = Path(path).read_bytes()[:max_bytes]
-        except OSError as exc:
-            raise BmcError(f"cannot read the text file {path}: {exc.strerror}; pass an existing file") from None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return torch.frombuffer(bytearray(text_bytes(path, max_bytes)), dtype=torch.uint8).long()
 
 
 def tokenized(tokenizer_path: str, path: str | None = None, max_bytes: int = 8 * 2**20) -> torch.Tensor:
@@ -55,12 +58,7 @@ def tokenized(tokenizer_path: str, path: str | None = None, max_bytes: int = 8 *
     Hugging Face directory with its tokenizer.json learns from, rather than bytes."""
     from bmc.extras import require
     tokenizers = require("tokenizers", "training on a checkpoint's tokenizer")
-    text = stdlib_text(max_bytes) if path is None else None
-    if text is None:
-        try:
-            text = Path(path).read_bytes()[:max_bytes]
-        except OSError as exc:
-            raise BmcError(f"cannot read the text file {path}: {exc.strerror}; pass an existing file") from None
+    text = text_bytes(path, max_bytes)
     try:
         tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
     except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for bad files

@@ -26,12 +26,15 @@ INT8_LINEAR = torch.ops.bmc.int8_linear.default
 
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The parameter or buffer a get_attr reads (None for anything else)."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = gm
-    for name in str(node.target).split("."):
-        value = getattr(value, name, None)
-    return value if isinstance(value, torch.Tensor) else None
+    for lookup in (gm.get_parameter, gm.get_buffer):
+        try:
+            return lookup(str(node.target))
+        except AttributeError:
+            continue
+    return None
 
 
 def _member(gm: fx.GraphModule, node: fx.Node) -> tuple | None:

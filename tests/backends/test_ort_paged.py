@@ -160,7 +160,7 @@ def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
     without VNNI (vpmaddubsw) add pairs into. The build feeds u8 weights there."""
     import numpy as np
     import onnxruntime as ort
-    from bmc.backends import ort_lower
+    from bmc.backends import ort_lower, ort_ops
     from bmc.backends.ort_artifacts import int8_weight_format
     from bmc.passes.quant_int8 import quantize
 
@@ -183,7 +183,7 @@ def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
     weights = int8_weight_format()
     with torch.no_grad():
         program = torch.onnx.export(Linear(q, scale, b).eval(), (x,), dynamo=True, input_names=["x"],
-                                    custom_translation_table=ort_lower._int8_translation(False, weights))
+                                    custom_translation_table=ort_ops._int8_translation(False, weights))
     model = program.model_proto
     if weights == "u8":
         ort_lower.fold_integer_weights(model)
