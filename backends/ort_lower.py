@@ -35,6 +35,8 @@ from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, o
 from bmc.backends.ort_ops import translation_table
 from bmc.analysis.structure import structure_of
 from bmc.rewrite.merge_projections import merge_shared_input_projections
+from bmc.rewrite.rms_norm import fuse_rms_norms
+from bmc.rewrite.rotary import fuse_rotaries
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -571,6 +573,11 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
         raise BackendError("ort-paged cannot tell how many positions this model takes (no position table: RoPE "
                            "computed in the graph, and no config); pass max_len=N (bmc-opt --max-len N), its "
                            "max_position_embeddings")
+    if not gpu:  # ONNX Runtime's CPU kernels for them (ort_ops); GPU builds keep the traced ops
+        fuse_rms_norms(step)
+        tokens = [p for p in step.graph.find_nodes(op="placeholder") if p.name == "input_ids"]
+        if tokens and ir.tensor_val(tokens[0]) is not None:
+            fuse_rotaries(step, tokens[0])
     merge_shared_input_projections(step)  # q|k|v and gate|up as one product each
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate

@@ -6,7 +6,10 @@ custom_translation_table):
   GPU providers DequantizeLinear(axis=0) + MatMul (ONNX Runtime's integer ops fall back to the
   CPU there);
 - `bmc::cached_attention`: on the CPU, ONNX Runtime's GroupQueryAttention; for GPU providers
-  the same in standard ops.
+  the same in standard ops;
+- `bmc::rms_norm`, `bmc::add_rms_norm`, `bmc::rotary` (CPU builds only: bmc/rewrite/rms_norm.py
+  and rotary.py put them in): ONNX Runtime's SimplifiedLayerNormalization,
+  SkipSimplifiedLayerNormalization and RotaryEmbedding.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from bmc.errors import BackendError
 
 def translation_table(gpu: bool, int8_weights: str = "s8") -> dict:
     """Every bmc op the lowering meets, for the CPU or for GPU providers."""
-    return {**_int8_translation(gpu, int8_weights), **_attention_translation(gpu)}
+    return {**_int8_translation(gpu, int8_weights), **_attention_translation(gpu),
+            **({} if gpu else _norm_and_rotary_translation())}
 
 
 def _int8_translation(gpu: bool, weights: str = "s8"):
@@ -46,6 +50,54 @@ def _int8_translation(gpu: bool, weights: str = "s8"):
     if weights not in ("s8", "u8"):
         raise ValueError(f"int8 weights are fed as s8 or u8, got {weights!r}")
     return {torch.ops.bmc.int8_linear.default: int8_linear_gpu if gpu else int8_linear_cpu}
+
+
+def _contrib_op(name: str, domain: str, inputs: list[tuple], outputs: list[tuple], attributes: dict,
+                type_constraints: list[tuple]):
+    """An onnxscript op for an ONNX Runtime contrib op: onnxscript builds a node only from a
+    schema, and onnx knows no contrib ops. inputs/outputs: (name, type, optional?)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+    option = {False: OpSchema.FormalParameterOption.Single, True: OpSchema.FormalParameterOption.Optional}
+
+    def parameters(entries):
+        return [OpSchema.FormalParameter(n, kind, param_option=option[optional]) for n, kind, optional in entries]
+    schema = OpSchema(name, domain, 1, inputs=parameters(inputs), outputs=parameters(outputs),
+                      type_constraints=[(t, kinds, "") for t, kinds in type_constraints],
+                      attributes=[OpSchema.Attribute(n, kind, "") for n, kind in attributes.items()])
+    # domain "": ONNX Runtime registers SimplifiedLayerNormalization in the ONNX domain, version 1
+    return onnxscript.values.Op(onnxscript.values.Opset(domain, 18 if domain == "" else 1), name, schema)
+
+
+def _norm_and_rotary_translation():
+    """RMSNorm and RoPE as ONNX Runtime's CPU kernels (one node each instead of 7 and 6): at
+    12 layers of width 768 these nodes are most of what a decode step spends outside the
+    matmuls."""
+    from onnx.defs import OpSchema
+    real, floats = OpSchema.AttrType.FLOAT, [("T", ["tensor(float)"])]
+    norm = _contrib_op("SimplifiedLayerNormalization", "", [("X", "T", False), ("scale", "T", False)],
+                       [("Y", "T", False)], {"epsilon": real, "axis": OpSchema.AttrType.INT}, floats)
+    skip_norm = _contrib_op(
+        "SkipSimplifiedLayerNormalization", "com.microsoft",
+        [("input", "T", False), ("skip", "T", False), ("gamma", "T", False), ("bias", "T", True)],
+        [("output", "T", False), ("mean", "T", True), ("inv_std_var", "T", True), ("input_skip_bias_sum", "T", True)],
+        {"epsilon": real}, floats)
+    rotary = _contrib_op(
+        "RotaryEmbedding", "com.microsoft",
+        [("input", "T", False), ("position_ids", "M", False), ("cos_cache", "T", False), ("sin_cache", "T", False)],
+        [("output", "T", False)], {"interleaved": OpSchema.AttrType.INT}, floats + [("M", ["tensor(int64)"])])
+
+    def rms_norm(x, weight, eps: float):
+        return norm(x, weight, epsilon=eps, axis=-1)
+
+    def add_rms_norm(x, residual, weight, eps: float):
+        normed, _, _, total = skip_norm(x, residual, weight, None, epsilon=eps, _num_outputs=4)
+        return normed, total
+
+    def rotate(x, positions, cos_rows, sin_rows):
+        return rotary(x, positions, cos_rows, sin_rows, interleaved=0)
+    return {torch.ops.bmc.rms_norm.default: rms_norm, torch.ops.bmc.add_rms_norm.default: add_rms_norm,
+            torch.ops.bmc.rotary.default: rotate}
 
 
 def _group_query_attention_schema():

@@ -471,6 +471,50 @@ def _(query, key, value, past_key, past_value, mask, kv_repeat, scale):
     return out, grown(past_key, key), grown(past_value, value)
 
 
+# ------------------------------------------------------------------ serving kernels: RMSNorm, RoPE
+
+
+@torch.library.custom_op("bmc::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2 over the last dim) + eps), in HF's order of operations (so a
+    rewritten graph computes what the original did, bit for bit). bmc/rewrite/rms_norm.py puts
+    it where a serving build's graph spells the norm out; the ONNX lowering gives it to ONNX
+    Runtime's SimplifiedLayerNormalization (one kernel for seven elementwise ops)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+rms_norm.register_fake(lambda x, weight, eps: torch.empty_like(x))
+
+
+@torch.library.custom_op("bmc::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a residual connection and the norm that reads it,
+    ONNX Runtime's SkipSimplifiedLayerNormalization."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+add_rms_norm.register_fake(lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)))
+
+
+@torch.library.custom_op("bmc::rotary", mutates_args=())
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the rotate-half form (GPT-NeoX's, HF's `rotate_half`):
+    x [B, heads, T, D]; positions [B, T] index rows of the half tables cos_rows, sin_rows
+    [rows, D/2]: out = x * cos + cat(-x2, x1) * sin with cos = cat(cos_rows[positions] twice).
+    ONNX Runtime's com.microsoft RotaryEmbedding, the same signature; bmc/rewrite/rotary.py
+    puts it where it proves the pattern."""
+    cos = cos_rows[positions]
+    sin = sin_rows[positions]
+    cos, sin = torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+rotary.register_fake(lambda x, positions, cos_rows, sin_rows: torch.empty_like(x))
+
+
 # ------------------------------------------------------------------ pipeline stage markers
 
 
