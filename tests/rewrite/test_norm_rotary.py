@@ -82,3 +82,34 @@ def test_what_is_not_proven_stays_as_traced():
     tokens = gm.graph.find_nodes(op="placeholder")[-1]
     assert fuse_rms_norms(gm) == 0
     assert fuse_rotaries(gm, tokens) == 0
+
+
+class ServingKernels(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x, residual, heads, positions, cos_rows, sin_rows):
+        normed, total = torch.ops.bmc.add_rms_norm(x, residual, self.weight, 1e-6)
+        rotated = torch.ops.bmc.rotary(heads, positions, cos_rows, sin_rows)
+        return torch.ops.bmc.rms_norm(normed + total, self.weight, 1e-5), total, rotated
+
+
+def test_onnx_runtime_kernels_compute_what_the_ops_define():
+    # the CPU translations (backends/ort_ops.py) against the ops' torch definitions, rows of
+    # the rotary tables read at positions that are not 0..n-1
+    ort = pytest.importorskip("onnxruntime")
+    from backends.ort_ops import translation_table
+    torch.manual_seed(0)
+    angles = torch.randn(7, 4)
+    inputs = (torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 5, 3, 8),
+              torch.tensor([[6, 0, 2], [1, 5, 3]]), angles.cos(), angles.sin())
+    module = ServingKernels().eval()
+    program = torch.onnx.export(module, inputs, dynamo=True, verbose=False,
+                                custom_translation_table=translation_table(gpu=False))
+    ops = {node.op_type for node in program.model_proto.graph.node}
+    assert {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops, ops
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    for g, want in zip(got, module(*inputs)):
+        torch.testing.assert_close(torch.from_numpy(g), want.detach(), atol=1e-5, rtol=1e-5)
