@@ -107,13 +107,13 @@ def fuse_rms_norms(gm: fx.GraphModule) -> int:
         if found is None:
             continue
         x, weight, eps = found
-        replacement = _with_residual(graph, x, weight, eps)  # in the module of the add: one part holds it
-        if replacement is None:
+        normed = _with_residual(graph, x, weight, eps)  # in the add's module: one part holds the pair
+        if normed is None:
             with graph.inserting_before(node):
-                replacement = graph.call_function(RMS_NORM, (x, weight, eps))
-            _copy_meta(node, replacement)
-        replacement.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(replacement)
+                ir.replace_node(node, graph.call_function(RMS_NORM, (x, weight, eps)), "rms-norm")
+        else:
+            normed.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(normed)
         fused += 1
     if fused:
         graph.eliminate_dead_code()

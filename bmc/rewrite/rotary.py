@@ -137,8 +137,7 @@ def fuse_rotaries(gm: fx.GraphModule, tokens: fx.Node) -> int:
                 made[table] = _rows(graph, table, tokens)
         with graph.inserting_before(node):
             replacement = graph.call_function(ROTARY, (x, made["positions"], made[cos], made[sin]))
-        replacement.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
-        node.replace_all_uses_with(replacement)
+        ir.replace_node(node, replacement, "rotary")  # x*cos + rotate_half(x)*sin's meta, its uses
         fused += 1
     if fused:
         graph.eliminate_dead_code()
