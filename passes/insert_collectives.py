@@ -29,6 +29,7 @@ from bmc import ir
 from bmc.ir import ops
 from bmc.errors import PipelineError
 from bmc.ir.shapes import propagate_shapes
+from bmc.rewrite.linear import projection
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 
 GROUP = "tp"
@@ -53,9 +54,10 @@ def is_partial(node: fx.Node) -> bool:
 
 def column_input(node: fx.Node) -> fx.Node | None:
     """The replicated activation a column-parallel projection reads (None if `node` is not one)."""
-    if node.target not in (aten.linear.default, aten.addmm.default):
+    found = projection(node)  # any form: linear, Conv1D addmm, a matmul by W or W.t()
+    if found is None:
         return None
-    x, weight = (node.args[1], node.args[2]) if node.target is aten.addmm.default else node.args[:2]
+    x, weight = found.x, found.weight
     out, w = placement(node), placement(weight)
     if out is None or out.kind != "shard" or w is None or w.kind != "shard" or placement(x) is not None:
         return None

@@ -279,7 +279,7 @@ class _Walk:
                     starts.append(node)
         o_nodes = projections(self.gm, att.o.weight)
         if not starts or not o_nodes or len(o_nodes) != 1:
-            raise PipelineError(f"prune-heads: the projections of {att.module} are not each one aten.linear/addmm "
+            raise PipelineError(f"prune-heads: the projections of {att.module} are not each one product by its weight "
                                 f"in this graph; its heads cannot be removed")
         return starts, o_nodes[0]
 

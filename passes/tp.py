@@ -31,7 +31,7 @@ from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.ir.shapes import propagate_shapes
 from bmc.passmgr.manager import Pass, PassResult, register_pass, register_preset
 from bmc.analysis.structure import structure_of
-from bmc.rewrite.linear import operands, projections
+from bmc.rewrite.linear import bias_after, operands, projection, projections
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -58,7 +58,7 @@ class _Plan:
     column: dict[str, tuple[int, ...]]  # weight name -> output segments (split by rank)
     row: dict[str, None]  # weight names of row-parallel projections, in graph order (every rank
     # must walk them in the same order: a set's order changes with each process's hash seed)
-    transposed: set[str]  # weights stored (in, out), used by addmm (HF GPT-2's Conv1D)
+    transposed: set[str]  # weights stored (in, out): HF GPT-2's Conv1D, a matmul by W (not W.t())
     vocab: set[str] = field(default_factory=set)  # token embeddings split by vocabulary rows
 
 
@@ -139,9 +139,11 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
     for name in list(plan.column) + list(plan.row):
         users = projections(gm, name, allow_embedding=name in plan.vocab)
         if users is None:
-            raise PipelineError(f"tp: the projection {name} is not computed by aten.linear or aten.addmm in "
-                                f"this graph, so it cannot be split")
-        if users[0].target is aten.addmm.default:
+            raise PipelineError(f"tp: the weight {name} is read by something other than projections in this "
+                                f"graph (a norm, a lookup, another product), so it cannot be split")
+        if any(projection(u).in_out != projection(users[0]).in_out for u in users):
+            raise PipelineError(f"tp: {name} is multiplied both as stored and transposed; it cannot be split one way")
+        if projection(users[0]).in_out:
             plan.transposed.add(name)
     return plan
 
@@ -187,10 +189,11 @@ class _Propagation:
             if node.target is aten.cross_entropy_loss.default and self.split.get(node.args[0]) is not None:
                 self._vocab_cross_entropy(node)
                 continue
-            weight = operands(node)[1] if node.target in (aten.linear.default, aten.addmm.default) else None
-            if weight is not None and str(weight.target) in self.plan.column:
+            found = projection(node)
+            weight = str(found.weight.target) if found is not None else None
+            if weight in self.plan.column:
                 self._column(node)
-            elif weight is not None and str(weight.target) in self.plan.row:
+            elif weight in self.plan.row:
                 self._row(node)
             elif any(self.split.get(a) is not None for a in node.all_input_nodes):
                 self.split[node] = self._through(node)
@@ -221,10 +224,11 @@ class _Propagation:
         if self.split.get(x) != len(hinted_shape(x)) - 1:
             raise PipelineError(f"tp: the input of the row-parallel {weight.target} is not split on its "
                                 f"features (found {self.split.get(x)}); the split cannot be followed here")
-        # the partial products are summed over ranks first; the bias is added once, after
+        # the partial products are summed over ranks first; the bias is added once, after (a
+        # matmul-form product adds its bias in a node of its own already)
         if node.target is aten.addmm.default:
-            node.target, node.args, node.kwargs = aten.mm.default, (x, weight), {}
-        else:
+            node.target, node.args, node.kwargs = aten.mm.default, (x, node.args[2]), {}
+        elif node.target is aten.linear.default:
             node.args, node.kwargs = (x, weight), {}
         self.partial.append(node)  # each rank holds a summand: insert-collectives puts g after it
         if bias is not None:  # added once, to the sum (g goes between the product and this add)
@@ -367,7 +371,8 @@ def _layouts(gm: fx.GraphModule, plan: _Plan) -> dict[str, ir.Layout]:
         layouts[name] = ir.Layout(name, 0, (gm.get_parameter(name).shape[0],))
     for name, segments in plan.column.items():
         layouts[name] = ir.Layout(name, 1 if name in plan.transposed else 0, segments)
-        bias = operands(projections(gm, name, allow_embedding=name in plan.vocab)[0])[2]
+        product = projections(gm, name, allow_embedding=name in plan.vocab)[0]
+        bias = operands(product)[2] or bias_after(product)
         if isinstance(bias, fx.Node):
             layouts[str(bias.target)] = ir.Layout(str(bias.target), 0, segments)
     for name in plan.row:

@@ -53,11 +53,15 @@ def saved_activation_bytes(model, example_inputs) -> int:
 
 
 def model_and_inputs(name: str):
-    """A seeded test model and its example inputs: a zoo name, or "hf-<name>" (tests/hf_models.py)."""
+    """A seeded test model and its example inputs: a zoo name, "hf-<name>" (tests/hf_models.py)
+    or "matmul-attn-lm" (tests/projection_models.py)."""
     import hf_models
     from bmc.models import zoo
     torch.manual_seed(0)
     if name.startswith("hf-"):
         return hf_models.build(name[3:]), hf_models.example_inputs()
+    if name == "matmul-attn-lm":  # every projection a matmul by a weight, attention included
+        import projection_models
+        return projection_models.build_with_attention(), projection_models.example_inputs()
     model = zoo.build(name)
     return model, model.example_inputs()

@@ -46,6 +46,57 @@ class MatmulLM(nn.Module):
         return self.norm(x) @ self.head
 
 
+HEADS, KV_HEADS = 4, 2
+HEAD_DIM = WIDTH // HEADS
+
+
+class MatmulAttention(nn.Module):
+    """GQA attention whose q/k/v/o are matmuls by weights in both storage orders, biases added
+    after the product on either side (q and v stored (out, in), k and o stored (in, out))."""
+
+    def __init__(self):
+        super().__init__()
+        kv = KV_HEADS * HEAD_DIM
+        self.q = nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH ** 0.5)  # (out, in), x @ q.t()
+        self.q_bias = nn.Parameter(torch.randn(WIDTH) * 0.1)
+        self.k = nn.Parameter(torch.randn(WIDTH, kv) / WIDTH ** 0.5)  # (in, out), x @ k
+        self.k_bias = nn.Parameter(torch.randn(kv) * 0.1)
+        self.v = nn.Parameter(torch.randn(kv, WIDTH) / WIDTH ** 0.5)  # (out, in), x @ v.T
+        self.v_bias = nn.Parameter(torch.randn(kv) * 0.1)
+        self.o = nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH ** 0.5)  # (in, out), h @ o
+        self.o_bias = nn.Parameter(torch.randn(WIDTH) * 0.1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = (x @ self.q.t() + self.q_bias).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+        k = (self.k_bias + x @ self.k).view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = torch.matmul(x, self.v.T).add(self.v_bias).view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        group = HEADS // KV_HEADS  # each kv head repeated for its query heads, as HF's repeat_kv does
+        k = k[:, :, None].expand(b, KV_HEADS, group, t, HEAD_DIM).reshape(b, HEADS, t, HEAD_DIM)
+        v = v[:, :, None].expand(b, KV_HEADS, group, t, HEAD_DIM).reshape(b, HEADS, t, HEAD_DIM)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return h.transpose(1, 2).reshape(b, t, WIDTH) @ self.o + self.o_bias
+
+
+class AttentionBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(WIDTH)
+        self.attn = MatmulAttention()
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return super().forward(x)
+
+
+def build_with_attention(seed: int = 0) -> MatmulLM:
+    """MatmulLM whose blocks also hold a matmul-form GQA attention (for tp and prune-heads)."""
+    torch.manual_seed(seed)
+    model = MatmulLM()
+    model.layers = nn.ModuleList(AttentionBlock() for _ in model.layers)
+    return model.eval()
+
+
 def build(seed: int = 0) -> MatmulLM:
     torch.manual_seed(seed)
     return MatmulLM().eval()

@@ -3,8 +3,8 @@
 Three forms reach the graph: aten.linear(x, W[, b]) with W stored (out, in); aten.addmm(b, x, W)
 with W stored (in, out), as Hugging Face's Conv1D does; and mm/matmul(x, W') where W' is the
 weight itself (stored (in, out)) or its transpose (W.t(), W.T, W.transpose(0, 1): stored
-(out, in)). `projections`/`operands` see the first two (what tp and prune-heads follow);
-`projection`/`all_projections` see every form (what quant-int8 rewrites).
+(out, in)). Every pass that rewrites projections (tp, prune-heads, prune-ffn, quant-int8) sees
+all three through `projection`, `projections` (by weight) and `operands`.
 """
 from __future__ import annotations
 
@@ -103,32 +103,53 @@ def all_projections(gm: fx.GraphModule) -> list[Projection]:
     return [p for n in gm.graph.nodes if (p := projection(n)) is not None]
 
 
-def read_elsewhere(weight: fx.Node, projs: list[Projection]) -> bool:
-    """Whether anything but these projections reads the weight (directly or through their
-    transposes): an embedding lookup tied to it, a norm, another product..."""
+def read_elsewhere(weight: fx.Node, projs: list[Projection], besides: frozenset = frozenset()) -> bool:
+    """Whether anything but these projections (and the nodes `besides`) reads the weight,
+    directly or through their transposes: an embedding lookup tied to it, a norm, another product..."""
     ours = {p.node for p in projs} | {p.transpose for p in projs if p.transpose is not None}
     transposes = [t for t in ours if t.op == "call_function" and t.args and t.args[0] is weight]
+    ours |= besides
     return any(u not in ours for u in weight.users) or any(u not in ours for t in transposes for u in t.users)
 
 
 def projections(gm: fx.GraphModule, weight: str, allow_embedding: bool = False) -> list[fx.Node] | None:
-    """The nodes computing the projection with this weight: linear(x, W[, b]), or
-    addmm(b, x, W) with W stored (in, out); None if anything else uses the weight (a tied
+    """The nodes computing a projection with this weight, in any form (linear, Conv1D addmm,
+    a matmul by W or by its transpose); None if anything else uses the weight (a tied
     embedding lookup aside, when `allow_embedding`)."""
     node = ir.parameter_nodes(gm).get(weight)
     if node is None:
         return None
-    users = [u for u in node.users
-             if (u.target is aten.linear.default and u.args[1] is node)
-             or (u.target is aten.addmm.default and u.args[2] is node)]
-    lookups = [u for u in node.users if allow_embedding and u.args[0] is node
-               and u.target in (aten.embedding.default, torch.ops.bmc.vocab_parallel_embedding.default)]
-    return users if users and len(users) + len(lookups) == len(node.users) else None
+    found = [p for p in map(projection, _products_reading(node)) if p is not None and p.weight is node]
+    lookups = frozenset(u for u in node.users if allow_embedding and u.args[0] is node
+                        and u.target in (aten.embedding.default, torch.ops.bmc.vocab_parallel_embedding.default))
+    if not found or read_elsewhere(node, found, lookups):
+        return None
+    return [p.node for p in found]
+
+
+def _products_reading(weight: fx.Node) -> list[fx.Node]:
+    """The weight's users and its transposes' users: where a product by it can be."""
+    users = list(weight.users)
+    return users + [u for t in users if _transposed_weight(t) is weight for u in t.users]
 
 
 def operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    """(input, weight, bias) of a projection node."""
-    if node.target is aten.addmm.default:
-        return node.args[1], node.args[2], node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], node.args[1], bias
+    """(input, weight's get_attr, bias added inside the product) of a projection node."""
+    found = projection(node)
+    if found is None:
+        raise ValueError(f"{node.name} is not a projection by a weight")
+    return found.x, found.weight, found.bias
+
+
+def bias_after(node: fx.Node) -> fx.Node | None:
+    """The 1-D parameter added to a matmul-form product right after it (its only user), as
+    x @ W.t() + b is traced; None for the other forms (their bias is an operand)."""
+    if node.target not in _MATMULS or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.target not in (aten.add.Tensor, aten.add_.Tensor) or len(user.args) != 2:
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if isinstance(other, fx.Node) and other.op == "get_attr" and _rank(other) == 1 and _is_parameter(other):
+        return other
+    return None

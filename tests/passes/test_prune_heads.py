@@ -88,6 +88,8 @@ def _check_equivalent(model, inputs, prog, dynamic=False):
     ("hf-llama", "heads=[0:1,1:2,1:3]", False),
     ("hf-llama", "heads=[0:1,1:2,1:3]", True),
     ("hf-bert", "ratio=0.4", False),
+    ("matmul-attn-lm", "heads=[0:1,1:2,1:3]", False),  # q/k/v/o matmuls by W.t() and W, biases added after
+    ("matmul-attn-lm", "heads=[0:1,1:2,1:3]", True),
 ])
 def test_pruned_equals_original_with_heads_masked(name, spec, dynamic):
     model, inputs = _model(name)

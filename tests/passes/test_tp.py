@@ -14,7 +14,7 @@ from bmc.models import zoo
 from bmc.errors import PipelineError
 from bmc.cli.local_ranks import run_ranks
 from equivalence import other_inputs, probe_loss
-from helpers import run
+from helpers import model_and_inputs, run
 
 
 # GQA with 4 kv heads (8 query heads, 2 per group), so that 4 ranks can split the kv heads
@@ -36,6 +36,8 @@ def _build(name):
         return _hf_llama_gqa(), hf_models.example_inputs()
     if name.startswith("hf-"):
         return hf_models.build(name[3:]), hf_models.example_inputs()
+    if name == "matmul-attn-lm":
+        return model_and_inputs(name)
     model = zoo.build(LLAMA_GQA if name == "llama-gqa" else name)
     return model, model.example_inputs()
 
@@ -70,10 +72,10 @@ def _check(rank, world_size, name, sequence_parallel=False):
     return forward, worst
 
 
-# CI runs one case per kind of attention (fused qkv + tied embeddings, GQA, HF Conv1D, HF LLaMA)
-# at 2 ranks, all in one launch (4 ranks: the tp2,zero1 training test); every model at 2 and 4
+# CI runs one case per kind of attention (fused qkv + tied embeddings, GQA, HF Conv1D, HF LLaMA,
+# projections written as matmuls by W.t() and W) at 2 ranks, all in one launch (4 ranks: the tp2,zero1 training test); every model at 2 and 4
 # ranks runs with -m slow.
-IN_CI = ("gpt-tiny", "llama-gqa", "hf-gpt2", "hf-llama")
+IN_CI = ("gpt-tiny", "llama-gqa", "hf-gpt2", "hf-llama", "matmul-attn-lm")
 CASES = [pytest.param(name, degree, marks=[pytest.mark.slow])
          for name in ("gpt-tiny", "llama-gqa", "bert-tiny", "hf-gpt2", "hf-llama", "hf-llama-gqa", "hf-bert")
          for degree in (2, 4)
