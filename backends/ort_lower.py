@@ -32,6 +32,7 @@ import bmc.ir.ops  # noqa: F401 - registers the bmc ops the step holds
 from bmc import ir
 from bmc.errors import BackendError
 from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, open_session
+from bmc.backends.ort_layouts import tokens_first
 from bmc.backends.ort_ops import translation_table
 from bmc.analysis.structure import structure_of
 from bmc.rewrite.merge_projections import merge_shared_input_projections
@@ -226,6 +227,8 @@ def export_part(module: fx.GraphModule, part: Part, examples: tuple, other: tupl
         raise BackendError(f"ort-paged: exporting part {part.name} to ONNX failed: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[0][:200]}") from exc
     model = program.model_proto
+    if not gpu:  # the CPU kernels take q, k, v tokens first: the round trips into heads go
+        model = tokens_first(model)
     if not gpu and int8_weights == "u8":
         fold_integer_weights(model)
     return model

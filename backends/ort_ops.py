@@ -147,7 +147,10 @@ def _attention_translation(gpu: bool):
             return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
         total = op.Cast(op.Shape(mask, start=3, end=4), to=6)  # 6: int32; [1]
         last = op.Sub(total, op.Cast(op.Constant(value_ints=[1]), to=6))
-        seqlens = op.Expand(last, op.Shape(query, start=0, end=1))  # every row holds all P + T slots
+        # every row holds all P + T slots; the batch read off the mask, which every layer shares
+        # (ONNX Runtime then computes this once per step, not per layer), unless it broadcasts
+        rows = past_key if mask.shape is None or mask.shape[0] == 1 else mask
+        seqlens = op.Expand(last, op.Shape(rows, start=0, end=1))
         out, present_key, present_value = gqa(tokens_first(query), tokens_first(key), tokens_first(value), past_key,
                                               past_value, seqlens, op.Squeeze(total), None, None, None, mask,
                                               num_heads=heads, kv_num_heads=kv_heads, scale=scale)

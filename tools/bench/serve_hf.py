@@ -3,13 +3,14 @@
 onnxruntime-genai (its model builder run on the same directory), side by side in one run.
 
     OMP_NUM_THREADS=1 python tools/bench/serve_hf.py                 # 12 layers, width 768, GQA
-    OMP_NUM_THREADS=1 python tools/bench/serve_hf.py --layers 2 --width 128 --quick   # a smoke run
+    OMP_NUM_THREADS=1 python tools/bench/serve_hf.py --layers 2 --width 128 --repeat 1 --batches 1   # a smoke run
 
 The checkpoint is written here (random weights, a byte-level BPE tokenizer trained with the
 `tokenizers` library on the standard library's sources): nothing is downloaded. Each build
 decodes greedily from the same prompts; the figures are time to first token (prefill of the
 prompt and the first new token) and decode tokens/s after it (new tokens x batch / time), the
-median of --repeat rounds (each build once per round, in turn), at batch 1 and 8, with the
+median of --repeat rounds (each build once per round, in turn; with --isolate each run in a
+fresh process of its own, as a server holds one model), at batch 1 and 8, with the
 same number of ONNX Runtime threads on each side (--threads; OMP_NUM_THREADS by default). Both sides run the same precision at a
 time: fp32 against genai's `-p fp32`; bmc's quant-int8 (the head kept fp32, bmc's default) and
 quant-int8{skip=[]} (the head quantized too, as genai's int8 does) against genai's `-p int8`.
@@ -111,20 +112,58 @@ def bmc_stream(prog, prompts: list[list[int]], new: int):
     yield from prog.generate(prompts, new, stream=True)
 
 
-def measure(streams: dict, prompts, new: int, repeat: int) -> dict:
+def open_stream(spec: dict, batch: int, max_len: int, threads: int):
+    """A build's generator of steps: spec {"kind": "genai" | "bmc", "path": DIR, "budget": bytes}."""
+    if spec["kind"] == "genai":
+        import onnxruntime_genai as og
+        model = og.Model(spec["path"])
+        return lambda prompts, new: genai_stream(model, prompts, new)
+    prog = load_bmc(spec["path"], batch, max_len, spec.get("budget"), threads)
+    return lambda prompts, new: bmc_stream(prog, prompts, new)
+
+
+def _in_process(spec: dict, prompts, new: int, max_len: int, threads: int):
+    stream = open_stream(spec, len(prompts), max_len, threads)
+    return lambda: _timed_stream(stream(prompts, new))
+
+
+def _in_own_process(spec: dict, prompts, new: int, max_len: int, threads: int):
+    """Each call a fresh process that opens the build, decodes once to warm up and once timed:
+    a server holds one model, and sessions in one process run at different speeds by the
+    order they were made in (5-13% apart over the same file on this VM, measured)."""
+    job = json.dumps({"spec": spec, "prompts": prompts, "new": new, "max_len": max_len, "threads": threads})
+
+    def run():
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", job], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the run of {spec['path']} in its own process failed: {done.stderr[-800:]}")
+        first, rest, tokens = json.loads(done.stdout.strip().splitlines()[-1])
+        return first, rest, tokens
+    return run
+
+
+def _child(job: str) -> None:
+    job = json.loads(job)
+    stream = open_stream(job["spec"], len(job["prompts"]), job["max_len"], job["threads"])
+    _timed_stream(stream(job["prompts"], job["new"]))  # warm-up
+    print(json.dumps(_timed_stream(stream(job["prompts"], job["new"]))))
+
+
+def measure(runners: dict, new: int, batch: int, repeat: int, warm_round: bool) -> dict:
     """Each build's figures, the builds run in turn in every round (a drift of the machine's
-    speed, which is large on a shared VM, then falls on all of them alike); the first round
-    warms up."""
-    runs: dict[str, list] = {name: [] for name in streams}
-    for _ in range(repeat + 1):
-        for name, stream in streams.items():
-            runs[name].append(_timed_stream(stream(prompts, new)))
+    speed, which is large on a shared VM, then falls on all of them alike); with `warm_round`
+    the first round warms up and is dropped."""
+    runs: dict[str, list] = {name: [] for name in runners}
+    for _ in range(repeat + warm_round):
+        for name, run in runners.items():
+            runs[name].append(run())
     results = {}
     for name, timed in runs.items():
-        timed = timed[1:]
+        timed = timed[warm_round:]
         ttft = statistics.median(r[0] for r in timed)
         decode = statistics.median(r[1] for r in timed)
-        results[name] = {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * len(prompts) / decode,
+        results[name] = {"ttft_ms": ttft * 1e3, "tok_s": (new - 1) * batch / decode,
                          "tokens": [list(step) for step in timed[-1][2]]}
     return results
 
@@ -205,8 +244,13 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.3, help="the paged build's budget, a fraction of the weights")
     p.add_argument("--anchor-only", action="store_true", help="only onnxruntime-genai (checks the anchor's side)")
     p.add_argument("--keep", metavar="DIR", help="write everything under DIR and keep it (default: a temporary one)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each build in a fresh process of its own every round (as a server holds one model), "
+                        "not all in this one")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    import onnxruntime_genai as og
+    if args.child:
+        return _child(args.child)
     work = args.keep or tempfile.mkdtemp(prefix="serve_hf_")
     os.makedirs(work, exist_ok=True)
     try:
@@ -217,33 +261,33 @@ def main() -> None:
         print(f"checkpoint: LLaMA {args.layers} layers, width {args.width}, {args.heads} heads / {args.kv_heads} kv "
               f"heads, {total / 2**20:.1f} MiB of weights; prompt {args.prompt}, {args.new} new tokens, "
               f"median of {args.repeat}, {args.threads} ONNX Runtime thread(s) on each side")
-        genai = {}
-        for precision in ("fp32", "int8"):
-            genai[precision] = og.Model(build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision,
-                                                    args.threads))
+        genai = {precision: build_genai(ckpt, os.path.join(work, f"genai-{precision}"), precision, args.threads)
+                 for precision in ("fp32", "int8")}
         ours = {} if args.anchor_only else {
             "fp32": build_bmc(ckpt, os.path.join(work, "bmc-fp32"), ""),
             "int8": build_bmc(ckpt, os.path.join(work, "bmc-int8"), "quant-int8"),
             "int8, head too": build_bmc(ckpt, os.path.join(work, "bmc-int8-head"), "quant-int8{skip=[]}")}
         max_len = args.prompt + args.new
+        runner = _in_own_process if args.isolate else _in_process
         for batch in (int(b) for b in args.batches.split(",")):
-            streams = {f"onnxruntime-genai {p}": (lambda pr, n, m=m: genai_stream(m, pr, n), p) for p, m in genai.items()}
+            prompts = _prompts(ckpt, batch, args.prompt)
+            specs = {f"onnxruntime-genai {p}": ({"kind": "genai", "path": d}, p) for p, d in genai.items()}
             for name, build in ours.items():
-                prog = load_bmc(build, batch, max_len, None, args.threads)
-                streams[f"bmc {name}"] = (lambda pr, n, g=prog: bmc_stream(g, pr, n), name.split(",")[0])
+                specs[f"bmc {name}"] = ({"kind": "bmc", "path": build}, name.split(",")[0])
             paged, fraction = _paged(ours, batch, max_len, total, args.budget, args.threads)
             if paged is not None:
                 print(f"paged build at batch {batch}: {len(paged.runtime.plan.resident)} of "
                       f"{len(paged.runtime.plan.resident) + len(paged.runtime.plan.streamed)} blocks resident "
                       f"under {int(total * fraction):,} B ({fraction:.0%} of the weights, KV cache and activations "
                       f"included)")
-                streams[f"bmc fp32 paged, {fraction:.0%} budget"] = (lambda pr, n, g=paged: bmc_stream(g, pr, n),
-                                                                   "paged")
-            prompts = _prompts(ckpt, batch, args.prompt)
-            results = measure({name: stream for name, (stream, _) in streams.items()}, prompts, args.new, args.repeat)
+                del paged
+                specs[f"bmc fp32 paged, {fraction:.0%} budget"] = (
+                    {"kind": "bmc", "path": ours["fp32"], "budget": int(total * fraction)}, "paged")
+            runners = {name: runner(spec, prompts, args.new, max_len, args.threads) for name, (spec, _) in specs.items()}
+            results = measure(runners, args.new, batch, args.repeat, warm_round=not args.isolate)
             anchor = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "paged": "bmc fp32"}
             print(f"\nbatch {batch}\n| build | time to first token | decode tokens/s | x anchor |\n|---|---|---|---|")
-            for name, (_, precision) in streams.items():
+            for name, (_, precision) in specs.items():
                 ref = results.get(anchor[precision]) if anchor[precision] != name else None
                 print(_row(name, results[name], ref))
             if "bmc fp32" in results:
