@@ -117,6 +117,38 @@ def test_dump_dir_writes_one_readable_file_per_pass(tmp_path):
     assert "@model.layers.0.self_attn" in body
 
 
+def test_dump_dir_says_when_it_cannot_draw_svg(tmp_path, monkeypatch, caplog):
+    from bmc.passmgr import instruments
+    monkeypatch.setattr(instruments.shutil, "which", lambda name: None)  # no Graphviz
+    with caplog.at_level("WARNING"):
+        instruments.DumpDir(str(tmp_path / "dumps"))
+    assert len(caplog.records) == 1 and "no .svg" in caplog.text and "install graphviz" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        instruments.DumpDir(str(tmp_path / "dumps"), render_svg=False)  # not asked for: nothing to say
+    assert not caplog.records
+
+
+def test_a_missing_model_file_says_how_to_make_one(tmp_path):
+    result = bmc_opt("model.pt2", "--pass=dce", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "bmc-opt: error: model file 'model.pt2' not found; write one with `bmc-opt zoo:NAME -o model.pt2` "
+        "(or hf:DIR), prog.save('model.pt2') or torch.export.save"]
+
+
+def test_bmc_help_lists_the_commands_and_an_unknown_one_is_named(monkeypatch, capsys):
+    from bmc.__main__ import entry
+    monkeypatch.setattr(sys, "argv", ["bmc", "--help"])
+    assert entry() == 0
+    out = capsys.readouterr().out
+    assert "bmc run DIR --prompt TEXT" in out and "bmc-opt MODEL" in out and "--backend=ort-paged" in out
+    monkeypatch.setattr(sys, "argv", ["bmc", "serve"])
+    assert entry() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown command 'serve'" in err
+
+
 def test_print_ir_and_list_passes(capsys):
     assert main(["zoo:gpt-tiny", "--pass=dce,verify", "--print-ir-after=verify"]) == 0
     text = capsys.readouterr().out

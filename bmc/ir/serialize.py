@@ -250,7 +250,8 @@ def _import_output_types(path: str) -> None:
 def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
     """Read a torch.export archive as a bmc graph; returns (graph, bmc metadata)."""
     if not os.path.exists(path):
-        raise ModelLoadError(f"model file '{path}' not found")
+        raise ModelLoadError(f"model file '{path}' not found; write one with `bmc-opt zoo:NAME -o {path}` (or "
+                             f"hf:DIR), prog.save('{path}') or torch.export.save")
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"'{path}' is not a torch.export archive (not a zip file); "
                              f"write one with torch.export.save or bmc-opt -o")

@@ -44,6 +44,9 @@ class DumpDir(Instrument):
         self.directory = directory
         self.dot = shutil.which("dot") if render_svg else None
         self.written: list[str] = []
+        if render_svg and self.dot is None:
+            log.warning("Graphviz's `dot` is not on PATH: %s gets .txt and .dot graphs, no .svg "
+                        "(install graphviz, or render a .dot elsewhere)", directory)
 
     def before_pipeline(self, gm: fx.GraphModule, pipeline: Pipeline) -> None:
         os.makedirs(self.directory, exist_ok=True)
