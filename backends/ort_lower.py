@@ -606,8 +606,10 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     step_inputs = [n.name for n in step.graph.find_nodes(op="placeholder")]
     save_proto(whole_model(directory, entries, step_inputs, step_outputs), os.path.join(directory, WHOLE))
     tokens = 2 * 3  # the first example's batch x new tokens
-    widest = max(v.numel() // tokens for v in small.values() if isinstance(v, torch.Tensor) and v.dim() >= 2
-                 and v.shape[0] == 2 and v.numel() % tokens == 0)
+    selected = {step.graph.output_node().args[0][0]} if "logits_positions" in step_inputs else set()
+    # a causal LM's logits are of the positions asked for (one, generating): not per token
+    widest = max(v.numel() // tokens for n, v in small.items() if isinstance(v, torch.Tensor) and v.dim() >= 2
+                 and v.shape[0] == 2 and v.numel() % tokens == 0 and n not in selected)
     return {"parts": entries, "outputs": step_outputs, "layout": dataclasses.asdict(layout),
             "inputs": step_inputs, "whole": WHOLE,
             "max_len": layout.max_positions, "widest_per_token": int(widest), "task": task,

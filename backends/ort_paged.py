@@ -190,9 +190,17 @@ def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
     layout = manifest["layout"]
     # an encoder has no cache: no per-block entries
     per_block = [2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"])]
+    heads = manifest.get("attention_heads") or max(layout["heads"], default=0)
+    if "logits_positions" in manifest["inputs"]:  # generating: the logits of the last position only
+        # a block's widest value per token: its widest weight dim (the MLP's hidden, the fused
+        # qkv); the vocabulary of the embedding and head tables is not per token any more
+        widest_block = max((max(t["shape"]) for part in manifest["parts"] if part["kind"] == "block"
+                            for t in part["weights"] if t["shape"]), default=0)
+        widest = max(manifest["widest_per_token"], widest_block, heads * max_len)
+        return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4 + \
+            2 * batch * layout["vocab"] * 4
     widest_weight = max((max(t["shape"]) for part in manifest["parts"] for t in part["weights"] if t["shape"]),
                         default=0)
-    heads = manifest.get("attention_heads") or max(layout["heads"], default=0)
     widest = max(manifest["widest_per_token"], widest_weight, heads * max_len)
     return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4
 
@@ -465,10 +473,16 @@ class PagedProgram:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), dtype=np.float32) for h, d in zip(self.heads, self.head_dims) for _ in (0, 1)]
 
-    def step(self, ids, positions, mask, caches: list):
-        """The decode step of bmc/generate.py. `caches` is consumed (emptied): the runtime frees
-        each block's old cache as soon as that block ran (PagedRuntime.step)."""
-        feeds = dict(zip(self.manifest["inputs"], [ids, positions, mask, *caches]))
+    def step(self, ids, positions, mask, caches: list, logits_positions=None):
+        """The decode step of bmc/generate.py: the logits of the last new position (of
+        `logits_positions` when given; builds older than that input give every position's).
+        `caches` is consumed (emptied): the runtime frees each block's old cache as soon as that
+        block ran (PagedRuntime.step)."""
+        values = [ids, positions, mask, *caches]
+        if "logits_positions" in self.manifest["inputs"]:
+            values.append(np.asarray([ids.shape[1] - 1] if logits_positions is None else logits_positions,
+                                     dtype=np.int64))
+        feeds = dict(zip(self.manifest["inputs"], values))
         caches.clear()
         out = self.runtime.step(feeds)
         return out[0].numpy(), out[1:]  # the caches stay OrtValues: only the next step reads them
@@ -504,8 +518,18 @@ class PagedProgram:
                                "padded prompts")
         else:
             positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-            out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch))
+            self._warn_past_reserve(batch, seq)
+            out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch),
+                               np.arange(seq, dtype=np.int64))
         return torch.from_numpy(out) if as_torch else out
+
+    def _warn_past_reserve(self, batch: int, seq: int) -> None:
+        """Every position's logits are more than the budget's reserve counted (it holds the last
+        position's, what generation needs)."""
+        if "logits_positions" in self.manifest["inputs"] and self.runtime.plan.streamed and seq > 1:
+            log.warning("ort-paged: the logits of all %d positions (%s bytes) are beyond what the budget's reserve "
+                        "holds (the last position's, for generate); memory may go past the budget", seq,
+                        f"{batch * seq * self.manifest['layout']['vocab'] * 4:,}")
 
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                  eos: int | None = None, stream: bool = False):

@@ -121,12 +121,10 @@ def test_dump_dir_says_when_it_cannot_draw_svg(tmp_path, monkeypatch, caplog):
     from bmc.passmgr import instruments
     monkeypatch.setattr(instruments.shutil, "which", lambda name: None)  # no Graphviz
     with caplog.at_level("WARNING"):
-        instruments.DumpDir(str(tmp_path / "dumps"))
-    assert len(caplog.records) == 1 and "no .svg" in caplog.text and "install graphviz" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        instruments.DumpDir(str(tmp_path / "dumps"), render_svg=False)  # not asked for: nothing to say
-    assert not caplog.records
+        assert main(["zoo:gpt-tiny", "--pass=dce", "--dump-dir", str(tmp_path / "dumps")]) == 0
+    notices = [r for r in caplog.records if "no .svg" in r.getMessage()]
+    assert len(notices) == 1 and "install graphviz" in notices[0].getMessage()
+    assert sorted(os.listdir(tmp_path / "dumps")) == ["00-input.dot", "00-input.txt", "01-dce.dot", "01-dce.txt"]
 
 
 def test_a_missing_model_file_says_how_to_make_one(tmp_path):

@@ -19,15 +19,21 @@ def test_cached_steps_equal_the_full_forward(name):
     cache, logits, past = kv_cache.empty_cache(layout, 2), [], 0
     for chunk in (ids[:, :4], ids[:, 4:5], ids[:, 5:6], ids[:, 6:7]):
         new = chunk.shape[1]
-        out = step(chunk, torch.arange(past, past + new).expand(2, new), torch.ones(2, past + new, dtype=torch.long),
-                   *cache)
+        inputs = (chunk, torch.arange(past, past + new).expand(2, new), torch.ones(2, past + new, dtype=torch.long),
+                  *cache)
+        out = step(*inputs, torch.arange(new))
         logits.append(out[0])
+        # the last position's logits alone (what generation asks for), the same caches
+        last = step(*inputs, torch.tensor([new - 1]))
+        assert last[0].shape[1] == 1  # one row through the head instead of T: the same up to float reassociation
+        torch.testing.assert_close(last[0], out[0][:, -1:], atol=1e-6, rtol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(last[1:], out[1:]))
         cache, past = list(out[1:]), past + new
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
     # row 1 left-padded by two: its real tokens see only themselves
     batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, :5]], 1)])
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
-    out = step(batch, (mask.cumsum(1) - 1).clamp(min=0), mask, *kv_cache.empty_cache(layout, 2))[0]
+    out = step(batch, (mask.cumsum(1) - 1).clamp(min=0), mask, *kv_cache.empty_cache(layout, 2), torch.arange(7))[0]
     torch.testing.assert_close(out[1, 2:], model(ids[1:, :5])[0], atol=1e-5, rtol=1e-5)
 
 

@@ -44,12 +44,18 @@ class DumpDir(Instrument):
         self.directory = directory
         self.dot = shutil.which("dot") if render_svg else None
         self.written: list[str] = []
-        if render_svg and self.dot is None:
+        self.say_no_svg = render_svg and self.dot is None
+
+    def _no_svg_notice(self) -> None:
+        """Said once, when the first graph is written (not before: a bad input stays one line)."""
+        if self.say_no_svg:
+            self.say_no_svg = False
             log.warning("Graphviz's `dot` is not on PATH: %s gets .txt and .dot graphs, no .svg "
-                        "(install graphviz, or render a .dot elsewhere)", directory)
+                        "(install graphviz, or render a .dot elsewhere)", self.directory)
 
     def before_pipeline(self, gm: fx.GraphModule, pipeline: Pipeline) -> None:
         os.makedirs(self.directory, exist_ok=True)
+        self._no_svg_notice()
         self._dump(0, "input", gm, f"// input graph; pipeline: {pipeline}\n")
 
     def after_pass(self, index: int, spec: PassSpec, gm: fx.GraphModule, result: PassResult,

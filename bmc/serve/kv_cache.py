@@ -21,8 +21,9 @@ The rewrite:
   (each kv head read by its group of query heads), so the cache holds the kv heads only.
 
 The result is a GraphModule with inputs (input_ids, position_ids, attention_mask, past_k_0,
-past_v_0, ...) and outputs (logits, present_k_0, present_v_0, ...); the ort-paged backend cuts
-it into parts and lowers each.
+past_v_0, ..., logits_positions) and outputs (logits, present_k_0, present_v_0, ...): the logits
+of the token positions `logits_positions` [K] names (generation wants the last one only; a
+whole-sequence forward all of them). The ort-paged backend cuts it into parts and lowers each.
 """
 from __future__ import annotations
 
@@ -295,6 +296,7 @@ def decode_step(gm: fx.GraphModule, max_len: int | None = None) -> tuple[fx.Grap
     _drop_asserts(graph)
     output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+    logits = _select_logit_positions(graph, logits)
     output.args = ((logits, *presents),)  # first: the present caches are read only here
     graph.eliminate_dead_code()  # the model's own masks, now unread
     flatten_signature(step)
@@ -302,6 +304,49 @@ def decode_step(gm: fx.GraphModule, max_len: int | None = None) -> tuple[fx.Grap
     layout = CacheLayout(layout.heads, layout.head_dims, int(ir.tensor_val(logits).shape[-1]), min(rows, default=0))
     ir.set_plan(step, layout)
     return step, layout
+
+
+def _select_logit_positions(graph: fx.Graph, logits: fx.Node) -> fx.Node:
+    """A `logits_positions` [K] input (after the caches) and the logits of those positions. The
+    rows are taken from the output projection's input where the logits are one projection of a
+    [B, T, width] value (its rows are independent: the other rows' product, a prefill's whole
+    [T, vocab] head, is never computed); else from the logits themselves."""
+    last = list(graph.find_nodes(op="placeholder"))[-1]
+    with graph.inserting_after(last):
+        keep = graph.placeholder("logits_positions")
+    x = _head_input(logits)
+    if x is not None:
+        with graph.inserting_before(logits):
+            rows = graph.call_function(torch.ops.aten.index_select.default, (x, 1, keep))
+        logits.replace_input_with(x, rows)
+        return logits
+    with graph.inserting_after(logits):
+        return graph.call_function(torch.ops.aten.index_select.default, (logits, 1, keep))
+
+
+def _head_input(logits: fx.Node) -> fx.Node | None:
+    """x when `logits` is a projection of x by a weight (linear, a matmul by a 2-D parameter or
+    its transpose, quant-int8's int8_linear) with x and logits [B, T, ...] of the same T."""
+    aten = torch.ops.aten
+    if logits.op != "call_function" or not logits.args or not isinstance(logits.args[0], fx.Node):
+        return None
+    if logits.target not in (aten.linear.default, aten.matmul.default, torch.ops.bmc.int8_linear.default):
+        return None
+    x, out = ir.tensor_val(logits.args[0]), ir.tensor_val(logits)
+    if logits.target is aten.matmul.default and not _is_weight(logits.args[1]):
+        return None
+    if x is None or out is None or x.dim() != 3 or out.dim() != 3 or x.shape[:2] != out.shape[:2]:
+        return None
+    return logits.args[0]
+
+
+def _is_weight(node) -> bool:
+    """A 2-D get_attr, or its transpose: what a matmul head multiplies by."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
+            torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int):
+        node = node.args[0]
+    val = ir.tensor_val(node) if isinstance(node, fx.Node) else None
+    return isinstance(node, fx.Node) and node.op == "get_attr" and val is not None and val.dim() == 2
 
 
 # ------------------------------------------------------------------ what the graph computes from sizes alone
@@ -435,13 +480,14 @@ def proved_causal(gm: fx.GraphModule, ids: fx.Node, mask: fx.Node, length: int) 
 
 
 def example_step_inputs(layout: CacheLayout, batch: int, new: int, past: int, dtype=torch.float32) -> tuple:
+    """The step's inputs for `new` tokens after `past` cached ones; the logits of every new token."""
     ids = torch.zeros(batch, new, dtype=torch.long)
     positions = torch.arange(past, past + new).expand(batch, new).contiguous()
     mask = torch.ones(batch, past + new, dtype=torch.long)
     caches = []
     for heads, dim in zip(layout.heads, layout.head_dims):
         caches += [torch.zeros(batch, heads, past, dim, dtype=dtype), torch.zeros(batch, heads, past, dim, dtype=dtype)]
-    return (ids, positions, mask, *caches)
+    return (ids, positions, mask, *caches, torch.arange(new))
 
 
 def empty_cache(layout: CacheLayout, batch: int, dtype=torch.float32) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,26 @@ def test_outputs_and_greedy_tokens_equal_the_torch_backend(built):
     torch.testing.assert_close(served(ids), reference(ids).detach(), atol=1e-4, rtol=1e-4)
     prompts = [[3, 1, 4, 1, 5], [9, 2]]  # a batch of different lengths: left-padded
     assert served.generate(prompts, 32) == [_torch_greedy(reference, p, 32) for p in prompts]
+
+
+def test_a_generation_step_computes_the_last_positions_logits_only(built):
+    """The step's logits_positions: a prompt step gives the last position's logits (the head
+    runs on that row only), equal to the whole sequence's last; the budget's reserve no longer
+    counts every position's logits."""
+    from bmc.backends.ort_paged import reserved_bytes
+    _, served, _ = built
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4)).numpy()
+    positions = np.broadcast_to(np.arange(12), (2, 12)).copy()
+    logits, caches = served.step(ids, positions, np.ones((2, 12), dtype=np.int64), served.empty_cache(2))
+    assert logits.shape == (2, 1, served.manifest["layout"]["vocab"])
+    np.testing.assert_allclose(logits, served(ids)[:, -1:], atol=1e-5, rtol=1e-5)
+    # the reserve's logits are [batch, vocab]: a vocabulary 1000x larger adds to it once per
+    # sequence, not once per position
+    vocab = served.manifest["layout"]["vocab"]
+    huge = dict(served.manifest, layout=dict(served.manifest["layout"], vocab=1000 * vocab))
+    assert reserved_bytes(huge, 8, 64) - reserved_bytes(served.manifest, 8, 64) == 2 * 8 * 999 * vocab * 4
+    assert reserved_bytes(huge, 8, 64) - reserved_bytes(huge, 8, 32) == \
+        reserved_bytes(served.manifest, 8, 64) - reserved_bytes(served.manifest, 8, 32)
 
 
 def _mapped_kib(ranges):

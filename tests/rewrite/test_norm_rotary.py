@@ -35,10 +35,10 @@ def _step(name: str):
 
 def _random_inputs(layout, batch: int, new: int, past: int):
     inputs = kv_cache.example_step_inputs(layout, batch=batch, new=new, past=past)
-    ids, positions, mask, *caches = inputs
+    ids, positions, mask, *caches, keep = inputs
     ids = torch.randint(0, 97, ids.shape)
     positions = positions + torch.arange(batch).reshape(-1, 1)  # rows at different positions (left padding)
-    return (ids, positions, mask, *[torch.randn_like(c) for c in caches])
+    return (ids, positions, mask, *[torch.randn_like(c) for c in caches], keep)
 
 
 def _ops(step) -> collections.Counter:
