@@ -11,7 +11,8 @@ Python (the standard library's sources, one token per byte).
 It shows a progress bar, prints measured per-rank memory beside the cost model's prediction
 after the first step, writes the loss of every step to <out>/loss.jsonl, checkpoints every
 --ckpt-every steps (sharded, torch.distributed.checkpoint) and resumes from the latest
-checkpoint in --ckpt-dir when started again; under `torchrun --max-restarts=N` a run whose
+checkpoint in --ckpt-dir when started again (one of another pipeline or world size only with
+--reshard); under `torchrun --max-restarts=N` a run whose
 rank died carries on from there. Bad input is one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -70,10 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", help="train on this text file (default: the standard library's sources)")
-    p.add_argument("--out", default="runs/train", help="where loss.jsonl goes (default runs/train)")
+    p.add_argument("--out", default=None,
+                   help="where loss.jsonl, summary.json and checkpoints go (default: runs/<model>-<pipeline>-<N>ranks, "
+                        "one directory per run kind, so a run resumes only its own kind)")
     p.add_argument("--ckpt-dir", help="checkpoint directory (default <out>/checkpoints)")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    p.add_argument("--reshard", action="store_true",
+                   help="resume a checkpoint written under another pipeline or world size (it is resharded)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--simulate-failure", type=int, metavar="STEP",
@@ -297,6 +302,27 @@ def check(args) -> None:
         raise BmcError("--program brings its own pipeline and model: drop --pass, --hf and --hf-config")
     if args.hf and args.hf_config:
         raise BmcError("--hf DIR brings its config.json: drop --hf-config")
+    if args.hf_config and not (os.path.isfile(args.hf_config)
+                               or os.path.isfile(os.path.join(args.hf_config, "config.json"))):
+        raise BmcError(f"--hf-config {args.hf_config}: no such file (give a config.json, or a directory holding one)")
+
+
+def default_out(args, pipeline: str, world: int) -> Path:
+    """runs/<model>-<pipeline>-<N>ranks: a second run of the same kind resumes the first, a run
+    of another kind starts its own (runs/ is ignored by git)."""
+    model = Path(args.hf).name if args.hf else "hf-config" if args.hf_config else \
+        Path(args.program).stem if args.program else args.model
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in pipeline).strip("-")
+    return ROOT / "runs" / f"{model}-{slug}-{world}ranks"
+
+
+def check_resumable(manifest: dict, pipeline: str, world: int, reshard: bool, where) -> None:
+    """A checkpoint of another pipeline or world size loads (it is resharded), but resuming it
+    by accident trains a different run: said in one line unless --reshard asks for it."""
+    theirs = (manifest.get("pipeline", pipeline), manifest.get("world_size", world))
+    if not reshard and theirs != (pipeline, world):
+        raise BmcError(f"{where} holds a run of pipeline {theirs[0]!r} on {theirs[1]} ranks, this one is {pipeline!r} "
+                       f"on {world}: pass --reshard to resume it resharded, --no-resume or another --out to start over")
 
 
 def train(args) -> dict:
@@ -322,19 +348,25 @@ def train(args) -> dict:
     replica, replicas = (mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))) \
         if mesh is not None else (rank, world)
     opt = prog.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args, pipeline, world)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
-    start = 0
+    start, last_loss = 0, None
     if not args.no_resume and checkpoint.latest(ckpt_dir) is not None:
-        start = checkpoint.load(ckpt_dir, prog, opt)["step"]
+        check_resumable(checkpoint.read_manifest(checkpoint.resolve(ckpt_dir)), prog.pipeline, world, args.reshard,
+                        ckpt_dir)
+        manifest = checkpoint.load(ckpt_dir, prog, opt)
+        start, last_loss = manifest["step"], manifest.get("extra", {}).get("loss")
         if rank == 0:
             log.info("resumed at step %d from %s", start, checkpoint.latest(ckpt_dir))
+            if start >= args.steps:
+                log.warning("%s already holds step %d of %d: nothing left to train (--steps N to go on, "
+                            "--no-resume or another --out to start over)", ckpt_dir, start, args.steps)
     losses = LossLog(out / "loss.jsonl", start, enabled=rank == 0)
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    loss_value = float("nan")
+    loss_value = last_loss  # a run with no steps left reports the checkpoint's last loss
     for step in range(start, args.steps):
         maybe_fail(args, step, rank)
         began = time.perf_counter()
@@ -376,7 +408,7 @@ def train(args) -> dict:
     if rank == 0:
         log.info("done: %s", json.dumps(summary))
         from bmc.ir.serialize import atomic_write_text
-        atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=1))
+        atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
     if world > 1:
         dist.destroy_process_group()
     return summary

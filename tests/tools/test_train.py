@@ -197,3 +197,50 @@ def test_a_program_saved_by_bmc_opt_trains_under_torchrun_as_compiling_in_the_sc
     want, got = _losses(tmp_path / "compiled"), _losses(tmp_path / "loaded")
     assert len(got) == 5
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(want, got)) <= 1e-6, (want, got)
+
+
+def test_a_finished_run_started_again_says_so_and_writes_valid_json(tmp_path):
+    base = [*TRAIN, "--model", "gpt-tiny", "--batch", "2", "--seq", "16", "--no-progress", "--out", str(tmp_path),
+            "--steps", "2"]
+    first = subprocess.run(base, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    loss = json.loads((tmp_path / "summary.json").read_text())["final_loss"]
+    again = subprocess.run(base, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing left to train" in again.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert summary["final_loss"] == loss  # the checkpoint's last loss, not NaN
+
+
+def test_resuming_another_pipeline_is_refused_unless_resharding_is_asked(tmp_path):
+    base = [*TRAIN, "--model", "gpt-tiny", "--batch", "2", "--seq", "16", "--no-progress", "--out", str(tmp_path)]
+    assert subprocess.run([*base, "--steps", "2"], env=_env(), capture_output=True, timeout=300).returncode == 0
+    refused = subprocess.run([*base, "--steps", "3", "--pass", "ckpt"], env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "holds a run of pipeline 'dce' on 1 ranks, this one is 'insert-remat{policy=block}' on 1: pass --reshard to "
+        "resume it resharded, --no-resume or another --out to start over"), refused.stderr
+    resumed = subprocess.run([*base, "--steps", "3", "--pass", "ckpt", "--reshard"], env=_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in _losses(tmp_path)] == [0, 1, 2]
+
+
+def test_a_missing_hf_config_is_named(tmp_path):
+    run = subprocess.run([*TRAIN, "--hf-config", str(tmp_path / "config.json"), "--no-progress", "--out",
+                          str(tmp_path / "x")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"--hf-config {tmp_path / 'config.json'}: no such file" in run.stderr
+
+
+def test_the_default_run_directory_is_per_kind_and_ignored_by_git():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = train.parse_args(["--model", "gpt-mini"])
+    one, other = train.default_out(args, "zero3,ckpt", 2), train.default_out(args, "dp", 2)
+    assert one == ROOT / "runs" / "gpt-mini-zero3-ckpt-2ranks" and one != other
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(one / "loss.jsonl")], cwd=ROOT)
+    assert ignored.returncode == 0
