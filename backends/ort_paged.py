@@ -10,7 +10,7 @@ and loading overlapped with compute.
 A build that holds every block (no budget, or one it fits) runs the step as one session over
 the build's whole graph (`whole.onnx`, the parts composed); under a budget, a session per part.
 
-Policy (`plan_residency`): the embedding and the head stay resident; as many blocks as fit in
+Policy (`plan_residency`, with the reserve's arithmetic in ort_budget.py): the embedding and the head stay resident; as many blocks as fit in
 what the budget leaves after them, the KV cache, the activations and the swap slots are
 resident, spread evenly over the depth; the others are streamed through two swap slots, the
 next streamed block brought in on a background thread while the current one computes.
@@ -28,12 +28,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
+# plan_residency and reserved_bytes stay importable from here (tests, tools): the runtime's budget arithmetic
+from bmc.backends.ort_budget import Plan, plan_residency, reserved_bytes, selects_logits  # noqa: F401
 from bmc.backends.ort_artifacts import SMALL, error_line, machine_key, open_session, saturating_u8s8, sha256
-from bmc.backends.ort_streamer import DONTNEED, SLOTS, Streamer, advise, bound_malloc, mapped_ranges
+from bmc.backends.ort_streamer import DONTNEED, Streamer, advise, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -42,60 +43,6 @@ FORMAT = "bmc-ort-paged/1"
 
 class ArtifactError(BackendError):
     """A served directory that is missing files, corrupted, or from another format."""
-
-
-# ------------------------------------------------------------------ the plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    resident: tuple[int, ...]  # block positions (0-based among the blocks) kept in memory
-    streamed: tuple[int, ...]
-    slot_bytes: int
-    weight_bytes: int  # what the plan holds: fixed parts, resident blocks, slots
-
-
-def spread(count: int, total: int) -> list[int]:
-    """`count` of `total` positions spread evenly (BMInf keeps resident blocks apart so each
-    streamed block has compute around it to hide its load)."""
-    if count >= total:
-        return list(range(total))
-    if count <= 0:
-        return []
-    return sorted({round(i * (total - 1) / max(count - 1, 1)) if count > 1 else total // 2 for i in range(count)})
-
-
-def plan_residency(block_bytes: list[int], fixed_bytes: int, budget: int | None, reserved: int = 0,
-                   fixed_streaming: int | None = None) -> Plan:
-    """Which blocks stay resident under `budget` (None: all), given the always-resident parts
-    (`fixed_bytes`; `fixed_streaming` when blocks are streamed, where lookup tables are paged
-    by rows: `row_paged`) and the bytes `reserved` for the KV cache and activations."""
-    total = len(block_bytes)
-    if budget is None:
-        return Plan(tuple(range(total)), (), 0, fixed_bytes + sum(block_bytes))
-    largest = max(block_bytes)
-    everything = fixed_bytes + sum(block_bytes) + reserved
-    if everything <= budget:
-        return Plan(tuple(range(total)), (), 0, fixed_bytes + sum(block_bytes))
-    fixed_bytes = fixed_bytes if fixed_streaming is None else fixed_streaming
-    need = fixed_bytes + SLOTS * largest + reserved
-    if budget < need:
-        raise BackendError(f"budget {budget:,} bytes is below what serving needs: {need:,} (embedding and head "
-                           f"{fixed_bytes:,}, {SLOTS} swap slots of the largest block {largest:,}, KV cache and "
-                           f"activations {reserved:,}); give --budget {need} or more")
-    room = budget - need
-    count = 0  # how many could fit at best (the smallest ones)
-    while count < total and sum(sorted(block_bytes)[:count + 1]) <= room:
-        count += 1
-    # evenly spread; with blocks of different sizes (per-layer pruning) the spread may not fit
-    # where the smallest would, and one fewer is kept
-    resident = spread(count, total)
-    while sum(block_bytes[i] for i in resident) > room and resident:
-        resident = spread(len(resident) - 1, total)
-    streamed = tuple(i for i in range(total) if i not in resident)
-    slot = max((block_bytes[i] for i in streamed), default=0)
-    held = fixed_bytes + sum(block_bytes[i] for i in resident) + SLOTS * slot
-    return Plan(tuple(resident), streamed, slot, held)
 
 
 # ------------------------------------------------------------------ the manifest
@@ -178,31 +125,6 @@ def _session_options(threads: int | None, arena_bytes: int = 0, spinning: bool =
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
     return options
-
-
-def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
-    """What a step holds beside the weights, for `batch` sequences of up to `max_len` tokens
-    (fp32): the KV cache, one block's new cache besides it (each block's old cache is freed as
-    soon as that block ran: PagedRuntime.step), and a block's working set for a whole prompt:
-    four live values of the widest per-token value, the widest of the MLP's hidden width, the
-    fused qkv, the vocabulary (the largest dimension of any weight) and the attention scores
-    (heads x positions)."""
-    layout = manifest["layout"]
-    # an encoder has no cache: no per-block entries
-    per_block = [2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"])]
-    heads = manifest.get("attention_heads") or max(layout["heads"], default=0)
-    if "logits_positions" in manifest["inputs"]:  # generating: the logits of the last position only
-        # a block's widest value per token: its widest weight dim (the MLP's hidden, the fused
-        # qkv); the vocabulary of the embedding and head tables is not per token any more
-        widest_block = max((max(t["shape"]) for part in manifest["parts"] if part["kind"] == "block"
-                            for t in part["weights"] if t["shape"]), default=0)
-        widest = max(manifest["widest_per_token"], widest_block, heads * max_len)
-        return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4 + \
-            2 * batch * layout["vocab"] * 4
-    widest_weight = max((max(t["shape"]) for part in manifest["parts"] for t in part["weights"] if t["shape"]),
-                        default=0)
-    widest = max(manifest["widest_per_token"], widest_weight, heads * max_len)
-    return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4
 
 
 def canonical_form(model) -> tuple[bytes, dict[str, str]]:
@@ -479,7 +401,7 @@ class PagedProgram:
         `caches` is consumed (emptied): the runtime frees each block's old cache as soon as that
         block ran (PagedRuntime.step)."""
         values = [ids, positions, mask, *caches]
-        if "logits_positions" in self.manifest["inputs"]:
+        if selects_logits(self.manifest):
             values.append(np.asarray([ids.shape[1] - 1] if logits_positions is None else logits_positions,
                                      dtype=np.int64))
         feeds = dict(zip(self.manifest["inputs"], values))
@@ -526,7 +448,7 @@ class PagedProgram:
     def _warn_past_reserve(self, batch: int, seq: int) -> None:
         """Every position's logits are more than the budget's reserve counted (it holds the last
         position's, what generation needs)."""
-        if "logits_positions" in self.manifest["inputs"] and self.runtime.plan.streamed and seq > 1:
+        if selects_logits(self.manifest) and self.runtime.plan.streamed and seq > 1:
             log.warning("ort-paged: the logits of all %d positions (%s bytes) are beyond what the budget's reserve "
                         "holds (the last position's, for generate); memory may go past the budget", seq,
                         f"{batch * seq * self.manifest['layout']['vocab'] * 4:,}")

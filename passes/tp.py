@@ -141,9 +141,10 @@ def _plan(gm: fx.GraphModule, degree: int, vocab: bool = False) -> _Plan:
         if users is None:
             raise PipelineError(f"tp: the weight {name} is read by something other than projections in this "
                                 f"graph (a norm, a lookup, another product), so it cannot be split")
-        if any(projection(u).in_out != projection(users[0]).in_out for u in users):
+        stored_in_out = {projection(u).in_out for u in users}
+        if len(stored_in_out) > 1:
             raise PipelineError(f"tp: {name} is multiplied both as stored and transposed; it cannot be split one way")
-        if projection(users[0]).in_out:
+        if stored_in_out == {True}:
             plan.transposed.add(name)
     return plan
 

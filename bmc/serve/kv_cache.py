@@ -39,6 +39,7 @@ import bmc.ir.ops  # noqa: F401 - registers bmc::cached_attention
 from bmc import ir
 from bmc.errors import BmcError
 from bmc.ir.trace import trace_info
+from bmc.rewrite.linear import projection
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -325,28 +326,15 @@ def _select_logit_positions(graph: fx.Graph, logits: fx.Node) -> fx.Node:
 
 
 def _head_input(logits: fx.Node) -> fx.Node | None:
-    """x when `logits` is a projection of x by a weight (linear, a matmul by a 2-D parameter or
-    its transpose, quant-int8's int8_linear) with x and logits [B, T, ...] of the same T."""
-    aten = torch.ops.aten
-    if logits.op != "call_function" or not logits.args or not isinstance(logits.args[0], fx.Node):
+    """x when `logits` is a projection of x by a weight (any form rewrite/linear.py knows, or
+    quant-int8's int8_linear) with x and logits [B, T, ...] of the same T."""
+    found = projection(logits)
+    x = found.x if found is not None else \
+        logits.args[0] if logits.target is torch.ops.bmc.int8_linear.default else None
+    x_val, out = ir.tensor_val(x) if isinstance(x, fx.Node) else None, ir.tensor_val(logits)
+    if x_val is None or out is None or x_val.dim() != 3 or out.dim() != 3 or x_val.shape[:2] != out.shape[:2]:
         return None
-    if logits.target not in (aten.linear.default, aten.matmul.default, torch.ops.bmc.int8_linear.default):
-        return None
-    x, out = ir.tensor_val(logits.args[0]), ir.tensor_val(logits)
-    if logits.target is aten.matmul.default and not _is_weight(logits.args[1]):
-        return None
-    if x is None or out is None or x.dim() != 3 or out.dim() != 3 or x.shape[:2] != out.shape[:2]:
-        return None
-    return logits.args[0]
-
-
-def _is_weight(node) -> bool:
-    """A 2-D get_attr, or its transpose: what a matmul head multiplies by."""
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
-            torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int):
-        node = node.args[0]
-    val = ir.tensor_val(node) if isinstance(node, fx.Node) else None
-    return isinstance(node, fx.Node) and node.op == "get_attr" and val is not None and val.dim() == 2
+    return x
 
 
 # ------------------------------------------------------------------ what the graph computes from sizes alone

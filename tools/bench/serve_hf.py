@@ -138,8 +138,7 @@ def _in_own_process(spec: dict, prompts, new: int, max_len: int, threads: int):
                               text=True)
         if done.returncode != 0:
             raise SystemExit(f"the run of {spec['path']} in its own process failed: {done.stderr[-800:]}")
-        first, rest, tokens = json.loads(done.stdout.strip().splitlines()[-1])
-        return first, rest, tokens
+        return tuple(json.loads(done.stdout.strip().splitlines()[-1]))  # (first, rest, tokens)
     return run
 
 
