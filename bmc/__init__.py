@@ -18,6 +18,7 @@ _LAZY = {
     "parse_pipeline": "bmc.passmgr", "register_pass": "bmc.passmgr", "register_preset": "bmc.passmgr",
     "Program": "bmc.program", "compile": "bmc.program", "trace": "bmc.ir.trace",
     "DistillError": "bmc.compress.distill", "distill": "bmc.compress.distill",
+    "check": "bmc.checker", "CheckReport": "bmc.checker",
 }
 # The modules users import by their short names (`from bmc import zoo, calibration`).
 _MODULES = {

@@ -24,6 +24,7 @@ from bmc.errors import PipelineError
 from bmc.ir.shapes import propagate_shapes
 from bmc.rewrite.linear import all_projections
 from bmc.rewrite.params import slice_parameter
+from bmc.passmgr.equivalence import changes
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.analysis.structure import CACHE_KEY, MLP, Linear, structure_of
 
@@ -164,7 +165,7 @@ def rewrite_widths(gm: fx.GraphModule, mlp: MLP, old: int, new: int) -> int:
 
 
 @register_pass("prune-ffn", options=PruneFfnOptions, invalidates=("cost",),
-               forbids=("staged", "fused-regions", "quantized"))
+               forbids=("staged", "fused-regions", "quantized"), equivalence=changes("MLP neurons removed"))
 class PruneFfn(Pass):
     """Remove the lowest-scoring MLP neurons of every block."""
 

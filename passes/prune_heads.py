@@ -42,6 +42,7 @@ from bmc.rewrite.dims import DimFollower, ViewGroup
 from bmc.rewrite.params import slice_parameter
 from bmc.ir.shapes import propagate_shapes
 from bmc.rewrite.linear import operands, projections
+from bmc.passmgr.equivalence import changes
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.passmgr.properties import Properties
 from bmc.analysis.structure import CACHE_KEY, Attention, Linear, structure_of
@@ -473,7 +474,8 @@ AFTER_TP = "prune first, then split what is left (put prune-heads before tp)"
 
 
 @register_pass("prune-heads", options=PruneHeadsOptions, invalidates=("cost",),
-               forbids=("staged", "fused-regions", "quantized", ("tp-split", AFTER_TP)))
+               forbids=("staged", "fused-regions", "quantized", ("tp-split", AFTER_TP)),
+               equivalence=changes("attention heads removed"))
 class PruneHeads(Pass):
     """Remove attention heads (by spec, or a ratio ranked by magnitude, Taylor or random scores)."""
 

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from bmc import ir
 from bmc.errors import PipelineError
+from bmc.passmgr.equivalence import changes
 from bmc.passmgr.manager import Pass, PassResult, register_pass
 from bmc.passmgr.properties import Properties
 from bmc.analysis.structure import CACHE_KEY, Block, structure_of
@@ -154,7 +155,7 @@ def _drop_parameters(gm: fx.GraphModule, block: Block) -> int:
 
 
 @register_pass("prune-layers", options=PruneLayersOptions, invalidates=("cost",),
-               forbids=("staged", "fused-regions", "quantized"))
+               forbids=("staged", "fused-regions", "quantized"), equivalence=changes("blocks removed"))
 class PruneLayers(Pass):
     """Remove whole residual blocks: by index, or a ratio of them by policy."""
 

@@ -151,6 +151,10 @@ def test_print_ir_and_list_passes(capsys):
     assert main(["zoo:gpt-tiny", "--pass=dce,verify", "--print-ir-after=verify"]) == 0
     text = capsys.readouterr().out
     assert text.count("IR Dump After") == 1 and "After verify (#2)" in text
+    # the costs annotate-cost puts on each node are in the printed IR, in B and S
+    assert main(["zoo:gpt-tiny", "--pass=annotate-cost", "--print-ir-after=annotate-cost"]) == 0
+    linear = next(ln for ln in capsys.readouterr().out.splitlines() if "= aten.linear(" in ln)
+    assert re.search(r"\{bmc.cost=flops=\d+\*B\*S, saved=\d+\*B\*S bytes\}", linear), linear
     assert main(["--list-passes"]) == 0
     listing = capsys.readouterr().out
     assert "annotate-cost" in listing and "cleanup" in listing
@@ -286,6 +290,9 @@ COMPRESSION_BAD_INPUTS = {
                                  r"--calibration .*nope.txt: no such"),
     "missing eval text": (["zoo:gpt-tiny", "--eval", "--eval-text", "{d}/nope.txt"], r"--eval-text .*: no such file"),
     "eval on meta": (["zoo:gpt-tiny", "--eval", "--device", "meta"], r"--eval needs real weights"),
+    "check on meta": (["zoo:gpt-tiny", "--check", "--device", "meta"], r"--check needs real weights"),
+    "check of a pipeline": (["zoo:gpt-tiny", "--static", "--check", "--pass=pp{stages=2}", "--world-size", "2"],
+                            r"does not run pipeline-parallel programs yet"),
     "eval of an encoder": (["zoo:bert-tiny", "--static", "--eval"],
                            r"--eval scores causal language models: this model returns \[2, 16, 64\]"),
     "weights that do not fit": (["zoo:gpt-tiny", "--weights", "{d}/llama.safetensors"],
@@ -303,6 +310,38 @@ def test_compression_flags_refuse_bad_input_in_one_line(case, weight_files, caps
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bmc-opt: error: ") and re.search(pattern, lines[0]), captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_check_reports_the_contract_and_exits_1_on_a_mismatch(capsys):
+    """--check in one process: amp within its stated bound (exit 0); a pass that breaks the
+    function (exit 1) with the first wrong node named."""
+    assert main(["zoo:llama-tiny", "--pass=amp", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "contract: amp: bf16 compute (8-bit mantissa): relative error <= 3e-02" in out
+    assert re.search(r"output 0 \[2, 16, 256\]: max abs \S+, rel \S+  ok", out) and "verdict: same function" in out
+
+    from bmc.passmgr import PassResult, register_pass, unregister
+    from bmc.passmgr.manager import Pass
+
+    @register_pass("negate-one")
+    class NegateOne(Pass):
+        """Negate the first residual add's output (a broken rewrite)."""
+
+        def run(self, gm):
+            add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor and n.args[0].op != "get_attr"
+                       and len(n.users) > 1)
+            with gm.graph.inserting_after(add):
+                neg = gm.graph.call_function(torch.ops.aten.neg.default, (add,))
+            add.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
+            neg.meta["val"] = add.meta["val"]
+            return PassResult(gm, True)
+
+    try:
+        assert main(["zoo:llama-tiny", "--pass=negate-one", "--check"]) == 1
+    finally:
+        unregister("negate-one")
+    out = capsys.readouterr().out
+    assert "verdict: MISMATCH" in out and "made by: negate-one" in out, out
 
 
 def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):

@@ -99,6 +99,7 @@ def test_printer_matches_golden():
     if os.environ.get("BMC_UPDATE_GOLDEN"):
         with open(path, "w") as f:
             f.write(text)
+        pytest.skip("golden file rewritten: nothing was compared")
     with open(path) as f:
         assert text == f.read(), "printed graph changed; rerun with BMC_UPDATE_GOLDEN=1 if intended"
 

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true",
                    help="after the pipeline, compare the original causal LM with the transformed one on held-out "
                         "text: perplexity, cosine of the logits, parameters, weight bytes")
+    p.add_argument("--check", action="store_true",
+                   help="after the pipeline, run the original and the transformed program on seeded batches "
+                        "(--world-size N: N local gloo ranks) and compare outputs, gradients and every node "
+                        "against what the passes promise; on a mismatch, name the first wrong node and the pass "
+                        "that made it (exit status 1)")
     p.add_argument("--eval-text", metavar="FILE",
                    help="the text --eval holds out the last 5%% of (default: the standard library's sources)")
     p.add_argument("--static", action="store_true", help="trace with static shapes (default: batch, seq symbolic)")
@@ -170,7 +175,8 @@ def _require_file(flag: str, path: str) -> None:
 def _check_compression_args(args) -> None:
     """--weights, --calibration and --eval: what can be told from the command line alone,
     so a typo fails before a model is loaded."""
-    for flag, given in (("--weights", args.weights), ("--calibration", args.calibration), ("--eval", args.eval)):
+    for flag, given in (("--weights", args.weights), ("--calibration", args.calibration), ("--eval", args.eval),
+                        ("--check", args.check)):
         if given and args.device == "meta":
             raise UsageError(f"{flag} needs real weights: drop --device meta (or use --device cpu)")
     if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 1):
@@ -213,7 +219,7 @@ def _instruments(args, out):
 
 
 def _needs_weights(args) -> bool:
-    return bool(args.output or args.measure or args.weights or args.calibration or args.eval)
+    return bool(args.output or args.measure or args.weights or args.calibration or args.eval or args.check)
 
 
 def _load(args):
@@ -490,11 +496,17 @@ def _prepare_eval(args, gm):
     windows = _text_windows("--eval-text", args.eval_text,
                             lambda: EvalData.held_out(args.eval_text, seq=seq, count=count))
     _check_causal_lm(gm, windows.windows[:batch, :-1])
+    return _copy_graph(gm), windows, batch
+
+
+def _copy_graph(gm):
+    """The graph as it is before the pipeline (passes rewrite it in place)."""
+    import copy
+    import warnings
     with warnings.catch_warnings():
         # copying export's input spec trips a deprecation warning inside torch itself
         warnings.simplefilter("ignore", FutureWarning)
-        reference = copy.deepcopy(gm)
-    return reference, windows, batch
+        return copy.deepcopy(gm)
 
 
 def _evaluate(args, gm, pipeline: str, prepared) -> str:
@@ -551,6 +563,7 @@ def run(argv: Sequence[str] | None, out) -> int:
         context = dataclasses.replace(context, calibration=calibration)
         manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
     prepared_eval = _prepare_eval(args, gm) if args.eval else None
+    check_reference = _copy_graph(gm) if args.check else None
     out.write(f"pipeline: {pipeline}\n")
     gm = manager.run(gm, backend=target).graph_module
     for index, record in enumerate(manager.records, start=1):
@@ -575,6 +588,14 @@ def run(argv: Sequence[str] | None, out) -> int:
     for instrument in (timing, stats):
         if instrument:
             out.write("\n" + instrument.format())
+    if check_reference is not None:
+        from bmc.checker import compare
+        report_ = _with_status(f"checking on {args.world_size} rank(s)",
+                               lambda: compare(check_reference, gm, manager.equivalence(), str(pipeline),
+                                               world_size=args.world_size))
+        out.write("\n" + str(report_) + "\n")
+        if not report_.passed:
+            return 1
     if args.output and args.backend == "ort-paged":
         from bmc.program import config_limits
         limits = [n for n in (args.max_len, config_limits(args.model).get("max_positions")) if n]

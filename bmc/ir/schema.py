@@ -132,7 +132,7 @@ class Cost:
     saved_bytes: sympy.Expr
 
     def __str__(self):
-        return f"flops={self.flops} saved={self.saved_bytes}"
+        return f"flops={self.flops}, saved={self.saved_bytes} bytes"
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,10 @@ def format_node(node: fx.Node, symbols: dict | None = None) -> str:
     else:
         args = [_arg_str(a) for a in node.args] + [f"{k}={_arg_str(v)}" for k, v in node.kwargs.items()]
         body = f"{target_str(node)}({', '.join(args)})"
-    notes = [f"{key}={value}" for key, value in annotations(node) if key != Cost.key]
+    # bmc.origin is provenance for bmc.check, not part of what the node computes: left out, as
+    # MLIR leaves out locations unless asked
+    notes = [f"{key}={value}" for key, value in annotations(node)
+             if key != Origin.key and not (key == Cost.key and value.flops == 0 and value.saved_bytes == 0)]
     where = module_path(node)
     line = f"%{node.name} : {ty} = {body}" if node.meta.get("val") is not None else f"%{node.name} = {body}"
     if notes:

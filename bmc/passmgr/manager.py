@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import torch.fx as fx
 
 from bmc.errors import BmcError, PassFailure, PipelineError
+from bmc.passmgr.equivalence import EXACT, Equivalence
 from bmc.passmgr.properties import PROVIDER, Properties, check_backend, check_pipeline, graph_properties
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     invalidates: ClassVar[tuple[str, ...]] = ()
     forbids: ClassVar[tuple[tuple[str, str], ...]] = ()
+    contract: ClassVar[Equivalence] = EXACT
 
     def __init__(self, options: Any = None, context: PassContext | None = None):
         self.options = options if options is not None else self.Options()
@@ -81,6 +83,11 @@ class Pass:
         forbids (bmc/passmgr/properties.py). Passes whose options change them override this."""
         return Properties(self.requires, self.provides, self.invalidates, self.forbids)
 
+    def equivalence(self) -> Equivalence:
+        """What this pass, with its options, promises about the function (bmc.check holds it
+        to it). Passes whose options change it override this."""
+        return self.contract
+
     def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -91,10 +98,11 @@ PRESETS: dict[str, tuple[str, str]] = {}  # name -> (pipeline, summary)
 
 def register_pass(name: str, *, options: type = NoOptions, requires: Sequence[str] = (),
                   provides: Sequence[str] = (), invalidates: Sequence[str] = (),
-                  forbids: Sequence[tuple[str, str] | str] = ()):
-    """Class decorator declaring a pass: its name, typed options and the graph properties it
+                  forbids: Sequence[tuple[str, str] | str] = (), equivalence: Equivalence = EXACT):
+    """Class decorator declaring a pass: its name, typed options, the graph properties it
     requires, provides, invalidates and forbids (a property that must not hold yet, alone or
-    with the reason to give). The docstring's first line is its summary."""
+    with the reason to give), and what it promises about the function (bmc/passmgr/
+    equivalence.py; exact by default). The docstring's first line is its summary."""
     if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
         raise TypeError(f"options of pass {name!r} must be a frozen dataclass")
 
@@ -107,6 +115,7 @@ def register_pass(name: str, *, options: type = NoOptions, requires: Sequence[st
         cls.name, cls.summary, cls.Options = name, doc.splitlines()[0], options
         cls.requires, cls.provides, cls.invalidates = tuple(requires), tuple(provides), tuple(invalidates)
         cls.forbids = tuple((f, "") if isinstance(f, str) else tuple(f) for f in forbids)
+        cls.contract = equivalence
         REGISTRY[name] = cls
         return cls
 
@@ -446,8 +455,11 @@ class PassManager:
         for index, (spec, pass_) in enumerate(zip(self.pipeline.passes, self.passes), start=1):
             start = time.perf_counter()
             try:
+                before = _node_signatures(gm)
                 result = pass_.run(gm)
                 gm = result.graph_module
+                if result.modified:
+                    _record_origins(gm, before, spec.name)
                 if result.modified:
                     gm.recompile()
                 if self.verify:
@@ -465,6 +477,11 @@ class PassManager:
         stats = {f"{r.spec.name}.{k}": v for r in self.records for k, v in r.statistics.items()}
         return PassResult(gm, any(r.modified for r in self.records), stats)
 
+    def equivalence(self) -> Equivalence:
+        """What the whole pipeline promises about the function (its loosest pass)."""
+        from bmc.passmgr.equivalence import combine
+        return combine((spec.name, pass_.equivalence()) for spec, pass_ in zip(self.pipeline.passes, self.passes))
+
     def _failure(self, index: int, spec: PassSpec, exc: Exception) -> BmcError:
         notes = [n for i in self.instruments if (n := i.on_failure(index, spec, exc))]
         suffix = ("; " + "; ".join(notes)) if notes else ""
@@ -473,6 +490,43 @@ class PassManager:
             return exc
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return PassFailure(f"pass '{spec.name}' (#{index}) failed: {type(exc).__name__}: {first}{suffix}")
+
+
+# node.meta key: every pass that created or changed the node, in order (not a bmc.* annotation:
+# it does not travel through a .pt2 archive; bmc.check reads it in the process that compiled)
+TOUCHED_KEY = "bmc_touched_by"
+
+
+def _node_signatures(gm: fx.GraphModule) -> dict[str, str]:
+    return {n.name: _signature(n) for n in gm.graph.nodes}
+
+
+def _signature(node: fx.Node) -> str:
+    """What a pass may change about a node: what it computes, from what, at which shape."""
+    return f"{node.op} {node.target} {node.args} {node.kwargs} {getattr(node.meta.get('val'), 'shape', '')}"
+
+
+def _record_origins(gm: fx.GraphModule, before: Mapping[str, str], pass_name: str) -> None:
+    """`bmc.origin` on every node the pass created or rewrote, where the pass did not record
+    one itself: a new node comes from its first input that existed before, a rewritten node
+    (other inputs, another shape) from itself. The first pass to touch a node keeps it (tp
+    splits a projection; insert-collectives only feeds it through f afterwards). bmc.check
+    names the pass that made the first wrong value from it."""
+    from bmc import ir
+    for node in gm.graph.nodes:
+        signature = before.get(node.name)
+        if signature is not None and signature == _signature(node):
+            continue
+        touched = node.meta.setdefault(TOUCHED_KEY, [])
+        if pass_name not in touched:
+            touched.append(pass_name)
+        if ir.get(node, ir.Origin) is not None:
+            continue
+        if signature is None:
+            source = next((a.name for a in node.all_input_nodes if a.name in before), "")
+        else:
+            source = node.name
+        ir.annotate(node, ir.Origin(pass_name, source))
 
 
 def describe_passes() -> str:

@@ -1,0 +1,166 @@
+"""bmc.check: correct pipelines pass, and a deliberately broken pass is caught and located at
+the node it broke (a wrong split, a dropped all-reduce, a dropped backward sum)."""
+import dataclasses
+
+import pytest
+import torch
+
+import bmc
+import hf_models
+from bmc import ir, zoo
+from bmc.passmgr import PassResult, register_pass, unregister
+from bmc.passmgr.manager import Pass
+from bmc.passes.insert_collectives import F_OP, G_OP
+from bmc.passes.tp import TensorParallel, TpOptions
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    return zoo.build("llama-tiny")
+
+
+@pytest.fixture(scope="module")
+def broken_passes():
+    """Passes that break tp2 in the ways tp has broken before, registered for this module."""
+
+    @register_pass("tp-wrong-split", options=TpOptions, provides=("tp-split",), invalidates=("cost",))
+    class WrongSplit(TensorParallel):
+        """tp that splits layer 0's v projection as two halves (rank r: piece r of each),
+        not as one: every shape still fits, the heads are wrong."""
+
+        def run(self, gm):
+            result = super().run(gm)
+            plan = ir.get_plan(gm, ir.TensorParallelPlan)
+            layouts = tuple(dataclasses.replace(lay, segments=(lay.segments[0] // 2,) * 2)
+                            if lay.param == "model.layers.0.self_attn.v_proj.weight" else lay for lay in plan.layouts)
+            ir.set_plan(gm, dataclasses.replace(plan, layouts=layouts))
+            return result
+
+    @register_pass("tp-thirds", options=TpOptions, provides=("tp-split",), invalidates=("cost",))
+    class Thirds(TensorParallel):
+        """tp as it was before issue 16: a fused qkv split as contiguous q|k|v thirds, though
+        GPT-NeoX stores it head by head (every shape fits; the numbers are wrong)."""
+
+        def run(self, gm):
+            result = super().run(gm)
+            plan = ir.get_plan(gm, ir.TensorParallelPlan)
+            layouts = tuple(dataclasses.replace(lay, segments=(lay.segments[0] // 3,) * 3)
+                            if "query_key_value" in lay.param else lay for lay in plan.layouts)
+            ir.set_plan(gm, dataclasses.replace(plan, layouts=layouts))
+            return result
+
+    def dropping(name, op, doc):
+        @register_pass(name)
+        class Drop(Pass):
+            __doc__ = doc
+
+            def run(self, gm):
+                node = next(iter(gm.graph.find_nodes(op="call_function", target=op)))
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                return PassResult(gm, True)
+
+    dropping("drop-g", G_OP, "Remove the first all-reduce after a row-parallel product.")
+    dropping("drop-f", F_OP, "Remove the first f (identity forward, all-reduce of the gradient backward).")
+    yield
+    for name in ("tp-wrong-split", "tp-thirds", "drop-g", "drop-f"):
+        unregister(name)
+
+
+def test_correct_pipelines_pass_in_one_process(llama):
+    for pipeline in ("dce", "insert-remat", "zero{stage=3}", "amp", "amp{dtype=fp16}", "quant-int8"):
+        report = bmc.check(llama, pipeline)
+        assert report.passed, str(report)
+        assert report.nodes_compared > 0 and report.first_wrong_value is None
+    bf16 = bmc.check(llama, "amp")
+    assert bf16.contract.kind == "bounded" and 1e-4 < bf16.output_error.rel <= bf16.contract.bound
+
+
+def test_a_pass_that_changes_the_function_is_reported_where_it_changes(llama):
+    report = bmc.check(llama, "prune-heads{ratio=0.25}")
+    assert report.contract.kind == "changes" and report.passed
+    assert report.output_error.rel > 1e-2
+    first = report.first_wrong_value
+    # the first value that differs is one prune-heads sliced (layer 0's attention)
+    assert first is not None and "prune-heads" in first.made_by, str(report)
+    assert "changes the function by design" in str(report)
+
+
+def test_a_numeric_fault_in_one_process_is_located_at_its_node(llama):
+    """A pass that scales one node's value by 1.01: beyond the exact contract, and named."""
+
+    @register_pass("scale-one")
+    class ScaleOne(Pass):
+        """Multiply the output of the second matmul-like node by 1.01."""
+
+        def run(self, gm):
+            target = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][1]
+            with gm.graph.inserting_after(target):
+                scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (target, 1.01))
+            target.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+            scaled.meta["val"] = target.meta["val"]
+            ScaleOne.readers = [u.name for u in scaled.users]
+            return PassResult(gm, True)
+
+    try:
+        report = bmc.check(llama, "scale-one")
+    finally:
+        unregister("scale-one")
+    assert not report.passed
+    first = report.first_wrong_value
+    # the scaled node keeps its value and the new mul has no counterpart: the first reader of
+    # the mul is the first wrong value, and the pass that rewired it is named
+    assert first.node in ScaleOne.readers and first.made_by.startswith("scale-one"), str(report)
+
+
+def test_tp2_passes_and_broken_variants_are_caught_and_located(llama, broken_passes):
+    good = bmc.check(llama, "tp2", world_size=2)
+    assert good.passed and good.output_error.rel < 1e-5 and good.gradients[0] > 0, str(good)
+    assert good.first_wrong_value is None and good.nodes_compared > 100, str(good)
+
+    split = bmc.check(llama, "tp-wrong-split{degree=2},insert-collectives", world_size=2)
+    assert not split.passed and split.output_error.rel > 1e-2
+    first = split.first_wrong_value
+    # each rank's product holds the rows the (wrong) layout gave it, so the product itself
+    # looks whole; the first wrong value is where those rows are read as heads: the view after it
+    v_linear = _linear_reading(llama, "model.layers.0.self_attn.v_proj.weight")
+    assert first.node == _first_user(llama, v_linear) and first.made_by.startswith("tp-wrong-split"), str(split)
+
+    torch.manual_seed(0)
+    neox, inputs = hf_models.build("gpt-neox"), hf_models.example_inputs()
+    thirds = bmc.check(neox, "tp-thirds{degree=2},insert-collectives", inputs, world_size=2)
+    assert not thirds.passed, str(thirds)
+    product = _linear_reading(neox, "gpt_neox.layers.0.attention.query_key_value.weight", inputs)
+    assert thirds.first_wrong_value.node == _first_user(neox, product, inputs), str(thirds)
+
+    dropped = bmc.check(llama, "tp2,drop-g", world_size=2)
+    assert not dropped.passed
+    first = dropped.first_wrong_value
+    assert "partial sum over the tp ranks" in first.hint and "drop-g" in first.made_by, str(dropped)
+    # the residual add reads the unreduced product
+    assert first.op == "aten.add.Tensor" and first.module == "model.layers.0", str(dropped)
+
+    backward = bmc.check(llama, "tp2,drop-f", world_size=2)
+    assert not backward.passed and backward.output_error.rel < 1e-5  # forward still right
+    assert backward.first_wrong_value is None, str(backward)
+    # f stood between the norm's output and the q/k/v projections: its gradient is the first wrong
+    assert backward.first_wrong_gradient.node == _input_of(llama, "model.layers.0.self_attn.q_proj.weight")
+
+
+def _first_user(model, name, inputs=None):
+    gm = bmc.trace(model, inputs or model.example_inputs())
+    return next(iter(next(n for n in gm.graph.nodes if n.name == name).users)).name
+
+
+def _input_of(model, weight):
+    gm = bmc.trace(model, model.example_inputs())
+    return next(n for n in gm.graph.nodes if n.name == _linear_reading(model, weight)).args[0].name
+
+
+def _linear_reading(model, weight, inputs=None):
+    gm = bmc.trace(model, inputs or model.example_inputs())
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(getattr(a, "target", None) == weight for a in node.all_input_nodes):
+            return node.name
+    raise AssertionError(weight)
