@@ -2,7 +2,6 @@
 no traceback, nothing written)."""
 import os
 import re
-import resource
 import subprocess
 import sys
 
@@ -163,14 +162,21 @@ def test_print_ir_and_list_passes(capsys):
 def test_planning_llama_7b_on_meta_stays_small():
     """The issue's check: a 7B plan on the meta device, peak RSS under 3 GB; and the 7.5e9
     model's table shows the ZeRO paper's figures."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = bmc_opt("zoo:llama-7b", "--world-size", "64", "--pass=dce,annotate-cost,verify", "--report",
-                     "--dtype", "fp16", "--seq", "2048")
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    assert result.returncode == 0, result.stderr
+    result, peak_gib = _bmc_opt_peak("zoo:llama-7b", "--world-size", "64", "--pass=dce,annotate-cost,verify",
+                                     "--report", "--dtype", "fp16", "--seq", "2048")
     assert "parameters 6,738,415,616" in result.stdout
     assert peak_gib < 3, f"peak RSS {peak_gib:.2f} GiB"
-    assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def _bmc_opt_peak(*args):
+    """bmc-opt in a process of its own, and that process's peak RSS in GiB, as it reports it
+    on exit (RUSAGE_CHILDREN would be the largest of every test's children so far)."""
+    code = ("import resource, sys; from bmc.cli.opt import main; rc = main(sys.argv[1:]); "
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    return result, int(result.stdout.split("maxrss")[-1]) / 2**20
 
 
 def test_planning_llama3_8b_from_its_config_alone_stays_small(tmp_path):
@@ -181,15 +187,8 @@ def test_planning_llama3_8b_from_its_config_alone_stays_small(tmp_path):
                 intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                 tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
     assert os.listdir(tmp_path) == ["config.json"]
-    # the peak of this one process (RUSAGE_CHILDREN would be the largest of every test's children)
-    code = ("import resource, sys; from bmc.cli.opt import main; rc = main(sys.argv[1:]); "
-            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code, f"hf:{tmp_path}", "--world-size", "8", "--report",
-                             "--seq", "2048"], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr
+    result, peak_gib = _bmc_opt_peak(f"hf:{tmp_path}", "--world-size", "8", "--report", "--seq", "2048")
     assert "LlamaForCausalLM" in result.stdout and "parameters 8,030,261,248 (bf16" in result.stdout
-    peak_gib = int(result.stdout.split("maxrss")[-1]) / 2**20
     assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
 
 

@@ -157,3 +157,17 @@ def test_distillation_recovers_half_of_what_pruning_lost():
     result = bench.measure(bench.parse_args([]))
     assert result["steps"] == 40 and result["pruned"] > result["teacher"]
     assert result["recovered"] >= 0.5, result
+
+
+def test_the_kl_term_is_the_definition():
+    """T^2 KL(teacher || student) per token, from the definition (sum of p log p/q over the
+    vocabulary, averaged over every token): a swapped direction, a mean over the vocabulary or
+    a missing T^2 each fail it."""
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen) * 3, torch.randn(2, 5, 11, generator=gen) * 3
+    for temperature in (1.0, 2.0):
+        p = torch.softmax(teacher.double() / temperature, -1)
+        q = torch.softmax(student.double() / temperature, -1)
+        want = (p * (p.log() - q.log())).sum(-1).mean() * temperature ** 2
+        assert _kl(student, teacher, temperature).item() == pytest.approx(want.item(), rel=1e-5)
+        assert _kl(teacher, student, temperature).item() != pytest.approx(want.item(), rel=1e-2)

@@ -248,6 +248,9 @@ def test_sampling_is_seeded_and_stops_at_eos(built):
     _, served, _ = built
     a = served.generate([[5, 6, 7]], 10, temperature=1.0, top_k=20, seed=3)
     assert a == served.generate([[5, 6, 7]], 10, temperature=1.0, top_k=20, seed=3)
+    # and the other direction: the seed and the temperature change what is drawn
+    assert a != served.generate([[5, 6, 7]], 10, temperature=1.0, top_k=20, seed=4)
+    assert a != served.generate([[5, 6, 7]], 10)
     first = served.generate([[5, 6, 7]], 1)[0][0]
     assert served.generate([[5, 6, 7]], 10, eos=first) == [[first]]
     streamed = [tokens for tokens in served.generate([[5, 6, 7], [1]], 4, stream=True)]

@@ -1,9 +1,10 @@
 """amp: bf16/fp16 parameters with fp32 masters; fp16 loss scaling survives overflows.
 
-Low precision is not exact, so the tolerances here are stated against fp32: one forward
-within 2% (bf16 keeps 8 bits of mantissa), gradients pointing the same way (cosine > 0.99),
-and 20 training steps on real text whose losses stay within 1% of fp32's at every step
-(measured: bf16 within 0.08%, fp16 within 0.011%, on gpt-tiny and llama-tiny)."""
+Low precision is not exact, so the tolerances here are stated against fp32, each a small
+multiple of what we measured on gpt-tiny and llama-tiny: one step's loss (bf16 2.9e-5
+relative, fp16 2.0e-6), its gradients' cosine (1 - cos: bf16 3.9e-5, fp16 1.0e-6), 20
+training steps on real text (bf16 within 9e-4 of fp32's losses at every step, fp16 1.2e-4),
+HF LLaMA's logits in bf16 (3.5e-3 absolute on values up to 0.65)."""
 import copy
 
 import pytest
@@ -17,6 +18,10 @@ from bmc.errors import PipelineError
 from helpers import run
 
 STEPS, BATCH, SEQ = 20, 4, 32
+# relative bounds, 3-5x the errors measured (the module's docstring)
+ONE_STEP = {"bf16": 1.5e-4, "fp16": 1e-5}
+GRAD_COSINE = {"bf16": 2e-4, "fp16": 1e-5}
+TRAJECTORY = {"bf16": 3e-3, "fp16": 5e-4}
 TEXT = data.Batches(data.text_tokens(max_bytes=2**20), BATCH, SEQ, seed=3)
 
 
@@ -54,7 +59,7 @@ def test_one_step_is_close_to_fp32(name, dtype):
     assert {p.dtype for p in prog.parameters()} == {bmc.passes.amp.LOW_DTYPES[dtype]}
     ref, out = model(*inputs), prog(*inputs)
     assert out.dtype == torch.float32, "outputs come back in the traced dtype"
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=0)
+    torch.testing.assert_close(out, ref, rtol=ONE_STEP[dtype], atol=0)
     ref.backward()
     out.backward()
     got = dict(prog.named_parameters())
@@ -62,7 +67,7 @@ def test_one_step_is_close_to_fp32(name, dtype):
     for pname, p in model.named_parameters():
         cosine = torch.nn.functional.cosine_similarity(got[pname].grad.float().flatten() / scale,
                                                        p.grad.flatten(), dim=0)
-        assert cosine > 0.99, (pname, cosine.item())
+        assert 1 - cosine <= GRAD_COSINE[dtype], (pname, cosine.item())
 
 
 def test_precision_sensitive_ops_compute_in_fp32():
@@ -83,14 +88,14 @@ def test_bf16_training_tracks_fp32(name):
     bf16 = _train("amp{dtype=bf16}", name)[0]
     assert fp32[-1] < fp32[0] - 0.5, "the run must learn for the comparison to mean anything"
     for step, (got, want) in enumerate(zip(bf16, fp32)):
-        assert abs(got - want) <= 0.01 * want, f"step {step}: bf16 {got} vs fp32 {want}"
+        assert abs(got - want) <= TRAJECTORY["bf16"] * want, f"step {step}: bf16 {got} vs fp32 {want}"
 
 
 def test_fp16_tracks_fp32_and_keeps_masters():
     fp32 = _train("dce")[0]
     fp16, scales, _, prog = _train("amp{dtype=fp16}")
     for got, want in zip(fp16, fp32):
-        assert abs(got - want) <= 0.01 * want
+        assert abs(got - want) <= TRAJECTORY["fp16"] * want
     assert scales == [65536.0] * STEPS
 
 
@@ -108,7 +113,7 @@ def test_hugging_face_llama_in_bf16():
     model = hf_models.build("llama")
     inputs = hf_models.example_inputs()
     prog = bmc.compile(copy.deepcopy(model), passes="amp{dtype=bf16}", example_inputs=inputs)
-    torch.testing.assert_close(run(prog, inputs), run(model, inputs), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(run(prog, inputs), run(model, inputs), rtol=0, atol=1e-2)
 
 
 def test_amp_options_and_order_are_checked():

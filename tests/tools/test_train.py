@@ -177,7 +177,9 @@ def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path
     run = _torchrun([*COMMON, "--pass", pipeline], tmp_path / "par")
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "par" / "checkpoints" / "latest").is_file(), "tp and pp runs checkpoint too"
-    for got, want in zip(_losses(tmp_path / "par"), one_process_losses):
+    got_losses = _losses(tmp_path / "par")
+    assert len(got_losses) == len(one_process_losses) > 0, "every step logged"
+    for got, want in zip(got_losses, one_process_losses):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
 
 
