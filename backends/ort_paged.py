@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import sys
 
 import numpy as np
@@ -261,6 +262,7 @@ class PagedRuntime:
                          plan.slot_bytes, plan.weight_bytes)
         self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
                                   self.streaming)
+        self.events: list | None = None  # a timeline of the steps, when recorded (record_timeline)
         self._open_sessions(threads)
         self.last_use = {}
         for index, part in enumerate(self.parts):
@@ -342,8 +344,11 @@ class PagedRuntime:
         for index, (part, session) in enumerate(zip(self.parts, self.sessions)):
             inputs = {name: env[name] for name in part["inputs"]}
             streamed, names, wanted = index in self.plan.streamed, self.renames[index], part["outputs"]
+            started = time.perf_counter()
             if streamed:  # waits for its weights (fed, or mapped in by the session's own mapping)
                 inputs.update({k: OrtValue.ortvalue_from_numpy(v) for k, v in self.streamer.weights(index).items()})
+                self._event("wait", part, started)
+                started = time.perf_counter()
             if names is not None:
                 inputs, wanted = {names[k]: v for k, v in inputs.items()}, [names[n] for n in wanted]
             try:
@@ -351,6 +356,7 @@ class PagedRuntime:
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line names the part
                 raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {error_line(exc)}") from exc
             del inputs
+            self._event("compute-streamed" if streamed else "compute", part, started)
             if streamed:
                 self.streamer.release(index)
             if index in self.table_ranges:  # the rows this step looked up leave memory (the page cache keeps them)
@@ -361,13 +367,26 @@ class PagedRuntime:
                     env.pop(name, None)  # free what no later part reads
         return [env[name] for name in self.manifest["outputs"]]
 
+    def record_timeline(self) -> list:
+        """From now on, record when each part computes, waits for its weights and is paged in
+        (the prefetch thread): (lane, part name, start, end) in perf_counter seconds."""
+        self.events = self.streamer.events = []
+        return self.events
+
+    def _event(self, lane: str, part: dict, started: float) -> None:
+        if self.events is not None:
+            self.events.append((lane, part["name"], started, time.perf_counter()))
+
     def _run_whole(self, feeds: dict) -> list:
         """Every block resident: the step as one session (the build's whole graph)."""
         inputs = {name: feeds.pop(name) for name in self.manifest["inputs"]}
+        started = time.perf_counter()
         try:
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
             raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {error_line(exc)}") from exc
+        finally:
+            self._event("compute", {"name": "whole step"}, started)
 
 
 # ------------------------------------------------------------------ the program

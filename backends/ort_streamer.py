@@ -8,6 +8,7 @@ mappings Python made, and the prepacked weights are mapped by ONNX Runtime.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -119,6 +120,8 @@ class Streamer:
             block: [(np.frombuffer(mapping, dtype=np.uint8).ctypes.data, parts[block]["weight_bytes_file"])]
             for block, mapping in self.maps.items()}
         self.bytes_read = 0
+        # (lane, part name, start, end) per page-in when a timeline is recorded (bmc run --plot)
+        self.events: list | None = None
         # one worker, first in first out: a block's drop runs before the bring-in queued after it
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="bmc-prefetch") if prefetch and streamed else None
         self._drops: list = []
@@ -142,6 +145,12 @@ class Streamer:
             return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
     def _read(self, slot: _Slot, block: int) -> None:
+        start = time.perf_counter()
+        self._bring_in(slot, block)
+        if self.events is not None:
+            self.events.append(("page-in", self.parts[block]["name"], start, time.perf_counter()))
+
+    def _bring_in(self, slot: _Slot, block: int) -> None:
         if self.mode == "read":
             size = self.parts[block]["weight_bytes_file"]
             with open(self._path(block), "rb", buffering=0) as f:

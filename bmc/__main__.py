@@ -8,6 +8,7 @@ USAGE = """usage: bmc run DIR (--prompt TEXT | --prompt-ids IDS) [--max-tokens N
 commands:
   bmc run DIR --prompt TEXT     generate text with an ort-paged build directory, under a memory
                                 budget if given (`bmc run --help`: every option)
+  bmc plot RUN_DIR ... -o FILE  loss curves of training runs (tools/train.py --out), overlaid
   bmc-opt MODEL --pass=...      trace, transform, plan, report and build: MODEL is zoo:NAME,
                                 hf:DIR or a .pt2 (`bmc-opt --help`, `bmc-opt --list-passes`)
 
@@ -19,13 +20,16 @@ def entry() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "run":
         from bmc.cli.run import main as serve
         return serve(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "plot":
+        from bmc.cli.plot import main as plot
+        return plot(sys.argv[2:])
     if sys.argv[0].endswith("bmc"):
         if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help"):
             sys.stdout.write(USAGE)
             return 0
         sys.stderr.write(USAGE if len(sys.argv) == 1 else
-                         f"bmc: unknown command {sys.argv[1]!r}: the command is `bmc run DIR --prompt TEXT` "
-                         f"(bmc-opt plans and builds; bmc --help)\n")
+                         f"bmc: unknown command {sys.argv[1]!r}: the commands are `bmc run DIR --prompt TEXT` "
+                         f"and `bmc plot RUN_DIR ...` (bmc-opt plans and builds; bmc --help)\n")
         return 2
     from bmc.cli.opt import main
     return main()

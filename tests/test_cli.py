@@ -353,7 +353,10 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "2 blocks resident" in captured.err and "5 tokens in" in captured.err
     assert serve.main([str(out_dir), "--prompt", "x", "--budget", "10K"]) == 2
-    assert "give --budget" in capsys.readouterr().err
+    picture = tmp_path / "paging.png"  # streamed blocks' page-ins: tests/backends/test_ort_paged.py
+    assert serve.main([str(out_dir), "--prompt", "x", "--max-tokens", "3", "--plot", str(picture)]) == 0
+    assert f"wrote {picture}" in capsys.readouterr().err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
     assert serve.main([str(tmp_path), "--prompt", "x"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
     assert main(["zoo:gpt-tiny", "--backend=ort-paged"]) == 2

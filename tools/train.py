@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume a checkpoint written under another pipeline or world size (it is resharded)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trace-step", type=int, metavar="STEP",
+                   help="profile this step with torch.profiler and write <out>/trace-step-N-rank-R.json, a "
+                        "Chrome/Perfetto trace (open it in ui.perfetto.dev or chrome://tracing)")
     p.add_argument("--simulate-failure", type=int, metavar="STEP",
                    help="for testing fault tolerance: --failure-rank kills itself at STEP on the first attempt")
     p.add_argument("--failure-rank", type=int, default=0)
@@ -325,6 +328,23 @@ def check_resumable(manifest: dict, pipeline: str, world: int, reshard: bool, wh
                        f"on {world}: pass --reshard to resume it resharded, --no-resume or another --out to start over")
 
 
+@contextlib.contextmanager
+def _profiled(args, step: int, out: Path, rank: int):
+    """torch.profiler around the step --trace-step names (forward, backward, collectives and
+    the optimizer), exported as a Chrome trace; nothing around the others."""
+    if args.trace_step != step:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        yield
+    path = out / f"trace-step-{step}-rank-{rank}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    prof.export_chrome_trace(str(tmp))
+    os.replace(tmp, path)
+    log.info("wrote %s (open it in ui.perfetto.dev)", path)
+
+
 def train(args) -> dict:
     check(args)
     rank, world = init_distributed()
@@ -375,10 +395,11 @@ def train(args) -> dict:
         opt.zero_grad()
         x, y = train_text.local(step, replica, replicas)
         first = step == start
-        with measure.SavedBytes(prog.parameters()) if first else contextlib.nullcontext() as saved:
-            loss = task.step(prog, x, y)
-        norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else None
-        opt.step()
+        with _profiled(args, step, out, rank):
+            with measure.SavedBytes(prog.parameters()) if first else contextlib.nullcontext() as saved:
+                loss = task.step(prog, x, y)
+            norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else None
+            opt.step()
         loss_value = mean_over_ranks(loss, world)
         record = {"step": step, "loss": round(loss_value, 6), "lr": learning_rate(args, step),
                   "seconds": round(time.perf_counter() - began, 4)}

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and print the bytes each part really held beside the prediction")
     p.add_argument("--analyze", action="store_true", help="print the model's structure (blocks, attention, MLP)")
     p.add_argument("--list-passes", action="store_true", help="list passes and presets and exit")
+    p.add_argument("--plot", metavar="DIR",
+                   help="draw where the memory goes per rank (DIR/memory.png: by ZeRO column and pipeline stage) "
+                        "and, with pp, the schedule's timeline (DIR/pipeline.png); needs matplotlib (the plot extra)")
     p.add_argument("--dump-dir", metavar="DIR", help="write the graph after each pass to DIR (txt, dot, svg)")
     p.add_argument("--print-ir-after-all", action="store_true")
     p.add_argument("--print-ir-after", metavar="PASS", default="", help="comma-separated pass names")
@@ -153,6 +156,8 @@ def _check_args(args) -> None:
     if args.backend == "ort-paged":
         for package in ("onnx", "onnxscript", "onnxruntime"):
             require(package, "--backend=ort-paged")
+    if args.plot:
+        require("matplotlib", "--plot")
     if args.output and args.backend == "torch" and not args.output.endswith(".pt2"):
         raise UsageError(f"-o {args.output}: the output is a torch.export archive and must end in .pt2 "
                          f"(or add --backend=ort-paged to build a served directory)")
@@ -573,9 +578,11 @@ def run(argv: Sequence[str] | None, out) -> int:
     if args.analyze:
         from bmc.analysis.structure import analyze, format_structure
         out.write("\n" + format_structure(analyze(gm)))
+    setting = cost.Setting(batch=_step_batch(args), seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
+                           setup=cost.TrainingSetup(optimizer=args.optimizer))
+    if args.plot:
+        out.write("\n" + _plot(args.plot, gm, setting, args.world_size))
     if args.report:
-        setting = cost.Setting(batch=_step_batch(args), seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
-                               setup=cost.TrainingSetup(optimizer=args.optimizer))
         out.write("\n" + report.format_report(gm, setting, args.world_size))
         if ir.get_plan(gm, ir.PipelinePlan):
             out.write("\n" + report.format_stage_report(gm, setting))
@@ -605,6 +612,14 @@ def run(argv: Sequence[str] | None, out) -> int:
         save_pt2(gm, args.output, pipeline=str(pipeline))
         out.write(f"\nwrote {args.output}\n")
     return 0
+
+
+def _plot(directory: str, gm, setting, world_size: int) -> str:
+    from bmc.cli import plots
+    written = [plots.memory_figure(gm, setting, world_size, os.path.join(directory, "memory.png"))]
+    if ir.get_plan(gm, ir.PipelinePlan):
+        written.append(plots.pipeline_figure(gm, os.path.join(directory, "pipeline.png")))
+    return "".join(f"wrote {path}\n" for path in written)
 
 
 def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None) -> None:

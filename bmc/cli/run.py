@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", choices=["auto", "prepacked", "mmap", "read"], default="auto",
                    help="how streamed blocks get their weights (default: prepacked where the build's fit this machine)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the run's paging timeline: each part's compute, the waits for streamed blocks' "
+                        "weights and their page-ins on the prefetch thread (needs matplotlib: the plot extra)")
     return p
 
 
@@ -111,6 +114,9 @@ def run(argv: Sequence[str] | None, out, err) -> int:
               f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed, "
               f"{plan.weight_bytes:,} bytes of weights held; loaded in {time.perf_counter() - started:.1f}s\n")
     streams = [Stream(text, prompt) for prompt in prompts]
+    if args.plot:
+        require("matplotlib", "bmc run --plot")  # before the run, not after it
+    events = prog.runtime.record_timeline() if args.plot else None
     start, count = time.perf_counter(), 0
     for tokens in prog.generate(prompts, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed, eos=eos, stream=True):
@@ -135,6 +141,11 @@ def run(argv: Sequence[str] | None, out, err) -> int:
         out.write((streams[0].finish() if as_text else "") + "\n")
     err.write(f"bmc run: {count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s, "
               f"prompt of {prompts_len})\n")
+    if events is not None:
+        from bmc.cli.plots import paging_figure
+        title = (f"{prog.manifest['model']}: {len(plan.resident)} blocks resident, {len(plan.streamed)} streamed "
+                 f"under {args.budget or 'no'} budget, {count} tokens")
+        err.write(f"bmc run: wrote {paging_figure(events, title, args.plot)}\n")
     return 0
 
 

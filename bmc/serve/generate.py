@@ -71,12 +71,12 @@ def stream(step: Callable, empty_cache: Callable[[int], list], prompts: Sequence
     positions = np.maximum(mask.cumsum(1) - 1, 0)
     logits, caches = step(ids, positions, mask, empty_cache(len(prompts)))
     done = np.zeros(len(prompts), dtype=bool)
-    for _ in range(max_new_tokens):
+    for count in range(1, max_new_tokens + 1):
         token = _choose(logits[:, -1], sampling, rng)
         yield [None if d else int(t) for t, d in zip(token, done)]
         if eos is not None:
             done |= token == eos
-        if done.all():
+        if done.all() or count == max_new_tokens:  # no step for logits nobody reads
             return
         positions = positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)

@@ -100,7 +100,9 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
         paged = bmc.load(directory, budget=budget, max_len=48, prefetch=prefetch, streaming=streaming)
         assert paged.plan.streamed and not paged.plan.resident and paged.plan.weight_bytes <= budget - reserve
         assert paged.runtime.whole is None and served.runtime.whole is not None  # parts against the whole graph
+        events = paged.runtime.record_timeline()
         assert paged.generate([[7, 7, 1]], 12) == served.generate([[7, 7, 1]], 12)
+        _check_timeline(events, paged, steps=12)
         assert paged.runtime.streamer.bytes_read > 0
         if streaming == "prepacked":  # ONNX Runtime's own mappings were paged: out of memory after each run,
             for block in paged.plan.streamed:  # never copied on write (so dropping their pages loses nothing)
@@ -109,6 +111,22 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
     needed = fixed + 2 * max(blocks) + reserve
     with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
         bmc.load(directory, budget=needed - 1, max_len=48)
+
+
+def _check_timeline(events, paged, steps):
+    """The recorded timeline (bmc run --plot): every part computes once a step, each streamed
+    block after waiting for its weights and after its page-in started; spans are ordered."""
+    names = [p["name"] for p in paged.manifest["parts"]]
+    streamed = {names[i] for i in paged.plan.streamed}
+    computed = [e for e in events if e[0].startswith("compute")]
+    assert [e[1] for e in computed] == names * steps
+    assert {e[1] for e in computed if e[0] == "compute-streamed"} == streamed
+    assert sum(e[0] == "wait" for e in events) == len(streamed) * steps
+    assert {e[1] for e in events if e[0] == "page-in"} == streamed
+    assert all(start <= end for _, _, start, end in events)
+    for name in streamed:  # its first compute comes after its first page-in began
+        first_in = min(e[2] for e in events if e[0] == "page-in" and e[1] == name)
+        assert first_in <= min(e[2] for e in computed if e[1] == name)
 
 
 def test_prepacked_weights_made_elsewhere_fall_back_to_weights_as_inputs(built, tmp_path, caplog):

@@ -53,11 +53,15 @@ def test_one_process_trains_and_resumes(tmp_path):
     first = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "measured" in first.stderr and "predicted" in first.stderr
-    more = subprocess.run([*args[:-4], "--steps", "6", "--out", str(tmp_path)], env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    more = subprocess.run([*args[:-4], "--steps", "6", "--trace-step", "5", "--out", str(tmp_path)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resumed at step 4" in more.stderr
     assert [r["step"] for r in _losses(tmp_path)] == list(range(6))
+    # the profiled step as a Chrome trace: forward, backward and the optimizer's ops in it
+    trace = json.loads((tmp_path / "trace-step-5-rank-0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert {"aten::linear", "aten::addmm"} & names and any("Optimizer.step" in n or "adam" in n.lower() for n in names)
 
 
 def test_hugging_face_model_from_a_config(tmp_path):
