@@ -215,10 +215,17 @@ def test_tp_plan_shows_per_rank_parameters_without_processes():
     split_names = ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_fc.bias", "mlp.c_proj.weight")
     split = sum(p.numel() for n, p in model.named_parameters() if n.endswith(split_names))
-    local = sum(p.numel() for p in model.parameters()) - split // 2
+    whole = sum(p.numel() for p in model.parameters())
+    local = whole - split // 2
     run = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "2", "--report", "--print-ir-after=insert-collectives")
     assert run.returncode == 0, run.stderr
-    assert f"parameters {local:,} (f32)" in run.stdout and "(dp=1 tp=2 pp=1)" in run.stdout
+    assert f"parameters {whole:,} (f32), {local:,} on each rank" in run.stdout and "(dp=1 tp=2 pp=1)" in run.stdout
+    # the bytes a rank holds: its half of the split weights and all of the rest, 4 bytes each
+    # (the graph's shapes are a rank's: dividing them by the degree again once halved them)
+    from bmc.cli.report import _gb
+    row = next(ln for ln in run.stdout.splitlines() if ln.strip().startswith("parameters ") and "(f32)" not in ln)
+    assert row.split()[1:3] == _gb(local * 4).split(), row
+    assert f"Ψ_rank = {local:,} parameters ({split:,}/N_t + {whole - split:,}; N_t = 2" in run.stdout
     assert "bmc.copy_to_group(%layer_norm, 'tp')" in run.stdout and "bmc.reduce_from_group(" in run.stdout
     assert "{bmc.shard=[tp:partial]}" in run.stdout  # what tp recorded and insert-collectives read
     clash = bmc_opt("zoo:gpt-tiny", "--pass=tp2", "--world-size", "4", "--tp", "4")

@@ -240,9 +240,11 @@ def learning_rate(args, step: int) -> float:
 
 def memory_report(prog, world: int, local_batch: int, seq: int, measured: dict) -> str:
     """Measured bytes on this rank beside the cost model's prediction."""
+    from bmc import ir
     from bmc.analysis import cost
     from bmc.analysis import measure
-    setting = cost.Setting(dp=world, batch=local_batch, seq=seq)
+    tp = ir.get_plan(prog.graph_module, ir.TensorParallelPlan)
+    setting = cost.Setting(dp=world, tp=tp.degree if tp else 1, batch=local_batch, seq=seq)
     try:
         prediction = measure.predicted(prog.graph_module, setting)
     except ValueError as exc:  # a loaded program's other inputs may carry sizes of their own

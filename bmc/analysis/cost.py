@@ -257,7 +257,7 @@ def annotate(gm: fx.GraphModule) -> int:
 @dataclass(frozen=True)
 class ParamInfo:
     name: str
-    numel: int
+    numel: int  # the whole tensor's (a rank holds numel / divisor of it)
     dtype: torch.dtype
     trainable: bool
     divisor: sympy.Expr  # product of the degrees of the mesh axes that shard it
@@ -291,6 +291,7 @@ def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
     """Every distinct parameter and buffer the graph reads, with its sharding and stage."""
     found: dict[str, ParamInfo] = {}
     param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    degrees = _split_degrees(gm)
     seen_tensors: set[int] = set()
     # Tied weights are one tensor under several names: count the name the graph reads.
     nodes = sorted(ir.parameter_nodes(gm).items(), key=lambda item: not item[1].users)
@@ -302,17 +303,27 @@ def parameters(gm: fx.GraphModule) -> list[ParamInfo]:
         seen_tensors.add(id(tensor))
         shard = ir.get(node, ir.Shard)
         divisor = sympy.Integer(1)
+        whole = val.numel()
         for placement in (shard.placements if shard else ()):
             # dp sharding is ZeRO's, applied per part (weights/grads/states) by model_states
             if placement.kind == "shard" and placement.axis != "dp":
                 divisor *= AXIS_DEGREE.get(placement.axis, sympy.Symbol(f"N_{placement.axis}"))
+                # the graph's shapes are a rank's: the whole tensor is the degree times that
+                whole *= degrees.get(placement.axis, 1)
         stage = ir.get(node, ir.Stage)
         is_param = name in param_names
         trainable = is_param and gm.get_parameter(name).requires_grad and val.dtype.is_floating_point
         zero = ir.get(node, ir.Zero)
-        found[name] = ParamInfo(name, val.numel(), val.dtype, trainable, divisor, stage.index if stage else 0,
+        found[name] = ParamInfo(name, whole, val.dtype, trainable, divisor, stage.index if stage else 0,
                                 is_buffer=not is_param, zero=zero.stage if zero else None)
     return list(found.values())
+
+
+def _split_degrees(gm: fx.GraphModule) -> dict[str, int]:
+    """How many ranks each mesh axis splits a weight over, from the plans (tp and its sequence
+    parallel share the tp degree)."""
+    plan = ir.get_plan(gm, ir.TensorParallelPlan)
+    return {"tp": plan.degree, "sp": plan.degree} if plan else {}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """tools/train.py: trains, logs, checkpoints, survives a killed rank under torchrun, and
 refuses bad input in one line."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path
     run = _torchrun([*COMMON, "--pass", pipeline], tmp_path / "par")
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "par" / "checkpoints" / "latest").is_file(), "tp and pp runs checkpoint too"
+    if pipeline == "tp2":  # a rank's half of the split weights, predicted as measured (was 2x off)
+        assert re.search(r"params\s+([\d,]+)\s+\1\s+1\.000", run.stderr), run.stderr[-3000:]
     got_losses = _losses(tmp_path / "par")
     assert len(got_losses) == len(one_process_losses) > 0, "every step logged"
     for got, want in zip(got_losses, one_process_losses):
