@@ -588,6 +588,8 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     entries = []
     os.makedirs(directory, exist_ok=True)
     for index, part in enumerate(parts):
+        if progress is not None:
+            progress(index, len(parts), f"exporting {part.name}")
         module = part_module(step, part)
         proto = export_part(module, part, tuple(small[n] for n in part.inputs), tuple(other[n] for n in part.inputs),
                             gpu=gpu, int8_weights=int8_weights or "s8")
@@ -600,8 +602,8 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
                         "stem": stem, "inputs": [onnx_name(n) for n in part.inputs],
                         "outputs": [onnx_name(n) for n in part.outputs],
                         "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed})
-        if progress is not None:
-            progress(index + 1, len(parts), part.name)
+    if progress is not None:
+        progress(len(parts), len(parts), "the whole-step graph")
     step_outputs = [onnx_name(n) for n in step.graph.output_node().args[0]]
     step_inputs = [n.name for n in step.graph.find_nodes(op="placeholder")]
     save_proto(whole_model(directory, entries, step_inputs, step_outputs), os.path.join(directory, WHOLE))

@@ -392,6 +392,24 @@ class PagedRuntime:
 # ------------------------------------------------------------------ the program
 
 
+def reserve_excess(batch: int, positions: int, reserved_batch: int,
+                   reserved_len: int) -> tuple[str, str, str] | None:
+    """What a generation asks beyond the reserve (the batch, the positions, or both), what the
+    reserve was sized for, and the load options that would cover it; None when it fits."""
+    over, sized, fix = [], [], []
+    if batch > reserved_batch:
+        over.append(f"{batch} prompts")
+        sized.append(f"batch={reserved_batch}")
+        fix.append(f"batch={batch}")
+    if positions > reserved_len:
+        over.append(f"{positions} positions (prompt + new tokens)")
+        sized.append(f"max_len={reserved_len}")
+        fix.append(f"max_len={positions}")
+    if not over:
+        return None
+    return " and ".join(over), ", ".join(sized), " and ".join(fix)
+
+
 class PagedProgram:
     """A causal LM built for ONNX Runtime: `prog(input_ids)` gives logits, `prog.generate(...)`
     tokens, `prog.save(DIR)` a directory `bmc.load(DIR)` (or `bmc run DIR`) serves."""
@@ -478,10 +496,10 @@ class PagedProgram:
         if self.task == "encoder":
             raise BackendError("this build is an encoder: it gives hidden states (prog(input_ids)), not tokens")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
-        if len(prompts) > self.runtime.batch or longest > self.runtime.max_len:
-            log.warning("ort-paged: %d prompts of up to %d positions exceed what the budget's reserve was sized "
-                        "for (batch=%d, max_len=%d): memory may go past the budget; load with batch= and max_len=",
-                        len(prompts), longest, self.runtime.batch, self.runtime.max_len)
+        excess = reserve_excess(len(prompts), longest, self.runtime.batch, self.runtime.max_len)
+        if excess:
+            log.warning("ort-paged: %s exceed what the budget's reserve was sized for (%s): memory may go past "
+                        "the budget; load with %s", *excess)
         kw = dict(max_new_tokens=max_new_tokens, sampling=gen.Sampling(temperature, top_k, seed), eos=eos,
                   max_len=self.manifest["max_len"])
         if stream:
@@ -523,6 +541,8 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     from bmc.ir.trace import trace_info
     tokenizer = carry_tokenizer(gm, directory)  # first: a changed tokenizer fails before the slow lowering
     lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress, max_len=max_len, task=task)
+    if progress is not None:
+        progress(len(lowered["parts"]), len(lowered["parts"]), "checksums")
     files = {}
     for part in lowered["parts"]:
         for name in [part["stem"] + suffix for suffix in (".onnx", ".stream.onnx", ".bin")] + part["packed"]:

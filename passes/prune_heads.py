@@ -16,7 +16,8 @@ all of its query heads are gone, and a group that keeps only some has its k/v he
 for the heads that remain (an index_select before the attention). With `gqa=groups` whole kv
 groups are scored (the sum of their query heads' scores) and removed with their query heads,
 so no gather is needed. The statistics say which happened (`kv-groups-removed`,
-`query-heads-removed`).
+`query-heads-removed`; on multi-head attention, where each head is its own group, only
+`heads-removed`).
 
 Removing every head of a layer is refused (`empty=refuse`: a `heads` spec that names them all
 is an error, and the ratio ranking passes over each layer's last head) or turns that attention
@@ -498,6 +499,10 @@ class PruneHeads(Pass):
             if not drop:
                 continue
             self._prune_one(gm, att, drop, kept, stats)
+        if all(att.num_kv_heads == att.num_heads for att in attentions):
+            # multi-head attention: a head is its own kv group, so the GQA split says nothing
+            for key in ("query-heads-removed", "kv-groups-removed", "kv-gathers"):
+                del stats[key]
         ir.set_plan(gm, dataclasses.replace(record, heads=tuple(ir.Kept(m, tuple(ix)) for m, ix in kept.items())))
         gm.meta.pop(CACHE_KEY, None)  # head counts changed
         gm.graph.eliminate_dead_code()

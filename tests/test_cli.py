@@ -354,7 +354,9 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     from bmc.cli import run as serve
     out_dir = tmp_path / "served"
     assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
-    assert "serve it with: bmc run" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "serve it with: bmc run" in captured.out
+    assert "bmc-opt: note: zoo:gpt-tiny has random weights (no --weights): the build serves them" in captured.err
     assert (out_dir / "manifest.json").exists() and not list(tmp_path.glob(".bmc-staging-*"))
     assert serve.main([str(out_dir), "--prompt", "def ", "--max-tokens", "5"]) == 0
     captured = capsys.readouterr()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bmc
-from bmc import ir, passmgr
+from bmc import ir, passmgr, zoo
 from bmc.errors import PassFailure, PipelineError, RequirementError, VerificationError
 from bmc.passmgr.instruments import DumpDir, PrintIR, Reproducer, Statistics, Timing
 from bmc.passmgr.manager import Pass, PassManager, PassResult, format_value, parse_pipeline, register_pass
@@ -251,3 +251,23 @@ def test_describe_lists_every_pass_and_preset():
     text = passmgr.describe_passes()
     for name in list(passmgr.REGISTRY) + list(passmgr.PRESETS):
         assert name in text
+
+
+def test_progress_shows_each_pass_on_a_terminal_and_nothing_when_piped():
+    import io
+
+    from bmc.passmgr.instruments import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = zoo.build("gpt-tiny")
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        bmc.compile(model, passes="dce,shape-prop", example_inputs=model.example_inputs(),
+                    instruments=[Progress(stream)])
+        text = stream.getvalue()
+        if shown:
+            assert "pass 1/2 dce ..." in text and "pass 2/2 shape-prop ..." in text and text.endswith("\r\x1b[K")
+        else:
+            assert text == ""

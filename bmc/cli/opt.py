@@ -220,6 +220,7 @@ def _instruments(args, out):
     chosen += [i for i in (timing, stats) if i]
     if args.reproducer:
         chosen.append(ins.Reproducer(args.reproducer))
+    chosen.append(ins.Progress(sys.stderr))
     return chosen, timing, stats
 
 
@@ -560,6 +561,7 @@ def run(argv: Sequence[str] | None, out) -> int:
     target = plugins.get_backend(args.backend) if args.output else None
     manager.check({"shapes": "tracing", **({"calibration": "--calibration"} if args.calibration else {})}, target)
     gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
+    _note_random_weights(args)
     _mesh_from_plans(args, gm)
     dp = args.world_size // (args.tp * args.pp)
     context.mesh = {"dp": dp, "tp": args.tp, "pp": args.pp}
@@ -614,6 +616,22 @@ def run(argv: Sequence[str] | None, out) -> int:
     return 0
 
 
+def _note_random_weights(args) -> None:
+    """A zoo model without --weights is freshly initialized: say so where it matters (a build
+    that will be served, an evaluation), on stderr. (A .pt2 to train starts from random
+    weights as training does.)"""
+    served = args.output and args.backend == "ort-paged"
+    if not args.model.startswith("zoo:") or args.weights or not (served or args.eval):
+        return
+    from bmc.models import trained
+    name = args.model.removeprefix("zoo:")
+    hint = "--weights trained (bmc's trained checkpoint)" if name in trained.CHECKPOINTS else \
+        "--weights FILE.safetensors"
+    what = "the build serves them" if served else "--eval scores them"
+    sys.stderr.write(f"bmc-opt: note: {args.model} has random weights (no --weights): {what}; give {hint} "
+                     f"for real ones\n")
+
+
 def _plot(directory: str, gm, setting, world_size: int) -> str:
     from bmc.cli import plots
     written = [plots.memory_figure(gm, setting, world_size, os.path.join(directory, "memory.png"))]
@@ -628,10 +646,14 @@ def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = N
     from bmc.ir.serialize import staged_directory
     show = sys.stderr.isatty()
 
-    def progress(done: int, total: int, name: str) -> None:
+    def progress(done: int, total: int, what: str) -> None:
         if show:
-            sys.stderr.write(f"\rbmc-opt: lowering part {done}/{total} ({name})\x1b[K")
+            counted = f"{done}/{total} parts done: " if total else ""
+            sys.stderr.write(f"\rbmc-opt: ort-paged build, {counted}{what} ({time.perf_counter() - started:.0f}s)"
+                             f"\x1b[K")
             sys.stderr.flush()
+    started = time.perf_counter()
+    progress(0, 0, "preparing the decode step")
     try:
         with staged_directory(directory) as staging:
             manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len, task=task)

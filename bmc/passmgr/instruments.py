@@ -140,3 +140,26 @@ class Reproducer(Instrument):
         atomic_write_text(os.path.join(self.directory, "failure.txt"),
                           f"pass #{index} {spec} failed: {type(exc).__name__}: {exc}\n")
         return f"reproducer written to {self.directory} (rerun: bmc-opt --run-reproducer {self.directory})"
+
+
+class Progress(Instrument):
+    """On a terminal, the pass running now (`bmc-opt: pass 2/3 prune-heads{score=taylor} ...`),
+    redrawn in place and cleared when the pipeline ends; nothing when `stream` is not a
+    terminal (piped output stays clean)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream if stream.isatty() else None
+        self.count = 0
+
+    def before_pipeline(self, gm: fx.GraphModule, pipeline: Pipeline) -> None:
+        self.count = len(pipeline.passes)
+
+    def before_pass(self, index: int, spec: PassSpec) -> None:
+        if self.stream is not None:
+            self.stream.write(f"\rbmc-opt: pass {index}/{self.count} {spec} ...\x1b[K")
+            self.stream.flush()
+
+    def after_pipeline(self, gm: fx.GraphModule) -> None:
+        if self.stream is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()

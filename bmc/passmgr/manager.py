@@ -390,6 +390,8 @@ class Instrument:
 
     def before_pipeline(self, gm: fx.GraphModule, pipeline: Pipeline) -> None: ...
 
+    def before_pass(self, index: int, spec: PassSpec) -> None: ...
+
     def after_pass(self, index: int, spec: PassSpec, gm: fx.GraphModule, result: PassResult,
                    seconds: float) -> None: ...
 
@@ -453,6 +455,8 @@ class PassManager:
             instrument.before_pipeline(gm, self.pipeline)
         self.records = []
         for index, (spec, pass_) in enumerate(zip(self.pipeline.passes, self.passes), start=1):
+            for instrument in self.instruments:
+                instrument.before_pass(index, spec)
             start = time.perf_counter()
             try:
                 before = _node_signatures(gm)

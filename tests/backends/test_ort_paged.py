@@ -335,3 +335,12 @@ def test_streaming_blocks_pages_the_embedding_by_rows(tmp_path):
     assert _mapped_kib(paged.runtime.table_ranges[embed]) == (0, 0)  # dropped after the last step
     with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
         bmc.load(directory, budget=needed - 1, max_len=max_len)
+
+
+def test_the_reserve_warning_names_what_exceeds_it():
+    """Two prompts on a reserve sized for one: the batch is named, not the positions."""
+    from bmc.backends.ort_paged import reserve_excess
+    assert reserve_excess(2, 35, 1, 64) == ("2 prompts", "batch=1", "batch=2")
+    assert reserve_excess(1, 80, 1, 64) == ("80 positions (prompt + new tokens)", "max_len=64", "max_len=80")
+    assert reserve_excess(3, 80, 2, 64)[2] == "batch=3 and max_len=80"
+    assert reserve_excess(1, 64, 1, 64) is None

@@ -107,6 +107,10 @@ def test_gqa_says_whether_whole_groups_or_query_heads_went():
     assert (stats["query-heads-removed"], stats["kv-groups-removed"], stats["kv-gathers"]) == (0, 2, 0)
     heads = [(b.attention.num_heads, b.attention.num_kv_heads) for b in structure_of(prog.graph_module).blocks]
     assert sum(h for h, _ in heads) == 4 and all(h == 2 * kv for h, kv in heads)
+    # multi-head attention: each head is its own group, and the statistics do not pretend otherwise
+    gpt, gpt_inputs = _model("gpt-tiny")
+    mha = bmc.compile(copy.deepcopy(gpt), passes="prune-heads{ratio=0.5}", example_inputs=gpt_inputs).records[0]
+    assert mha.statistics["heads-removed"] > 0 and "kv-groups-removed" not in mha.statistics
 
 
 def test_layers_keep_different_head_counts_and_dynamic_shapes_still_run():
