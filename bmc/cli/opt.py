@@ -561,7 +561,6 @@ def run(argv: Sequence[str] | None, out) -> int:
     target = plugins.get_backend(args.backend) if args.output else None
     manager.check({"shapes": "tracing", **({"calibration": "--calibration"} if args.calibration else {})}, target)
     gm = _with_status(f"loading {args.model}", lambda: _load(args)[0])
-    _note_random_weights(args)
     _mesh_from_plans(args, gm)
     dp = args.world_size // (args.tp * args.pp)
     context.mesh = {"dp": dp, "tp": args.tp, "pp": args.pp}
@@ -570,6 +569,7 @@ def run(argv: Sequence[str] | None, out) -> int:
         context = dataclasses.replace(context, calibration=calibration)
         manager = PassManager(pipeline, context=context, verify=not args.no_verify, instruments=instruments)
     prepared_eval = _prepare_eval(args, gm) if args.eval else None
+    _note_random_weights(args)  # once what --eval refuses has been refused
     check_reference = _copy_graph(gm) if args.check else None
     out.write(f"pipeline: {pipeline}\n")
     gm = manager.run(gm, backend=target).graph_module
