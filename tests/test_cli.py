@@ -353,9 +353,14 @@ def test_check_reports_the_contract_and_exits_1_on_a_mismatch(capsys):
 def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     from bmc.cli import run as serve
     out_dir = tmp_path / "served"
-    assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir)]) == 0
+    assert main(["zoo:gpt-tiny", "--device", "cpu", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out_dir),
+                 "--check"]) == 0
     captured = capsys.readouterr()
     assert "serve it with: bmc run" in captured.out
+    # --check holds the graph (torch) and then the build (ONNX Runtime) to quant-int8's bound
+    assert captured.out.count("verdict: same function within the contract") == 2
+    assert re.search(r"check quant-int8 on ONNX Runtime .*\n.*relative error <= 4e-02\n  output 0 \[2, 16, 256\]: "
+                     r"max abs \S+, rel \S+  ok", captured.out), captured.out
     assert "bmc-opt: note: zoo:gpt-tiny has random weights (no --weights): the build serves them" in captured.err
     assert (out_dir / "manifest.json").exists() and not list(tmp_path.glob(".bmc-staging-*"))
     assert serve.main([str(out_dir), "--prompt", "def ", "--max-tokens", "5"]) == 0

@@ -79,6 +79,36 @@ def compare(reference: fx.GraphModule, transformed: fx.GraphModule, contract, pi
     return _report(reference, transformed, ref_runs, got_runs, contract, pipeline, where, gradients)
 
 
+def compare_build(reference: fx.GraphModule, directory: str, contract, pipeline: str, *,
+                  batches: Sequence[Any] | None = None, seed: int = 0) -> CheckReport:
+    """Check an ort-paged build (`directory`) against the graph its pipeline started from:
+    whole-sequence logits (or an encoder's hidden states) from ONNX Runtime beside the
+    original's, on the traced example's token ids and others drawn from `seed`, held to the
+    pipeline's contract (ONNX Runtime's kernels reassociate sums as tp does). Outputs only:
+    ONNX Runtime's intermediate values are not the graph's nodes."""
+    import bmc
+    from bmc.ir.trace import trace_info
+    if batches is None:
+        info = trace_info(reference)
+        example = (info.args, info.kwargs)
+        batches = [example, redraw(example, seed)]
+    program = bmc.load(directory)
+    report = CheckReport(pipeline, contract, f"ONNX Runtime (the ort-paged build in {directory})", len(batches))
+    for batch in batches:
+        args, kwargs = normalize_example_inputs(batch)
+        ids = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dtype == torch.long]
+        if len(ids) != 1:
+            raise BmcError("checking an ort-paged build needs a model traced with token ids alone (its example "
+                           f"holds {len(ids)} integer tensors)")
+        with torch.no_grad():
+            want = torch.utils._pytree.tree_leaves(reference(*args, **kwargs))[0].detach()
+        got = program(ids[0])
+        err = error(want, got) or Error(float("inf"), float("inf"))
+        previous = report.outputs[0][1] if report.outputs else Error(0.0, 0.0)
+        report.outputs = [(tuple(want.shape), worst([previous, err]))]
+    return report
+
+
 def _own_example(model: torch.nn.Module):
     if hasattr(model, "example_inputs"):
         return model.example_inputs()

@@ -102,7 +102,7 @@ class CheckReport:
         if self.gradients_skipped:
             out.append(f"  gradients of {self.gradients_skipped} parameters not compared (held as shards of "
                        f"another shape)")
-        if self.first_wrong_value is None:
+        if self.first_wrong_value is None and self.nodes_total:
             out.append(f"  every node's value within the bound: {self.nodes_compared} of the original's "
                        f"{self.nodes_total} compared (the rest have no counterpart of the same shape)")
         label = "the function first changes at" if self.contract.kind == "changes" else "first wrong value"

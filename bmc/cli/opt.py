@@ -609,6 +609,14 @@ def run(argv: Sequence[str] | None, out) -> int:
         from bmc.program import config_limits
         limits = [n for n in (args.max_len, config_limits(args.model).get("max_positions")) if n]
         _build_paged(gm, args.output, str(pipeline), out, min(limits) if limits else None, args.task)
+        if check_reference is not None:
+            from bmc.checker import compare_build
+            built = _with_status("checking the build in ONNX Runtime",
+                                 lambda: compare_build(check_reference, args.output, manager.equivalence(),
+                                                       str(pipeline)))
+            out.write("\n" + str(built) + "\n")
+            if not built.passed:
+                return 1
     elif args.output:
         from bmc.ir.serialize import save_pt2
         save_pt2(gm, args.output, pipeline=str(pipeline))
