@@ -491,8 +491,6 @@ def _prepare_eval(args, gm):
     """--eval's held-out windows and a copy of the graph as it is before the pipeline (passes
     rewrite the graph in place), made before any pass runs, so a model --eval cannot score is
     refused at once. Returns (reference, windows, batch)."""
-    import copy
-    import warnings
     from bmc.compress.evaluate import EvalData
     fixed_batch, fixed_seq = _fixed_dims(gm)
     batch = args.batch or fixed_batch or EVAL_BATCH
