@@ -16,9 +16,10 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 CONFIG = dataclasses.replace(zoo.config("gpt-tiny"), bias=False)
 # fp32 Adam magnifies rounding in near-zero gradients, so the final weights of two runs that
 # sum the same gradients in another order (gloo's ring vs one process) drift apart: after 20
-# steps ~2e-6 at 2 ranks and ~5e-5 at 4. In fp64 the same runs agree to ~1e-13, which shows
-# the programs compute the same thing; the fp32 weight tolerance is stated per world size.
-WEIGHT_TOLERANCE = {("fp32", 2): 1e-5, ("fp32", 4): 1e-4, ("fp64", 4): 1e-10}
+# steps ~2e-6 at 2 ranks and 2.0e-4 at 4 (measured 2026-12-05, torch 2.13; 5e-5 was measured
+# with an earlier torch). In fp64 the same runs agree to ~1e-13, which shows the programs
+# compute the same thing; the fp32 weight tolerance is stated per world size.
+WEIGHT_TOLERANCE = {("fp32", 2): 1e-5, ("fp32", 4): 4e-4, ("fp64", 4): 1e-10}
 
 
 def _batches(world_size):
