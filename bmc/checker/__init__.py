@@ -1,8 +1,7 @@
 """`bmc.check`: is the transformed model still the same model, and if not, where does it go wrong?
 
     report = bmc.check(model, "tp2", world_size=2)       # 2 local gloo ranks
-    print(report)                                        # per output, gradients, first wrong node
-    assert report.passed
+    report.passed, str(report)                           # the verdict; per output, gradients, first wrong node
 
 The original is traced and run node by node on seeded batches; the pipeline's program runs
 the same batches (a distributed one on local gloo ranks, loaded from a .pt2 archive as another
@@ -61,18 +60,13 @@ def compare(reference: fx.GraphModule, transformed: fx.GraphModule, contract, pi
     """Check a graph the pipeline made (`transformed`, planned for `world_size` ranks) against
     the graph it was made from, held to `contract` (PassManager.equivalence()). `batches`
     default to the traced example and other token ids drawn from `seed`."""
-    from bmc.ir.trace import trace_info
     from bmc.passmgr import PassContext
     if ir.get_plan(transformed, ir.PipelinePlan) is not None:
         raise BmcError("bmc.check does not run pipeline-parallel programs yet: check the pipeline without pp "
                        "(tests/backends/test_pipeline.py checks the schedule against the original)")
     if any(t.device.type == "meta" for t in (*reference.parameters(), *reference.buffers())):
         raise BmcError("the model's weights are on the meta device: build it on cpu (or load real weights) to check it")
-    if batches is None:
-        info = trace_info(reference)
-        example = (info.args, info.kwargs)
-        batches = [example, redraw(example, seed)]
-    batches = list(batches)
+    batches = list(batches) if batches is not None else _default_batches(reference, seed)
     context = PassContext(world_size=world_size)
     ref_runs = [_reference_run(reference, b, seed + i, gradients) for i, b in enumerate(batches)]
     got_runs, where = _program_runs(transformed, context, pipeline, batches, seed, gradients)
@@ -87,11 +81,7 @@ def compare_build(reference: fx.GraphModule, directory: str, contract, pipeline:
     pipeline's contract (ONNX Runtime's kernels reassociate sums as tp does). Outputs only:
     ONNX Runtime's intermediate values are not the graph's nodes."""
     import bmc
-    from bmc.ir.trace import trace_info
-    if batches is None:
-        info = trace_info(reference)
-        example = (info.args, info.kwargs)
-        batches = [example, redraw(example, seed)]
+    batches = list(batches) if batches is not None else _default_batches(reference, seed)
     program = bmc.load(directory)
     report = CheckReport(pipeline, contract, f"ONNX Runtime (the ort-paged build in {directory})", len(batches))
     for batch in batches:
@@ -107,6 +97,14 @@ def compare_build(reference: fx.GraphModule, directory: str, contract, pipeline:
         previous = report.outputs[0][1] if report.outputs else Error(0.0, 0.0)
         report.outputs = [(tuple(want.shape), worst([previous, err]))]
     return report
+
+
+def _default_batches(reference: fx.GraphModule, seed: int) -> list:
+    """The example the graph was traced with, and the same structure with other values."""
+    from bmc.ir.trace import trace_info
+    info = trace_info(reference)
+    example = (info.args, info.kwargs)
+    return [example, redraw(example, seed)]
 
 
 def _own_example(model: torch.nn.Module):
@@ -130,11 +128,12 @@ def redraw(example_inputs: Any, seed: int) -> Any:
     gen = torch.Generator().manual_seed(seed + 1000)
     ids = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dtype == torch.long]
     high = max((int(t.max()) + 1 for t in ids if t.numel()), default=2)
+    first = next(iter((*args, *kwargs.values())), None)  # the token ids; later integer inputs are kept
 
     def other(t):
         if not isinstance(t, torch.Tensor):
             return t
-        if t.dtype == torch.long and t.dim() == 2 and (t is args[0] if args else t is next(iter(kwargs.values()))):
+        if t is first and t.dtype == torch.long and t.dim() == 2:
             return torch.randint(0, max(high, 2), t.shape, generator=gen)
         if t.is_floating_point():
             return torch.randn(t.shape, generator=gen, dtype=t.dtype)

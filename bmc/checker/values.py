@@ -3,6 +3,7 @@ graph runs, recorded by name; and one rank's values of a distributed program put
 from each node's `bmc.shard` placement."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass, field
@@ -138,7 +139,6 @@ def _shape(node: fx.Node):
 
 
 def _replace_dim(layout: ir.Layout, dim: int) -> ir.Layout:
-    import dataclasses
     return dataclasses.replace(layout, dim=dim)
 
 

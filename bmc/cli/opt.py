@@ -581,7 +581,8 @@ def run(argv: Sequence[str] | None, out) -> int:
     setting = cost.Setting(batch=_step_batch(args), seq=args.seq or _traced_seq(gm), dp=dp, tp=args.tp, pp=args.pp,
                            setup=cost.TrainingSetup(optimizer=args.optimizer))
     if args.plot:
-        out.write("\n" + _plot(args.plot, gm, setting, args.world_size))
+        from bmc.cli.plots import plan_figures
+        out.write("\n" + "".join(f"wrote {path}\n" for path in plan_figures(args.plot, gm, setting, args.world_size)))
     if args.report:
         out.write("\n" + report.format_report(gm, setting, args.world_size))
         if ir.get_plan(gm, ir.PipelinePlan):
@@ -636,14 +637,6 @@ def _note_random_weights(args) -> None:
     what = "the build serves them" if served else "--eval scores them"
     sys.stderr.write(f"bmc-opt: note: {args.model} has random weights (no --weights): {what}; give {hint} "
                      f"for real ones\n")
-
-
-def _plot(directory: str, gm, setting, world_size: int) -> str:
-    from bmc.cli import plots
-    written = [plots.memory_figure(gm, setting, world_size, os.path.join(directory, "memory.png"))]
-    if ir.get_plan(gm, ir.PipelinePlan):
-        written.append(plots.pipeline_figure(gm, os.path.join(directory, "pipeline.png")))
-    return "".join(f"wrote {path}\n" for path in written)
 
 
 def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None) -> None:

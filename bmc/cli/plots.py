@@ -64,6 +64,15 @@ def _stacked(ax, labels: Sequence[str], rows: dict[str, list[float]], highlight:
 # ------------------------------------------------------------------ memory
 
 
+def plan_figures(directory: str, gm, setting, world_size: int) -> list[str]:
+    """What bmc-opt --plot DIR writes: memory.png, and pipeline.png for a pp plan."""
+    from bmc import ir
+    written = [memory_figure(gm, setting, world_size, os.path.join(directory, "memory.png"))]
+    if ir.get_plan(gm, ir.PipelinePlan):
+        written.append(pipeline_figure(gm, os.path.join(directory, "pipeline.png")))
+    return written
+
+
 def memory_figure(gm, setting, world_size: int, path: str) -> str:
     """Per-rank bytes by ZeRO column (the plan's column in bold) and, for a pipeline, by stage
     under the plan (activations times the microbatches the schedule keeps in flight)."""

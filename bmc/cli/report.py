@@ -22,9 +22,8 @@ def _gb(nbytes: float | None) -> str:
     return f"{nbytes:.0f} B"
 
 
-def _per_rank(table: MemoryTable) -> str:
+def _per_rank(table: MemoryTable, whole: int) -> str:
     """', 81,976,320 on each rank' where the plan splits weights over ranks."""
-    whole = sum(p.numel for p in table.params if not p.is_buffer)
     held = round(cost.evaluate(psi_rank(table.params), table.subs))
     return f", {held:,} on each rank" if held != whole else ""
 
@@ -109,7 +108,7 @@ def format_report(gm: fx.GraphModule, setting: cost.Setting, world_size: int) ->
     lines = [
         f"where the memory goes, per rank: {info.model_name if info else 'model'}, world size {world_size} "
         f"(dp={setting.dp} tp={setting.tp} pp={setting.pp}), batch {setting.batch} x seq {seq} per rank",
-        f"  parameters {total:,} ({'/'.join(dtypes)}){_per_rank(table)}, trainable {trainable:,}, "
+        f"  parameters {total:,} ({'/'.join(dtypes)}){_per_rank(table, total)}, trainable {trainable:,}, "
         f"buffers {buffers:,}; "
         f"optimizer {setting.setup.optimizer}: "
         f"K = {k} bytes of optimizer state per trainable parameter",
