@@ -252,6 +252,11 @@ class PipelineProgram(DistributedProgram):
         losses = self.pipe.run(self.pipe.flatten(args, kwargs), target, train=False)
         return self.pipe.mean_loss(losses)
 
+    @property
+    def stage_modules(self) -> list[fx.GraphModule]:
+        """The stage graphs this rank runs (the schedule calls them; bmc.check records them)."""
+        return self.pipe.modules
+
     def named_parameters(self):
         """This rank's parameters, named as in the whole model."""
         seen = set()

@@ -164,3 +164,88 @@ def _linear_reading(model, weight, inputs=None):
         if node.op == "call_function" and any(getattr(a, "target", None) == weight for a in node.all_input_nodes):
             return node.name
     raise AssertionError(weight)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    torch.manual_seed(0)
+    return zoo.build("gpt-tiny")  # tied embeddings: under pp the first and last stages hold a copy each
+
+
+def test_zero_and_pp_programs_are_checked_on_ranks_with_every_gradient_compared(gpt):
+    params = len(dict(gpt.named_parameters(remove_duplicate=False)))
+    for pipeline, world in (("zero{stage=3}", 2), ("pp{stages=2,microbatches=4}", 2),
+                            ("zero{stage=2},pp{stages=2,schedule=1f1b}", 4)):
+        report = bmc.check(gpt, pipeline, world_size=world)
+        assert report.passed and report.first_wrong_value is None, str(report)
+        # ZeRO-2/3 gradients are joined from the ranks' slices; pp's from the stages that hold them
+        assert report.gradients[0] == params, str(report)
+        assert not report.gradients_skipped and not report.gradients_missing, str(report)
+        assert report.nodes_compared > 40, str(report)
+
+
+def test_a_wrong_value_sent_between_pipeline_stages_is_located_where_it_is_read(gpt):
+    from bmc.passes.pp import PipelineParallel, PpOptions
+    PIPE = torch.ops.bmc.pipe.default
+
+    @register_pass("pp-stale-send", options=PpOptions, provides=("staged",), invalidates=("cost",))
+    class StaleSend(PipelineParallel):
+        """pp whose first stage sends the residual stream before its last add: every shape fits."""
+
+        def run(self, gm):
+            result = super().run(gm)
+            marker = next(n for n in gm.graph.nodes if n.target is PIPE)
+            sent = marker.args[0]
+            assert sent.target is torch.ops.aten.add.Tensor
+            marker.args = (sent.args[0], *marker.args[1:])
+            StaleSend.readers = {u.name for u in marker.users}
+            return result
+
+    try:
+        report = bmc.check(gpt, "pp-stale-send{stages=2}", world_size=2)
+    finally:
+        unregister("pp-stale-send")
+    assert not report.passed and report.output_error.rel > 1e-2, str(report)
+    first = report.first_wrong_value
+    assert first.node in StaleSend.readers and "pp-stale-send" in first.made_by, str(report)
+
+
+def test_gradients_put_together_wrongly_or_disagreeing_copies_are_mismatches():
+    from bmc.checker import _compare_param_grads, whole_from_shards
+    from bmc.checker.report import CheckReport, Error
+    from bmc.checker.values import Run
+    from bmc.passmgr.equivalence import EXACT
+    whole = torch.arange(10.0).reshape(2, 5)
+    flat = whole.view(-1)
+    pieces = (flat[:6], torch.cat([flat[6:], torch.zeros(2)]))  # each rank's 6, the last zero-padded
+    shards = [Run([], shard_grads={"w": (piece, (2, 5))}) for piece in pieces]
+    assert torch.equal(whole_from_shards(shards)["w"], whole)
+    assert not torch.equal(whole_from_shards(shards[::-1])["w"], whole)
+
+    # two pipeline stages hold a copy of a tied weight: each copy is compared, not the last one
+    report = CheckReport("pp", EXACT, "test", 1)
+    report.outputs = [((2, 5), Error(0.0, 0.0))]
+    ref = Run([], param_grads={"w": whole})
+    got = Run([], param_grads={"w": whole}, local_param_grads=[(0, {"w": whole * 0.5}), (0, {"w": whole})])
+    _compare_param_grads(report, torch.fx.symbolic_trace(torch.nn.Identity()), [ref], [got])
+    assert report.gradients[2].rel > 0.4 and not report.passed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_models_check_clean_under_zero_and_pp_on_ranks(arch):
+    torch.manual_seed(0)
+    model, inputs = hf_models.build(arch), hf_models.example_inputs()
+    report = bmc.check(model, "zero{stage=2},pp{stages=2}", inputs, world_size=4)
+    assert report.passed and report.first_wrong_value is None and report.nodes_compared > 50, str(report)
+    assert report.gradients[0] == len(dict(model.named_parameters(remove_duplicate=False))), str(report)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2-lm", "llama-untied", "mistral", "qwen2", "gpt-neox", "opt", "bert"])
+def test_every_hf_architecture_checks_clean_under_tp_pp_and_zero3(arch):
+    torch.manual_seed(0)
+    model, inputs = hf_models.build(arch), hf_models.example_inputs()
+    for pipeline in ("tp2", "pp{stages=2}", "zero{stage=3}"):
+        report = bmc.check(model, pipeline, inputs, world_size=2)
+        assert report.passed and report.first_wrong_value is None, str(report)
+        assert not report.gradients_skipped and not report.gradients_missing, str(report)

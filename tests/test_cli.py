@@ -297,8 +297,6 @@ COMPRESSION_BAD_INPUTS = {
     "missing eval text": (["zoo:gpt-tiny", "--eval", "--eval-text", "{d}/nope.txt"], r"--eval-text .*: no such file"),
     "eval on meta": (["zoo:gpt-tiny", "--eval", "--device", "meta"], r"--eval needs real weights"),
     "check on meta": (["zoo:gpt-tiny", "--check", "--device", "meta"], r"--check needs real weights"),
-    "check of a pipeline": (["zoo:gpt-tiny", "--static", "--check", "--pass=pp{stages=2}", "--world-size", "2"],
-                            r"does not run pipeline-parallel programs yet"),
     "eval of an encoder": (["zoo:bert-tiny", "--static", "--eval"],
                            r"--eval scores causal language models: this model returns \[2, 16, 64\]"),
     "weights that do not fit": (["zoo:gpt-tiny", "--weights", "{d}/llama.safetensors"],
@@ -348,6 +346,11 @@ def test_check_reports_the_contract_and_exits_1_on_a_mismatch(capsys):
         unregister("negate-one")
     out = capsys.readouterr().out
     assert "verdict: MISMATCH" in out and "made by: negate-one" in out, out
+
+    # a pipelined program runs on its ranks; the stages' values are compared too
+    assert main(["zoo:gpt-tiny", "--pass=pp{stages=2}", "--world-size", "2", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 gloo ranks (pp=2, 2 microbatches)" in out and "every node's value within the bound" in out, out
 
 
 def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):

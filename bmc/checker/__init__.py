@@ -5,7 +5,8 @@
 
 The original is traced and run node by node on seeded batches; the pipeline's program runs
 the same batches (a distributed one on local gloo ranks, loaded from a .pt2 archive as another
-process would load it; every rank's values put back together from their placements). Outputs
+process would load it; every rank's values put back together from their placements, ZeRO-2/3's
+gradient slices joined, a pipeline's stages each recorded on the rank that runs them). Outputs
 and parameter gradients are held to the contract the passes declare (bmc/passmgr/
 equivalence.py). On a mismatch it names the first node, in graph order, whose value is off,
 and the pass that made it; where every value is right and a gradient is not, the first node
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Sequence
@@ -61,9 +63,6 @@ def compare(reference: fx.GraphModule, transformed: fx.GraphModule, contract, pi
     the graph it was made from, held to `contract` (PassManager.equivalence()). `batches`
     default to the traced example and other token ids drawn from `seed`."""
     from bmc.passmgr import PassContext
-    if ir.get_plan(transformed, ir.PipelinePlan) is not None:
-        raise BmcError("bmc.check does not run pipeline-parallel programs yet: check the pipeline without pp "
-                       "(tests/backends/test_pipeline.py checks the schedule against the original)")
     if any(t.device.type == "meta" for t in (*reference.parameters(), *reference.buffers())):
         raise BmcError("the model's weights are on the meta device: build it on cpu (or load real weights) to check it")
     batches = list(batches) if batches is not None else _default_batches(reference, seed)
@@ -176,17 +175,62 @@ def _program_runs(transformed: fx.GraphModule, context, pipeline: str, batches, 
         torch.save(list(batches), os.path.join(tmp, "batches.pt"))
         torch.save({"seed": seed, "gradients": gradients}, os.path.join(tmp, "options.pt"))
         per_rank = run_on_ranks(tmp, context.world_size)
-    tp = _tp_degree(transformed)
-    first_group = sorted((r for r in per_rank if r["dp_rank"] == 0), key=lambda r: r["tp_rank"])
-    runs = []
-    for i in range(len(batches)):
-        by_rank = [_as_run(r["runs"][i]) for r in first_group]
-        merged = merge_ranks(transformed, by_rank)
-        merged.param_grads = by_rank[0].param_grads
-        merged.local_param_grads = [r.param_grads for r in by_rank]
-        runs.append(merged)
-    where = f"{context.world_size} gloo ranks" + (f" (tp={tp})" if tp > 1 else "")
-    return runs, where
+    runs = [_merged_run(transformed, [_as_run(r["runs"][i]) for r in per_rank], per_rank)
+            for i in range(len(batches))]
+    return runs, f"{context.world_size} gloo ranks" + _mesh_text(transformed)
+
+
+def _merged_run(transformed: fx.GraphModule, runs: list[Run], per_rank: list[dict]) -> Run:
+    """One Run for the whole model from every rank's (in `per_rank`'s order): ZeRO-2/3's
+    gradient slices joined over the data-parallel ranks, each pipeline stage's values and
+    gradients taken from the rank that ran it, the tensor-parallel pieces put together."""
+    def at(r: dict) -> tuple[int, int]:
+        return r["tp_rank"], r["pp_rank"]
+
+    by_tp, local_grads = [], []
+    for tp_rank in sorted({r["tp_rank"] for r in per_rank}):
+        stages = []
+        for place in sorted({at(r) for r in per_rank if r["tp_rank"] == tp_rank}):
+            replicas = sorted((r["dp_rank"], i) for i, r in enumerate(per_rank) if at(r) == place)
+            group = [runs[i] for _, i in replicas]
+            group[0].param_grads.update(whole_from_shards(group))
+            stages.append(group[0])
+            local_grads.append((tp_rank, group[0].param_grads))
+        by_tp.append(_union(stages))
+    merged = merge_ranks(transformed, by_tp)
+    merged.param_grads = by_tp[0].param_grads
+    merged.local_param_grads = local_grads
+    return merged
+
+
+def whole_from_shards(replicas: list[Run]) -> dict[str, torch.Tensor]:
+    """ZeRO-2/3 gradients, which each data-parallel rank holds a flat slice of (zero-padded at
+    the end), put back together from the replicas' Runs in dp rank order."""
+    whole = {}
+    for name, (_, shape) in replicas[0].shard_grads.items():
+        flat = torch.cat([r.shard_grads[name][0] for r in replicas])
+        whole[name] = flat[:math.prod(shape)].view(shape)
+    return whole
+
+
+def _union(stages: list[Run]) -> Run:
+    """The values and gradients of every pipeline stage as one Run (a value every stage
+    recomputes, a RoPE table, is the same in each)."""
+    if len(stages) == 1:
+        return stages[0]
+    union = Run(outputs=stages[-1].outputs)
+    for run in stages:
+        union.values.update(run.values)
+        union.grads.update(run.grads)
+        union.param_grads.update(run.param_grads)  # each stage's copy is compared on its own too
+    return union
+
+
+def _mesh_text(gm: fx.GraphModule) -> str:
+    pp = ir.get_plan(gm, ir.PipelinePlan)
+    parts = [f"tp={_tp_degree(gm)}"] if _tp_degree(gm) > 1 else []
+    parts += [f"pp={pp.stages}, {pp.microbatches} microbatches"] if pp is not None else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 @contextlib.contextmanager
@@ -211,20 +255,74 @@ def _tp_degree(gm: fx.GraphModule) -> int:
 
 def _program_run(program, batch: Any, seed: int, gradients: bool) -> Run:
     args, kwargs = normalize_example_inputs(batch)
-    for p in program.parameters():
-        p.grad = None
+    runtime = getattr(program, "runtime", None)
+    _clear_gradients(program, runtime)
+    pp = ir.get_plan(program.graph_module, ir.PipelinePlan)
     with torch.enable_grad():
-        run, out = call_recording(program.graph_module, program, args, kwargs, grads=gradients)
-        loss = probe_loss(out, seed) if gradients else None
-        if loss is not None:
-            loss.backward()
-    run.param_grads = _param_grads(program.graph_module)
+        if pp is not None:
+            run = _pipelined_run(program, pp.microbatches, args, kwargs, seed, gradients)
+        else:
+            run, out = call_recording(program.graph_module, program, args, kwargs, grads=gradients)
+            loss = probe_loss(out, seed) if gradients else None
+            if loss is not None:
+                loss.backward()
+    if runtime is not None and gradients:
+        runtime.finish_gradient_sync()  # the reduction over data-parallel ranks is checked too
+        run.shard_grads = _shard_grads(program.graph_module, runtime)
+    run.param_grads = {name: g for name, g in _param_grads(program.graph_module).items()
+                       if name not in run.shard_grads}
     scale = _loss_scale(program.graph_module)
     if scale != 1.0:  # fp16 amp scales the loss; its optimizer unscales the gradients before stepping
         for table in (run.param_grads, run.grads):
             for name in table:
                 table[name] = table[name].double() / scale
+        run.shard_grads = {name: (g.double() / scale, shape) for name, (g, shape) in run.shard_grads.items()}
     return run
+
+
+def _clear_gradients(program, runtime) -> None:
+    for p in program.graph_module.parameters():
+        p.grad = None
+    if runtime is not None:
+        runtime.new_backward()
+        for entry in runtime.entries:
+            entry.param.grad = None
+            entry.shard_grad = None
+
+
+def _pipelined_run(program, microbatches: int, args: tuple, kwargs: dict, seed: int, gradients: bool) -> Run:
+    """pp: one schedule step on the batch repeated once per microbatch, so that every
+    microbatch is the batch the original ran: each stage's values and the gradients flowing
+    into them are the original's, and the parameter gradients (the schedule averages them
+    over microbatches) too. The loss is the probe's on the last stage's outputs."""
+    def repeated(t):
+        return torch.cat([t] * microbatches) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    args, kwargs = tuple(repeated(a) for a in args), {k: repeated(v) for k, v in kwargs.items()}
+    rows = next((t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+
+    def step(*a, **k):
+        return program.step(*a, target=torch.zeros(rows), loss_fn=lambda out, _: probe_loss(out, seed), **k)
+
+    run, _ = call_recording(program.graph_module, step, args, kwargs, grads=gradients,
+                            stages=program.stage_modules)
+    return run
+
+
+def _shard_grads(gm: fx.GraphModule, runtime) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """ZeRO-2/3: the slice of each averaged gradient this rank owns, under every name of its
+    weight (a tied one has several), with the whole gradient's shape."""
+    names: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    shards = {}
+    for entry in runtime.entries:
+        grad = entry.shard_grad if entry.stage == 2 else entry.param.grad if entry.stage == 3 else None
+        if grad is None:
+            continue
+        for name in names.get(id(entry.param), [entry.name]):
+            shards[name] = (grad.detach().reshape(-1).clone(), tuple(entry.shape))
+    return shards
 
 
 def _loss_scale(gm: fx.GraphModule) -> float:
@@ -242,14 +340,14 @@ def rank_record(path: str, batches, *, seed: int, gradients: bool) -> dict:
     mesh = getattr(program, "mesh", None)
     names = mesh.mesh_dim_names if mesh is not None else ()
     runs = [_program_run(program, b, seed + i, gradients) for i, b in enumerate(batches)]
-    return {"tp_rank": mesh.get_local_rank("tp") if "tp" in names else 0,
-            "dp_rank": mesh.get_local_rank("dp") if "dp" in names else 0,
-            "runs": [{"outputs": r.outputs, "values": r.values, "grads": r.grads, "param_grads": r.param_grads}
-                     for r in runs]}
+    place = {dim: mesh.get_local_rank(dim) if dim in names else 0 for dim in ("tp", "dp", "pp")}
+    return {"tp_rank": place["tp"], "dp_rank": place["dp"], "pp_rank": place["pp"],
+            "runs": [{"outputs": r.outputs, "values": r.values, "grads": r.grads, "param_grads": r.param_grads,
+                      "shard_grads": r.shard_grads} for r in runs]}
 
 
 def _as_run(d: dict) -> Run:
-    return Run(d["outputs"], d["values"], d["grads"], d["param_grads"])
+    return Run(d["outputs"], d["values"], d["grads"], d["param_grads"], shard_grads=d["shard_grads"])
 
 
 # ------------------------------------------------------------------ the report
@@ -276,14 +374,21 @@ def _compare_param_grads(report: CheckReport, transformed, ref_runs, got_runs) -
     plan = ir.get_plan(transformed, ir.TensorParallelPlan)
     errors: dict[str, Error] = {}
     skipped: set[str] = set()
+    missing: set[str] = set()
+    trainable = {name for name, p in transformed.named_parameters(remove_duplicate=False) if p.requires_grad}
     for ref, got in zip(ref_runs, got_runs):
-        locals_ = got.local_param_grads or [got.param_grads]
+        locals_ = got.local_param_grads or [(0, got.param_grads)]
         for name, want in ref.param_grads.items():
             layout = plan.layout(name) if plan else None
-            for tp_rank, grads in enumerate(locals_):
+            for tp_rank, grads in locals_:
+                if name not in grads and any(name in g for _, g in locals_):
+                    continue  # held by another pipeline stage
                 have = grads.get(name)
-                expected = layout.local(want, tp_rank, len(locals_)) if layout and len(locals_) > 1 else want
-                err = error(expected, have) if have is not None else None
+                if have is None:
+                    (missing if name in trainable else skipped).add(name)
+                    continue
+                expected = layout.local(want, tp_rank, plan.degree) if layout else want
+                err = error(expected, have)
                 if err is None:
                     skipped.add(name)
                     continue
@@ -292,6 +397,7 @@ def _compare_param_grads(report: CheckReport, transformed, ref_runs, got_runs) -
         name = max(errors, key=lambda n: errors[n].rel)
         report.gradients = (len(errors), name, errors[name])
     report.gradients_skipped = len(skipped - set(errors))
+    report.gradients_missing = tuple(sorted(missing))
 
 
 def _locate(report: CheckReport, reference, transformed, ref_runs, got_runs) -> None:

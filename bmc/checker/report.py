@@ -71,7 +71,8 @@ class CheckReport:
     batches: int
     outputs: list[tuple[tuple, Error]] = field(default_factory=list)
     gradients: tuple[int, str, Error] | None = None  # parameters compared, the worst, its error
-    gradients_skipped: int = 0
+    gradients_skipped: int = 0  # not trainable parameters of the program (int8 buffers), or in another shape
+    gradients_missing: tuple[str, ...] = ()  # trainable in the program, yet it gave them no gradient
     nodes_compared: int = 0  # before the first wrong one, if any
     nodes_total: int = 0  # the original's values
     first_wrong_value: Divergence | None = None
@@ -88,7 +89,7 @@ class CheckReport:
         if self.contract.kind == "changes":
             return True
         errors = [e for _, e in self.outputs] + ([self.gradients[2]] if self.gradients else [])
-        return bool(self.outputs) and all(e.rel <= self.contract.bound for e in errors)
+        return bool(self.outputs) and not self.gradients_missing and all(e.rel <= self.contract.bound for e in errors)
 
     def lines(self) -> list[str]:
         bound = self.contract.bound
@@ -99,9 +100,13 @@ class CheckReport:
         if self.gradients:
             count, name, err = self.gradients
             out.append(f"  gradients of {count} parameters: {err} (worst: {name}){_mark(err, bound, self.contract)}")
+        if self.gradients_missing:
+            names = ", ".join(self.gradients_missing[:3]) + (", ..." if len(self.gradients_missing) > 3 else "")
+            out.append(f"  gradients of {len(self.gradients_missing)} parameters missing (trainable in the program, "
+                       f"which gave them none): {names}{'  MISMATCH' if self.contract.kind != 'changes' else ''}")
         if self.gradients_skipped:
-            out.append(f"  gradients of {self.gradients_skipped} parameters not compared (held as shards of "
-                       f"another shape)")
+            out.append(f"  gradients of {self.gradients_skipped} parameters not compared (the program holds them as "
+                       f"buffers, or in a shape that does not match the original's)")
         if self.first_wrong_value is None and self.nodes_total:
             out.append(f"  every node's value within the bound: {self.nodes_compared} of the original's "
                        f"{self.nodes_total} compared (the rest have no counterpart of the same shape)")

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -27,7 +27,11 @@ class Run:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     param_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # by parameter name, as held
-    local_param_grads: list[dict[str, torch.Tensor]] = field(default_factory=list)  # each tp rank's
+    # (tp rank, its gradients) for each rank that holds weights a different way: every tp
+    # rank, and under pp every stage's ranks (a tied weight's copies must agree)
+    local_param_grads: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # ZeRO-2/3: this rank's flat slice of each averaged gradient, and the whole one's shape
+    shard_grads: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=dict)
 
 
 class _Recorder(fx.Interpreter):
@@ -48,12 +52,26 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def call_recording(gm: fx.GraphModule, call, args: tuple, kwargs: dict, *, grads: bool) -> tuple[Run, Any]:
+def call_recording(gm: fx.GraphModule, call, args: tuple, kwargs: dict, *, grads: bool,
+                   stages: Sequence[fx.GraphModule] = ()) -> tuple[Run, Any]:
     """`call(*args, **kwargs)` (the program, which runs `gm` under whatever it sets up: ZeRO's
-    gathers, the collectives' groups) with `gm`'s forward replaced by a recording run."""
+    gathers, the collectives' groups) with `gm`'s forward replaced by a recording run; under
+    pp, each of this rank's `stages` (the graphs the schedule runs) is recorded instead."""
     run = Run(outputs=[])
-    recorder = _Recorder(gm, run, grads)
-    codegen = gm.graph._codegen
+    modules = list(stages) or [gm]
+    for module in modules:
+        module.forward = types.MethodType(_recording_forward(_Recorder(module, run, grads)), module)
+    try:
+        out = call(*args, **kwargs)
+    finally:
+        for module in modules:
+            del module.forward
+    run.outputs = [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return run, out
+
+
+def _recording_forward(recorder: _Recorder):
+    codegen = recorder.module.graph._codegen
 
     def recording_forward(self, *a, **k):
         spec = getattr(getattr(codegen, "pytree_info", None), "in_spec", None)
@@ -61,23 +79,21 @@ def call_recording(gm: fx.GraphModule, call, args: tuple, kwargs: dict, *, grads
         out = recorder.run(*flat, enable_io_processing=False)
         return codegen.process_outputs(out)
 
-    gm.forward = types.MethodType(recording_forward, gm)
-    try:
-        out = call(*args, **kwargs)
-    finally:
-        del gm.forward
-    run.outputs = [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return run, out
+    return recording_forward
 
 
 def probe_loss(out: Any, seed: int) -> torch.Tensor | None:
     """A scalar whose gradient reaches every parameter: the model's own loss where it returns
-    a scalar, else its floating outputs against fixed random directions (mean-free: a sum of
-    squares is constant after a final LayerNorm, so its gradients would tell nothing)."""
+    one (its one scalar output, as pp's last stage takes it), else its floating outputs
+    against fixed random directions (mean-free: a sum of squares is constant after a final
+    LayerNorm, so its gradients would tell nothing)."""
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
               and t.requires_grad]
     if not leaves:
         return None
+    scalars = [t for t in leaves if t.dim() == 0]
+    if len(scalars) == 1:
+        return scalars[0].float()
     gen = torch.Generator().manual_seed(seed)
     total = 0
     for t in leaves:
