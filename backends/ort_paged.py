@@ -35,6 +35,7 @@ import numpy as np
 # plan_residency and reserved_bytes stay importable from here (tests, tools): the runtime's budget arithmetic
 from bmc.backends.ort_budget import Plan, plan_residency, reserved_bytes, selects_logits  # noqa: F401
 from bmc.backends.ort_artifacts import SMALL, error_line, machine_key, open_session, saturating_u8s8, sha256
+from bmc.backends import ort_cache
 from bmc.backends.ort_streamer import DONTNEED, Streamer, advise, bound_malloc, mapped_ranges
 from bmc.errors import BackendError
 
@@ -280,11 +281,17 @@ class PagedRuntime:
         self.sessions, self.renames = [], []
         self.whole = None
         self.table_ranges: dict[int, list[tuple[int, int]]] = {}
+        self.cache_pairs: dict[str, str] = {}  # present -> past, where one buffer serves both (ort_cache.py)
         whole = self.manifest.get("whole")
         if whole and not self.plan.streamed:
-            self.whole = open_session(os.path.join(self.directory, whole),
-                                      _session_options(threads, self.reserved, spinning=True), self.providers, whole)
+            path = os.path.join(self.directory, whole)
+            self.whole = open_session(path, _session_options(threads, self.reserved, spinning=True), self.providers, whole)
             self.streamed_sessions = 0
+            if self.manifest.get("task", "causal-lm") == "causal-lm":
+                presents = self.manifest["outputs"][1:]  # (ids, positions, mask, caches..., [logits positions])
+                caches = self.manifest["inputs"][3:3 + len(presents)]
+                self.cache_pairs = ort_cache.shared_cache_pairs(onnx.load(path, load_external_data=False), caches,
+                                                                presents)
             return
         shared: dict[bytes, object] = {}
         for index, part in enumerate(self.parts):
@@ -377,11 +384,19 @@ class PagedRuntime:
         if self.events is not None:
             self.events.append((lane, part["name"], started, time.perf_counter()))
 
+    @property
+    def shares_cache(self) -> bool:
+        """The step writes its KV cache in place, in buffers of the positions generation needs
+        (PagedProgram.empty_cache), rather than copying it into a new one each step."""
+        return bool(self.cache_pairs)
+
     def _run_whole(self, feeds: dict) -> list:
         """Every block resident: the step as one session (the build's whole graph)."""
         inputs = {name: feeds.pop(name) for name in self.manifest["inputs"]}
         started = time.perf_counter()
         try:
+            if self.cache_pairs and ort_cache.fits(inputs, self.cache_pairs, inputs[self.manifest["inputs"][2]].shape()[-1]):
+                return ort_cache.run_sharing(self.whole, inputs, self.manifest["outputs"], self.cache_pairs)
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
             raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {error_line(exc)}") from exc
@@ -429,7 +444,12 @@ class PagedProgram:
     def plan(self) -> Plan:
         return self.runtime.plan
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int, length: int | None = None) -> list:
+        """The cache a first step takes: buffers of `length` positions (the runtime's max_len by
+        default) the steps write in place where the build's graph allows it, else empty arrays
+        each step's present grows from."""
+        if self.runtime.shares_cache:
+            return ort_cache.empty_shared_cache(batch, self.heads, self.head_dims, length or self.runtime.max_len)
         return [np.zeros((batch, h, 0, d), dtype=np.float32) for h, d in zip(self.heads, self.head_dims) for _ in (0, 1)]
 
     def step(self, ids, positions, mask, caches: list, logits_positions=None):
@@ -478,7 +498,7 @@ class PagedProgram:
         else:
             positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
             self._warn_past_reserve(batch, seq)
-            out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch),
+            out, _ = self.step(ids, positions, np.ones((batch, seq), dtype=np.int64), self.empty_cache(batch, seq),
                                np.arange(seq, dtype=np.int64))
         return torch.from_numpy(out) if as_torch else out
 
@@ -502,9 +522,11 @@ class PagedProgram:
                         "the budget; load with %s", *excess)
         kw = dict(max_new_tokens=max_new_tokens, sampling=gen.Sampling(temperature, top_k, seed), eos=eos,
                   max_len=self.manifest["max_len"])
+        def empty_cache(batch: int) -> list:
+            return self.empty_cache(batch, longest)
         if stream:
-            return gen.stream(self.step, self.empty_cache, prompts, **kw)
-        return gen.generate(self.step, self.empty_cache, prompts, **kw)
+            return gen.stream(self.step, empty_cache, prompts, **kw)
+        return gen.generate(self.step, empty_cache, prompts, **kw)
 
     def save(self, directory: str) -> None:
         """Copy the build to `directory` (published by rename: a reader sees all of it or none)."""

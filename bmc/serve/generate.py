@@ -4,7 +4,9 @@ with the new tokens yielded step by step when streaming.
 
 `step(ids, positions, mask, caches) -> (logits, caches)`: ids/positions [B, T] int64, mask
 [B, S] int64 and logits are numpy arrays; caches a list of [B, heads, P, head_dim], numpy or
-the backend's own values (ONNX Runtime's OrtValues), passed back as the step returned them.
+the backend's own values (ONNX Runtime's OrtValues), passed back as the step returned them
+(ort-paged's resident step writes into buffers of every position the generation needs, and
+the mask's width says how many hold tokens: backends/ort_cache.py).
 The step may consume the list it is given (ort-paged frees each block's old cache as soon as
 the block ran), so nothing here keeps a reference to it past the call.
 """

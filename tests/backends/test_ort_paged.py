@@ -69,6 +69,52 @@ def test_a_generation_step_computes_the_last_positions_logits_only(built):
         reserved_bytes(served.manifest, 8, 64) - reserved_bytes(served.manifest, 8, 32)
 
 
+def test_a_resident_step_writes_its_cache_in_place_with_the_copying_steps_numbers(built):
+    """GroupQueryAttention given one buffer as past and present appends in place (no copy of
+    the cache per layer and step): the same logits as the copying step, prompt and decode, on
+    a left-padded batch; a caller's growing cache (zero positions to start) still works."""
+    import onnx
+    from bmc.backends import ort_cache
+    _, served, directory = built
+    runtime = served.runtime
+    assert runtime.shares_cache and len(runtime.cache_pairs) == 2 * len(served.heads)
+    ids, mask = np.array([[0, 0, 3, 1, 4], [9, 2, 6, 5, 3]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+
+    def steps(caches, count=4):
+        out, step_ids, step_mask, step_positions = [], ids, mask, positions
+        for _ in range(count):
+            logits, caches = served.step(step_ids, step_positions, step_mask, caches)
+            out.append(logits)
+            step_ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            step_positions = step_positions[:, -1:] + 1
+            step_mask = np.concatenate([step_mask, np.ones((2, 1), dtype=np.int64)], 1)
+        return out, caches
+
+    in_place, caches = steps(served.empty_cache(2, 5 + 3))
+    assert caches[0].shape()[2] == 8  # the buffer it was given, filled in place
+    empty = [np.zeros((2, h, 0, d), np.float32) for h, d in zip(served.heads, served.head_dims) for _ in (0, 1)]
+    growing, caches = steps(empty)
+    assert caches[0].shape()[2] == 8  # the copying step's present grows by one each step
+    for a, b in zip(in_place, growing):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    in_place_tokens = served.generate(prompts, 6)
+    pairs, runtime.cache_pairs = runtime.cache_pairs, {}
+    try:
+        assert served.generate(prompts, 6) == in_place_tokens
+    finally:
+        runtime.cache_pairs = pairs
+
+    # a graph that reads a past input any other way is not given a shared buffer
+    model = onnx.load(os.path.join(directory, served.manifest["whole"]), load_external_data=False)
+    past, presents = served.manifest["inputs"][3], served.manifest["outputs"][1:]
+    caches_in = served.manifest["inputs"][3:3 + len(presents)]
+    assert ort_cache.shared_cache_pairs(model, caches_in, presents)
+    model.graph.node.append(onnx.helper.make_node("Shape", [past], ["past_shape"]))
+    assert ort_cache.shared_cache_pairs(model, caches_in, presents) == {}
+
+
 def _mapped_kib(ranges):
     """Rss and Anonymous kB of this process's mappings that start at one of `ranges`."""
     starts, rss, anonymous, current = {start for start, _ in ranges}, 0, 0, False
