@@ -60,18 +60,39 @@ def fits(feeds: dict, pairs: dict[str, str], positions: int) -> bool:
     return all(feeds[past].shape()[2] >= positions for past in pairs.values())
 
 
-def run_sharing(session, feeds: dict, outputs: list[str], pairs: dict[str, str]) -> list:
-    """The step with each present bound to its past's buffer: the outputs in order, the
-    caches being the very OrtValues fed."""
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, value)
-    fresh = [name for name in outputs if name not in pairs]
-    for name in fresh:
-        binding.bind_output(name)
-    for name in outputs:
-        if name in pairs:
-            binding.bind_ortvalue_output(name, feeds[pairs[name]])
-    session.run_with_iobinding(binding)
-    computed = dict(zip(fresh, binding.get_outputs()[:len(fresh)]))
-    return [computed[name] if name in computed else feeds[pairs[name]] for name in outputs]
+class SharingStep:
+    """The step with each present bound to its past's buffer, on one IOBinding kept across
+    steps: a generation's buffers are bound once, each step rebinds only its small inputs
+    (binding every cache anew each step cost ~0.3 ms of a 25 ms decode step, measured). The
+    logits go to a new buffer of their shape, [batch, rows, vocab], bound each step: asking
+    ONNX Runtime for its outputs instead wraps every bound one, caches included (0.15 ms a
+    step). The last generation's buffers stay bound until the next one binds its own."""
+
+    def __init__(self, session, inputs: list[str], outputs: list[str], pairs: dict[str, str], vocab: int):
+        self.session, self.outputs, self.pairs, self.vocab = session, outputs, pairs, vocab
+        self.ids, self.rows = inputs[0], inputs[-1] if inputs[-1] == "logits_positions" else None
+        self.binding = session.io_binding()
+        self.caches: list = []  # the buffers bound now, in pairs' order
+
+    def __call__(self, feeds: dict) -> list:
+        """The outputs in order, the caches being the very OrtValues fed."""
+        from onnxruntime import OrtValue
+        caches = [feeds[past] for past in self.pairs.values()]
+        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
+            self._bind_caches(caches)
+        batch, tokens = feeds[self.ids].shape()
+        rows = feeds[self.rows].shape()[0] if self.rows else tokens
+        # a new buffer each step, ONNX Runtime's own: the caller may keep a step's logits
+        logits = OrtValue.ortvalue_from_shape_and_type([batch, rows, self.vocab], np.float32)
+        self.binding.bind_ortvalue_output(self.outputs[0], logits)
+        for name, value in feeds.items():
+            if name not in self.pairs.values():
+                self.binding.bind_ortvalue_input(name, value)
+        self.session.run_with_iobinding(self.binding)
+        return [logits, *(feeds[self.pairs[name]] for name in self.outputs[1:])]
+
+    def _bind_caches(self, caches: list) -> None:
+        for (present, past), cache in zip(self.pairs.items(), caches):
+            self.binding.bind_ortvalue_input(past, cache)
+            self.binding.bind_ortvalue_output(present, cache)
+        self.caches = caches

@@ -292,6 +292,8 @@ class PagedRuntime:
                 caches = self.manifest["inputs"][3:3 + len(presents)]
                 self.cache_pairs = ort_cache.shared_cache_pairs(onnx.load(path, load_external_data=False), caches,
                                                                 presents)
+                self.sharing_step = ort_cache.SharingStep(self.whole, self.manifest["inputs"], self.manifest["outputs"],
+                                                          self.cache_pairs, self.manifest["layout"]["vocab"])
             return
         shared: dict[bytes, object] = {}
         for index, part in enumerate(self.parts):
@@ -396,7 +398,7 @@ class PagedRuntime:
         started = time.perf_counter()
         try:
             if self.cache_pairs and ort_cache.fits(inputs, self.cache_pairs, inputs[self.manifest["inputs"][2]].shape()[-1]):
-                return ort_cache.run_sharing(self.whole, inputs, self.manifest["outputs"], self.cache_pairs)
+                return self.sharing_step(inputs)
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
             raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {error_line(exc)}") from exc
