@@ -47,4 +47,13 @@ def test_the_readme_has_its_python_blocks():
 def test_a_readme_block_runs_as_written(line, block, tmp_path):
     done = subprocess.run(_command(block, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-3000:])
+    assert done.returncode == 0, _why(done)
+
+
+def _why(done: subprocess.CompletedProcess) -> str:
+    """What a failed block said: under torchrun the cause (a rank's exception, gloo's abort)
+    sits above the launcher's summary, so the lines that name an error come first, whole."""
+    lines = done.stderr.splitlines()
+    causes = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "terminate", "what():", "Exception"))]
+    return "\n".join(["exit code %d; error lines:" % done.returncode, *causes[:20], "--- stderr tail:",
+                      *lines[-25:], "--- stdout tail:", done.stdout[-800:]])
