@@ -227,6 +227,21 @@ class DataParallelRuntime:
         self.synced = True
         self.synced_stage3 = False
 
+    def clear_gradients(self) -> None:
+        """Every gradient this runtime holds dropped, full and sharded, before a new backward."""
+        self.new_backward()
+        for e in self.entries:
+            e.param.grad = None
+            e.shard_grad = None
+
+    @staticmethod
+    def sharded_gradient(e: Entry) -> torch.Tensor | None:
+        """ZeRO-2/3: this rank's flat slice of the averaged gradient after sync (zero-padded
+        at the end); None for the stages that keep it whole."""
+        if e.stage == 3 and e.param.grad is not None:
+            return e.param.grad.reshape(-1)
+        return e.shard_grad if e.stage == 2 else None
+
     def owned_gradients(self) -> list[torch.Tensor]:
         """The gradients this rank owns after sync; together the ranks own each element once."""
         owned = []

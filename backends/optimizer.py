@@ -190,10 +190,7 @@ class ProgramOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.runtime is not None:
-            self.runtime.new_backward()
-            for e in self.runtime.entries:
-                e.param.grad = None
-                e.shard_grad = None
+            self.runtime.clear_gradients()
         for target in self.targets:
             target.tensor.grad = None
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -55,11 +55,6 @@ def empty_shared_cache(batch: int, heads: list[int], head_dims: list[int], lengt
             for h, d in zip(heads, head_dims) for _ in (0, 1)]
 
 
-def fits(feeds: dict, pairs: dict[str, str], positions: int) -> bool:
-    """Every past buffer holds the step's `positions` (a caller's own growing cache does not)."""
-    return all(feeds[past].shape()[2] >= positions for past in pairs.values())
-
-
 class SharingStep:
     """The step with each present bound to its past's buffer, on one IOBinding kept across
     steps: a generation's buffers are bound once, each step rebinds only its small inputs
@@ -70,9 +65,15 @@ class SharingStep:
 
     def __init__(self, session, inputs: list[str], outputs: list[str], pairs: dict[str, str], vocab: int):
         self.session, self.outputs, self.pairs, self.vocab = session, outputs, pairs, vocab
-        self.ids, self.rows = inputs[0], inputs[-1] if inputs[-1] == "logits_positions" else None
+        self.ids, self.mask = inputs[0], inputs[2]  # (ids, positions, mask, caches..., [logits positions])
+        self.rows = inputs[-1] if inputs[-1] == "logits_positions" else None
         self.binding = session.io_binding()
         self.caches: list = []  # the buffers bound now, in pairs' order
+
+    def fits(self, feeds: dict) -> bool:
+        """Every past buffer holds the step's positions (a caller's own growing cache does not)."""
+        positions = feeds[self.mask].shape()[-1]
+        return all(feeds[past].shape()[2] >= positions for past in self.pairs.values())
 
     def __call__(self, feeds: dict) -> list:
         """The outputs in order, the caches being the very OrtValues fed."""

@@ -24,6 +24,7 @@ dropping them after it ran, so a streamed block computes exactly as fast as a re
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -285,7 +286,8 @@ class PagedRuntime:
         whole = self.manifest.get("whole")
         if whole and not self.plan.streamed:
             path = os.path.join(self.directory, whole)
-            self.whole = open_session(path, _session_options(threads, self.reserved, spinning=True), self.providers, whole)
+            options = _session_options(threads, self.reserved, spinning=True)
+            self.whole = open_session(path, options, self.providers, whole)
             self.streamed_sessions = 0
             if self.manifest.get("task", "causal-lm") == "causal-lm":
                 presents = self.manifest["outputs"][1:]  # (ids, positions, mask, caches..., [logits positions])
@@ -397,7 +399,7 @@ class PagedRuntime:
         inputs = {name: feeds.pop(name) for name in self.manifest["inputs"]}
         started = time.perf_counter()
         try:
-            if self.cache_pairs and ort_cache.fits(inputs, self.cache_pairs, inputs[self.manifest["inputs"][2]].shape()[-1]):
+            if self.cache_pairs and self.sharing_step.fits(inputs):
                 return self.sharing_step(inputs)
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
@@ -524,8 +526,7 @@ class PagedProgram:
                         "the budget; load with %s", *excess)
         kw = dict(max_new_tokens=max_new_tokens, sampling=gen.Sampling(temperature, top_k, seed), eos=eos,
                   max_len=self.manifest["max_len"])
-        def empty_cache(batch: int) -> list:
-            return self.empty_cache(batch, longest)
+        empty_cache = functools.partial(self.empty_cache, length=longest)
         if stream:
             return gen.stream(self.step, empty_cache, prompts, **kw)
         return gen.generate(self.step, empty_cache, prompts, **kw)

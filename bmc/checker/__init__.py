@@ -284,10 +284,7 @@ def _clear_gradients(program, runtime) -> None:
     for p in program.graph_module.parameters():
         p.grad = None
     if runtime is not None:
-        runtime.new_backward()
-        for entry in runtime.entries:
-            entry.param.grad = None
-            entry.shard_grad = None
+        runtime.clear_gradients()
 
 
 def _pipelined_run(program, microbatches: int, args: tuple, kwargs: dict, seed: int, gradients: bool) -> Run:
@@ -317,11 +314,11 @@ def _shard_grads(gm: fx.GraphModule, runtime) -> dict[str, tuple[torch.Tensor, t
         names.setdefault(id(p), []).append(name)
     shards = {}
     for entry in runtime.entries:
-        grad = entry.shard_grad if entry.stage == 2 else entry.param.grad if entry.stage == 3 else None
+        grad = runtime.sharded_gradient(entry)
         if grad is None:
             continue
         for name in names.get(id(entry.param), [entry.name]):
-            shards[name] = (grad.detach().reshape(-1).clone(), tuple(entry.shape))
+            shards[name] = (grad.detach().clone(), tuple(entry.shape))
     return shards
 
 
