@@ -13,7 +13,9 @@ the build's whole graph (`whole.onnx`, the parts composed); under a budget, a se
 Policy (`plan_residency`, with the reserve's arithmetic in ort_budget.py): the embedding and the head stay resident; as many blocks as fit in
 what the budget leaves after them, the KV cache, the activations and the swap slots are
 resident, spread evenly over the depth; the others are streamed through two swap slots, the
-next streamed block brought in on a background thread while the current one computes.
+next streamed block brought in on a background thread while the current one computes where
+the sessions' threads leave a core free, else on the compute thread between parts
+(`overlaps_paging`).
 
 How streamed blocks get their weights (`streaming=`, measured in tools/bench/infer.py; the
 paging itself is ort_streamer.py): by default ("prepacked", CPU) every block, resident or
@@ -104,19 +106,46 @@ def _shared_arena(first_chunk: int) -> None:
     _SHARED_ARENA = first_chunk
 
 
-def _session_options(threads: int | None, arena_bytes: int = 0, spinning: bool = False):
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def overlaps_paging(prefetch: bool | None, threads: int | None) -> bool:
+    """Whether streamed blocks are paged in on a thread of their own, overlapping compute.
+    `prefetch` None: only where the sessions' threads leave a core free. Where they take every
+    core, mapping pages in and out (kernel work: ~2.4 ms per step for 286 MB, measured) preempts
+    one of the threads an operator waits on, and every operator waits for its slowest thread:
+    on 2 cores with 2 threads a decode step took 20.3-20.9 ms overlapped against 18.6-19.1 ms
+    paged in on the compute thread between parts (batch 1; 32.3-33.1 against 29.4-30.0 ms at
+    batch 8), where with 1 thread overlapping won (28.5 against 29.3 ms)."""
+    if prefetch is not None:
+        return prefetch
+    return bool(threads) and threads < usable_cores()
+
+
+def _session_options(threads: int | None, arena_bytes: int = 0, spinning: str = "off"):
     """Sessions allocate from the process's shared arena (`_shared_arena`, first chunk
     `arena_bytes`); 0 for the shared session of blocks fed their weights as inputs, where
-    malloc per run costs little beside bringing a block's weights in. A session per part has
-    its own intra-op threads, which spin after each run while the next part's want the same
-    cores: `spinning` only for a session that runs alone (the whole step). With 14 parts on 2
-    cores, spinning threads made a decode step 7x slower (5.7 against 41 tokens/s, measured);
-    ONNX Runtime's global thread pool would share one set of threads, but once set it refuses
-    every other session in the process that has its own (the user's included)."""
+    malloc per run costs little beside bringing a block's weights in.
+
+    `spinning`: whether a session's intra-op threads spin waiting for work rather than sleep
+    ("always": a session that runs alone, the whole step). A session per part has threads of
+    its own, and after a run they would spin while the next part's want the same cores: with
+    14 parts on 2 cores that made a decode step 7x slower (5.7 against 41 tokens/s, measured).
+    "during-run" spins within a run and stops the spinning when it returns
+    (`session.force_spinning_stop`): no operator waits for a sleeping thread to wake, and no
+    part's threads outlive its run (every block resident as parts, 2 threads: 63.6-64.6
+    against 58.9-60.3 tokens/s sleeping, "off"). Not beside a prefetch thread, whose page-ins
+    then preempt spinning threads (32.9-38.7 against 32.0-32.8 ms per step at batch 8).
+    ONNX Runtime's global thread pool would share one set of threads between the parts, but
+    once set it refuses every other session in the process that has its own (the user's
+    included)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
-    if not spinning:
+    if spinning == "off":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "during-run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     arena = arena_bytes > 0
     options.enable_cpu_mem_arena = arena
     if arena:
@@ -229,7 +258,7 @@ def row_paged(directory: str, part: dict, batch: int, max_len: int) -> tuple[lis
 class PagedRuntime:
     """Runs the decode step part by part; block weights resident or streamed as planned."""
 
-    def __init__(self, directory: str, manifest: dict, budget: int | None = None, *, prefetch: bool = True,
+    def __init__(self, directory: str, manifest: dict, budget: int | None = None, *, prefetch: bool | None = None,
                  providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
                  streaming: str = "auto"):
         bound_malloc()
@@ -262,7 +291,8 @@ class PagedRuntime:
             self.row_paged = {}
         self.plan = Plan(tuple(blocks[i] for i in plan.resident), tuple(blocks[i] for i in plan.streamed),
                          plan.slot_bytes, plan.weight_bytes)
-        self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, prefetch,
+        self.prefetch = overlaps_paging(prefetch, threads)
+        self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, self.prefetch,
                                   self.streaming)
         self.events: list | None = None  # a timeline of the steps, when recorded (record_timeline)
         self._open_sessions(threads)
@@ -286,7 +316,7 @@ class PagedRuntime:
         whole = self.manifest.get("whole")
         if whole and not self.plan.streamed:
             path = os.path.join(self.directory, whole)
-            options = _session_options(threads, self.reserved, spinning=True)
+            options = _session_options(threads, self.reserved, spinning="always")
             self.whole = open_session(path, options, self.providers, whole)
             self.streamed_sessions = 0
             if self.manifest.get("task", "causal-lm") == "causal-lm":
@@ -298,12 +328,13 @@ class PagedRuntime:
                                                           self.cache_pairs, self.manifest["layout"]["vocab"])
             return
         shared: dict[bytes, object] = {}
+        spinning = "off" if self.streamer.overlapping else "during-run"
         for index, part in enumerate(self.parts):
             streamed = index in self.plan.streamed
             if streamed and self.streaming != "prepacked":
                 graph, names = canonical_form(onnx.load(os.path.join(self.directory, part["stem"] + ".stream.onnx")))
                 if graph not in shared:
-                    shared[graph] = open_session(graph, _session_options(threads), self.providers,
+                    shared[graph] = open_session(graph, _session_options(threads, spinning=spinning), self.providers,
                                                  f"{part['stem']}.stream.onnx")
                 self.sessions.append(shared[graph])
                 self.renames.append(names)
@@ -312,7 +343,7 @@ class PagedRuntime:
             packed_weights = os.path.join(self.directory, part["stem"] + ".packed.bin")
             before = mapped_ranges(packed_weights) if streamed or index in self.row_paged else []
             self.sessions.append(open_session(os.path.join(self.directory, part["stem"] + suffix),
-                                              _session_options(threads, self.reserved), self.providers,
+                                              _session_options(threads, self.reserved, spinning), self.providers,
                                               part["stem"] + suffix))
             self.renames.append(None)
             if index in self.row_paged:
@@ -435,7 +466,7 @@ class PagedProgram:
 
     backend = "ort-paged"
 
-    def __init__(self, directory: str, manifest: dict, *, budget: int | None = None, prefetch: bool = True,
+    def __init__(self, directory: str, manifest: dict, *, budget: int | None = None, prefetch: bool | None = None,
                  providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
                  streaming: str = "auto"):
         self.directory, self.manifest, self.pipeline = directory, manifest, manifest.get("pipeline", "")
@@ -622,7 +653,7 @@ def _register() -> None:
     @register_backend("ort-paged", load=load, refuses=(
         ("tp-split", "it serves on one process; drop tp (tensor parallelism is for the torch backend)"),
         ("staged", "it serves on one process; drop pp (pipeline stages are for the torch backend)")))
-    def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool = True,
+    def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool | None = None,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
               streaming: str = "auto", task: str | None = None):
         """Build `gm` for ONNX Runtime into `directory` (a temporary one when None; `prog.save`

@@ -126,6 +126,11 @@ class Streamer:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="bmc-prefetch") if prefetch and streamed else None
         self._drops: list = []
 
+    @property
+    def overlapping(self) -> bool:
+        """Page-ins run on a thread of their own, beside compute."""
+        return self._worker is not None
+
     def track(self, block: int, path: str, before: list[tuple[int, int]]) -> int:
         """A streamed block's session was made over `path`: remember the mappings it added to
         those `before` (another session may map the same file) and drop their pages now (they

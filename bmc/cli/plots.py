@@ -268,7 +268,8 @@ def loss_figure(run_dirs: Sequence[str], path: str) -> str:
 
 def paging_figure(events: Sequence[tuple], title: str, path: str) -> str:
     """`events`: (lane, part name, start, end) in seconds, lanes "compute", "compute-streamed",
-    "wait" (compute waiting for a page-in) and "page-in" (the prefetch thread)."""
+    "wait" (compute waiting for a page-in) and "page-in" (on the prefetch thread, or on the
+    compute thread inside its waits where the runtime pages in between parts)."""
     if not events:
         raise BmcError("the paging picture needs a recorded run: nothing was recorded")
     plt = _pyplot()
@@ -279,7 +280,7 @@ def paging_figure(events: Sequence[tuple], title: str, path: str) -> str:
     for lane, _, start, end in events:
         ax.barh(lanes[lane], (end - start) * 1e3, left=(start - origin) * 1e3, color=colors[lane], height=0.7,
                 edgecolor="white", linewidth=0.3)
-    ax.set_yticks([0, 1], ["compute", "page-in\n(prefetch)"])
+    ax.set_yticks([0, 1], ["compute", "page-in"])
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in colors]

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos", type=int, default=None, help="stop a prompt at this token id")
-    p.add_argument("--no-prefetch", action="store_true", help="read streamed blocks without overlapping compute")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read streamed blocks without overlapping compute (default: overlap where --threads "
+                        "leaves a core free)")
     p.add_argument("--streaming", choices=["auto", "prepacked", "mmap", "read"], default="auto",
                    help="how streamed blocks get their weights (default: prepacked where the build's fit this machine)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -107,7 +109,7 @@ def run(argv: Sequence[str] | None, out, err) -> int:
     prompts_len = max(len(p) for p in prompts)
     # the budget's reserve is sized for this batch and these lengths (too long is refused by generate)
     max_len = min(manifest["max_len"], prompts_len + args.max_tokens)
-    prog = bmc.load(args.directory, budget=budget, prefetch=not args.no_prefetch, threads=args.threads,
+    prog = bmc.load(args.directory, budget=budget, prefetch=False if args.no_prefetch else None, threads=args.threads,
                     batch=len(prompts), max_len=max_len, streaming=args.streaming)
     plan = prog.plan
     err.write(f"bmc run: {prog.manifest['model']} ({prog.manifest['pipeline'] or 'no passes'}), "

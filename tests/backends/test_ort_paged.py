@@ -141,9 +141,10 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
     if served.manifest["pipeline"]:
         assert len(set(blocks)) > 1  # the pruned block is smaller
     budget = fixed + 2 * max(blocks) + reserve  # room for the swap slots only: every block streams
-    for prefetch, streaming in ((True, "prepacked"), (False, "prepacked"), (True, "mmap"), (False, "mmap"),
-                                (True, "read")):
+    for prefetch, streaming in ((True, "prepacked"), (False, "prepacked"), (None, "prepacked"), (True, "mmap"),
+                                (False, "mmap"), (True, "read")):
         paged = bmc.load(directory, budget=budget, max_len=48, prefetch=prefetch, streaming=streaming)
+        assert paged.runtime.streamer.overlapping == bool(prefetch)  # None: threads=None takes every core
         assert paged.plan.streamed and not paged.plan.resident and paged.plan.weight_bytes <= budget - reserve
         assert paged.runtime.whole is None and served.runtime.whole is not None  # parts against the whole graph
         events = paged.runtime.record_timeline()
@@ -157,6 +158,13 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
     needed = fixed + 2 * max(blocks) + reserve
     with pytest.raises(BackendError, match=f"give --budget {needed} or more"):
         bmc.load(directory, budget=needed - 1, max_len=48)
+
+
+def test_page_ins_overlap_compute_only_where_a_core_is_left_free(monkeypatch):
+    monkeypatch.setattr(ort_paged, "usable_cores", lambda: 2)
+    assert ort_paged.overlaps_paging(None, 1)
+    assert not ort_paged.overlaps_paging(None, 2) and not ort_paged.overlaps_paging(None, None)
+    assert ort_paged.overlaps_paging(True, 2) and not ort_paged.overlaps_paging(False, 1)
 
 
 def _check_timeline(events, paged, steps):
