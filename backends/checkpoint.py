@@ -34,10 +34,10 @@ import torch.distributed.checkpoint as dcp
 from bmc import ir
 from bmc.errors import BmcError
 from bmc.ir.serialize import atomic_write_text
+from bmc.models.weights import MANIFEST, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT = 1
 
 
@@ -291,13 +291,7 @@ def _prune(root: Path, keep: int) -> None:
 # ------------------------------------------------------------------ load
 
 
-def latest(root: str | Path) -> Path | None:
-    """The last published checkpoint under `root`, or None if there is none yet."""
-    pointer = Path(root) / "latest"
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / MANIFEST).is_file() else None
+latest = latest_checkpoint  # the format's reading side is the core's (bmc/models/weights.py)
 
 
 def read_manifest(path: str | Path) -> dict:

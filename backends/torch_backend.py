@@ -209,6 +209,27 @@ class DistributedProgram(TorchProgram):
     def optimizer(self, optimizer_cls, **kwargs):
         return ProgramOptimizer(self.graph_module, optimizer_cls, self.runtime, **kwargs)
 
+    def save_weights(self, directory: str, *, source: str | None = None, provenance: dict | None = None,
+                     shard_bytes: int | None = None) -> str:
+        """Every rank calls it. No rank gathers the model: each writes what it holds as a
+        sharded checkpoint (torch.distributed.checkpoint, any plan), and rank 0 reads that back
+        a shard at a time into the weights directory, so it holds one shard beside its own part."""
+        import shutil
+        from pathlib import Path
+        from bmc.backends import checkpoint
+        from bmc.models import weights
+        target = Path(directory)
+        work = target.with_name(f".{target.name}.gather")
+        step = checkpoint.save(work, self, step=0, keep=1)
+        if dist.get_rank() == 0:
+            try:
+                weights.export_checkpoint(step, target, source=source, shard_bytes=shard_bytes or weights.SHARD_BYTES,
+                                          provenance={**self.provenance(), **(provenance or {})})
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        dist.barrier()
+        return directory
+
     def save(self, path: str) -> None:
         """Every rank calls it: the whole weights are gathered and rank 0 writes the archive,
         which loads on any number of ranks under the same plan."""

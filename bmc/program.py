@@ -48,6 +48,25 @@ class Program:
         """Every parameter at its full (unsharded) size, by dotted name, on every rank."""
         return {name: p.detach().clone() for name, p in self.graph_module.named_parameters(remove_duplicate=False)}
 
+    def save_weights(self, directory: str, *, source: str | None = None, provenance: dict | None = None,
+                     shard_bytes: int | None = None) -> str:
+        """The model's whole weights as a weights directory (bmc/models/weights.py: safetensors
+        shards, written a shard at a time; `source` a Hugging Face directory whose config and
+        tokenizer come along, so the result is one `hf:DIR` and transformers read), with
+        `provenance` and the checksums in lineage.json. Returns the directory."""
+        from bmc.models import weights
+        entries, read = weights.tensor_entries(self.graph_module.named_parameters(remove_duplicate=False))
+        weights.write_weights(directory, entries, read, source=source, shard_bytes=shard_bytes or weights.SHARD_BYTES,
+                              provenance={**self.provenance(), **(provenance or {})})
+        return directory
+
+    def provenance(self) -> dict:
+        """What a weights directory records of the program that wrote it."""
+        from importlib.metadata import version
+        info = trace_info(self.graph_module)
+        return {"kind": "weights", "model": info.model_name if info else "graph", "pipeline": self.pipeline,
+                "world_size": self.context.world_size, "bmc_version": version("bmc")}
+
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs):
         """`optimizer_cls` over this program's trainable parameters, with the fp32 masters,
         loss scaling and offload its passes asked for; backends that train provide it."""
@@ -64,7 +83,9 @@ class Program:
         return f"Program({name}, backend={self.backend!r}, pipeline={self.pipeline!r})"
 
 
-def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
+def _as_graph(model: Any, example_inputs: Any, dynamic: Any, weights: Any = None) -> fx.GraphModule:
+    if weights is not None:
+        return _with_weights(model, weights, example_inputs, dynamic)
     if isinstance(model, Program):
         return model.graph_module
     if isinstance(model, fx.GraphModule) and trace_info(model) is not None:
@@ -75,17 +96,38 @@ def _as_graph(model: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
     return trace(model, example_inputs, dynamic=dynamic)
 
 
+def _with_weights(model: Any, weights: Any, example_inputs: Any, dynamic: Any) -> fx.GraphModule:
+    """`model` (an nn.Module, `zoo:NAME` or `hf:DIR`) with `weights` loaded, traced."""
+    from bmc.models import weights as weight_files
+    if isinstance(model, str) and model.startswith("zoo:"):
+        from bmc.models import zoo
+        model = zoo.build(model[4:], device="cpu")
+    elif isinstance(model, str):
+        from bmc.models import hf
+        if hf.directory_of(model) is None:
+            raise BmcError(f"weights= loads into an nn.Module, zoo:NAME or hf:DIR; {model} carries its own weights")
+        return hf.load_graph(model, example=example_inputs, dynamic=True if dynamic is None else dynamic,
+                             device="cpu", weights=str(weights))
+    elif not isinstance(model, torch.nn.Module) or isinstance(model, fx.GraphModule):
+        raise BmcError(f"weights= loads into an nn.Module, zoo:NAME or hf:DIR, not a {type(model).__name__}")
+    log.info("weights: %s", weight_files.load_weights(model, weights))
+    return trace(model, example_inputs, dynamic=dynamic)
+
+
 def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = None, backend: str = "torch",
             *, world_size: int | None = None, dynamic: Any = None, verify: bool = True,
-            instruments: Sequence[Instrument] = (), calibration: Any = None, **backend_options) -> Program:
+            instruments: Sequence[Instrument] = (), calibration: Any = None, weights: Any = None,
+            **backend_options) -> Program:
     """Trace `model` (an nn.Module, a traced GraphModule, a Program or a model path: `zoo:NAME`,
     `hf:DIR` for a Hugging Face checkpoint directory, a .pt2 archive), run the
     pipeline `passes` on it, and lower the result with `backend`. `world_size` defaults to the
     initialized process group's size (1 without one); `calibration` is an iterable of example
-    batches for the passes that score on data (`prune-heads{score=taylor}`)."""
+    batches for the passes that score on data (`prune-heads{score=taylor}`); `weights` (a
+    weights directory, a safetensors file, a training checkpoint or run directory) are loaded
+    into an nn.Module, `zoo:NAME` or `hf:DIR` model first."""
     target = get_backend(backend)  # fail on a bad backend name before tracing
     world_size = resolve_world_size(world_size)
-    gm = _as_graph(model, example_inputs, dynamic)
+    gm = _as_graph(model, example_inputs, dynamic, weights)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     if isinstance(passes, str) and not passes.strip():
         passes = ()  # "" from Python means no passes, as () does

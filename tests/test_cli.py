@@ -300,9 +300,10 @@ COMPRESSION_BAD_INPUTS = {
     "eval of an encoder": (["zoo:bert-tiny", "--static", "--eval"],
                            r"--eval scores causal language models: this model returns \[2, 16, 64\]"),
     "weights that do not fit": (["zoo:gpt-tiny", "--weights", "{d}/llama.safetensors"],
-                                r"llama.safetensors does not fit zoo gpt-tiny: missing \['transformer"),
-    "pickled weights": (["zoo:gpt-tiny", "--weights", "{d}/pickled.pt"], r"give a .safetensors file .*refused"),
-    "weights for an archive": (["{d}/model.pt2", "--weights", "trained"], r"--weights loads into zoo models only"),
+                                r"llama.safetensors: .* is not a weight of this model; the weights are another "
+                                r"model's \(zoo gpt-tiny\)"),
+    "pickled weights": (["zoo:gpt-tiny", "--weights", "{d}/pickled.pt"], r"give a .safetensors file, .*refused"),
+    "weights for an archive": (["{d}/model.pt2", "--weights", "trained"], r"--weights loads into zoo: and hf: models"),
 }
 
 

@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
     p.add_argument("--reshard", action="store_true",
                    help="resume a checkpoint written under another pipeline or world size (it is resharded)")
+    p.add_argument("--export", metavar="DIR",
+                   help="write the trained model's whole weights here as safetensors shards with lineage.json "
+                        "(a Hugging Face directory for --hf/--hf-config models; default <out>/weights)")
+    p.add_argument("--no-export", action="store_true", help="write no weights directory (the checkpoints remain)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trace-step", type=int, metavar="STEP",
@@ -432,9 +436,30 @@ def train(args) -> dict:
         log.info("done: %s", json.dumps(summary))
         from bmc.ir.serialize import atomic_write_text
         atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
+        if not args.no_export:
+            export_weights(args, task, checkpoint.latest(ckpt_dir), Path(args.export) if args.export else
+                           out / "weights", summary)
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def export_weights(args, task, step_dir: Path, directory: Path, summary: dict) -> None:
+    """The final checkpoint's weights as a weights directory (bmc/models/weights.py), read a
+    shard at a time by this one rank: no rank ever holds the model gathered."""
+    from importlib.metadata import version
+    from bmc.models import weights
+    source = args.hf or args.hf_config  # a directory, or --hf-config's file: the config comes along
+    model = args.hf or args.hf_config or (f"program:{args.program}" if args.program else f"zoo:{args.model}")
+    provenance = {"kind": "train", "model": model,
+                  "steps": summary["steps"], "final_loss": summary["final_loss"],
+                  "held_out_loss": summary["held_out_loss"], "world_size": summary["world_size"],
+                  "pipeline": summary["pipeline"],
+                  "data": task.tokenizer_path() and f"{args.text or 'stdlib sources'} via {task.tokenizer_path()}"
+                  or (args.text or "stdlib sources (bytes)"),
+                  "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed, "bmc_version": version("bmc")}
+    weights.export_checkpoint(step_dir, directory, source=source, provenance=provenance)
+    log.info("weights written to %s (bmc-opt ... --weights %s)", directory, directory)
 
 
 def main(argv=None) -> int:

@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["meta", "cpu"],
                    help="where zoo and hf: models are built (default: meta, no memory, unless -o, --measure, "
                         "--weights, --calibration or --eval need real weights)")
-    p.add_argument("--weights", metavar="FILE.safetensors|trained",
-                   help="load these weights into the zoo model before tracing (safetensors only, never pickle; "
-                        "'trained': bmc's trained checkpoint of that model)")
+    p.add_argument("--weights", metavar="PATH|trained",
+                   help="load these weights into the zoo or hf: model before tracing: a .safetensors file, a weights "
+                        "directory (tools/train.py's <out>/weights, prog.save_weights, save_pretrained), a training "
+                        "checkpoint (its latest step) or a training run's directory; never pickle. 'trained': "
+                        "bmc's trained checkpoint of a zoo model")
     p.add_argument("--calibration", metavar="FILE|builtin",
                    help="cut calibration batches (byte tokens) for data-driven passes such as "
                         "prune-heads{score=taylor} out of a text file, or 'builtin': the standard library's sources")
@@ -189,13 +191,17 @@ def _check_compression_args(args) -> None:
     if args.calibration_batches < 1:
         raise UsageError("--calibration-batches must be >= 1")
     if args.weights:
-        if not args.model.startswith("zoo:"):
-            raise UsageError(f"--weights loads into zoo models only; {args.model} carries its own weights")
+        if not (args.model.startswith(("zoo:", "hf:")) or os.path.isfile(os.path.join(args.model, "config.json"))):
+            raise UsageError(f"--weights loads into zoo: and hf: models; {args.model} carries its own weights")
+        if args.weights == "trained" and not args.model.startswith("zoo:"):
+            raise UsageError("--weights trained is bmc's trained checkpoint of a zoo model; give a path for hf: models")
         if args.weights != "trained":
-            if not args.weights.endswith(".safetensors"):
-                raise UsageError(f"--weights {args.weights}: give a .safetensors file or 'trained' "
-                                 f"(pickled weights are refused: unpickling runs code from the file)")
-            _require_file("--weights", args.weights)
+            if os.path.isfile(args.weights) and not args.weights.endswith(".safetensors"):
+                raise UsageError(f"--weights {args.weights}: give a .safetensors file, a weights or checkpoint "
+                                 f"directory, or 'trained' (pickled weights are refused: unpickling runs code from "
+                                 f"the file)")
+            if not os.path.exists(args.weights):
+                raise UsageError(f"--weights {args.weights}: no such file or directory")
     if args.calibration and args.calibration != "builtin":
         _require_file("--calibration", args.calibration)
     if args.eval_text and not args.eval:
@@ -232,9 +238,13 @@ def _load(args):
     from bmc.ir.serialize import load_graph
     device = args.device or ("cpu" if _needs_weights(args) else "meta")
     example = parse_example_inputs(args.example_inputs) if args.example_inputs else None
-    if args.weights:
+    if args.weights and args.model.startswith("zoo:"):
         from bmc.ir.trace import trace
         return trace(_zoo_with_weights(args), example, dynamic=not args.static), {}
+    if args.weights:
+        from bmc.models import hf
+        return hf.load_graph(args.model, example=example, dynamic=not args.static, device="cpu",
+                             dtype=DTYPES.get(args.dtype), weights=args.weights), {}
     return load_graph(args.model, trust_pickle=args.trust_pickle, example_inputs=example,
                       dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
 
@@ -254,22 +264,14 @@ def _zoo_with_weights(args) -> torch.nn.Module:
 
 
 def _load_safetensors(model: torch.nn.Module, path: str, name: str) -> None:
-    """Every weight of the model from a safetensors file, or a one-line refusal. safetensors'
-    load_model maps a tied weight stored once onto all its names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    """Every weight of the model from `path` (bmc/models/weights.py reads files, weights
+    directories and training checkpoints), or a one-line refusal."""
+    from bmc.errors import ModelLoadError
+    from bmc.models import weights
     try:
-        missing, unexpected = load_model(model, path, strict=False)
-    except (SafetensorError, OSError) as exc:
-        raise UsageError(f"cannot read {path} as safetensors: {' '.join(str(exc).split())[:160]}; "
-                         f"write weights with safetensors.torch.save_model") from None
-    except RuntimeError as exc:  # load_state_dict refuses tensors whose shapes differ
-        lines = [line.strip() for line in str(exc).splitlines()]
-        mismatch = next((line for line in lines if line.startswith("size mismatch")), lines[-1])
-        raise UsageError(f"{path} does not fit zoo {name}: {mismatch}") from None
-    if missing or unexpected:
-        raise UsageError(f"{path} does not fit zoo {name}: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]} ({len(missing)} and {len(unexpected)} in all)")
+        log.info("--weights: %s", weights.load_weights(model, path))
+    except ModelLoadError as exc:
+        raise UsageError(f"{exc} (zoo {name})") from None
 
 
 def _with_status(what: str, work):

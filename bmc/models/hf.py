@@ -129,16 +129,25 @@ def config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def build(directory: str, *, device: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def build(directory: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+          weights: str | None = None) -> torch.nn.Module:
     """The model of checkpoint directory `directory`, in eval mode: on the meta device (no
     weights read or allocated) when `device` is "meta", else on the cpu with every weight read
-    from its safetensors files."""
+    from its safetensors files, or from `weights` (a weights directory, a safetensors file or
+    a training checkpoint: bmc/models/weights.py) where given, so a config.json alone will do."""
     config = read_config(directory)
     cls = model_class(config)
     dtype = dtype or config_dtype(config)
     if device == "meta":
         with torch.device("meta"):
             model = _from_config(cls, config, dtype, directory)
+        return model.eval()
+    if weights is not None:
+        from transformers.initialization import no_init_weights
+        from bmc.models.weights import load_weights as load_weights_from
+        with no_init_weights():
+            model = _from_config(cls, config, dtype, directory)
+        log.info("hf:%s: %s", directory, load_weights_from(model, weights))
         return model.eval()
     files = weight_files(directory)
     if not files:
@@ -264,11 +273,12 @@ def tokenizer_plan(directory: str) -> ir.TokenizerPlan | None:
 
 
 def load_graph(spec: str, *, example: Any = None, dynamic: Any = True, device: str | None = None,
-               dtype: torch.dtype | None = None):
-    """`hf:DIR` traced: the graph, carrying its tokenizer's plan when the directory has one."""
+               dtype: torch.dtype | None = None, weights: str | None = None):
+    """`hf:DIR` traced (its weights from `weights` where given): the graph, carrying its
+    tokenizer's plan when the directory has one."""
     from bmc.ir.trace import trace
     directory = directory_of(spec) or spec
-    model = build(directory, device=device, dtype=dtype)
+    model = build(directory, device=device, dtype=dtype, weights=weights)
     gm = trace(model, example_inputs(model, example), dynamic=dynamic)
     plan = tokenizer_plan(directory)
     if plan is not None:

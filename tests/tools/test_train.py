@@ -67,6 +67,7 @@ def test_one_process_trains_and_resumes(tmp_path):
 
 def test_hugging_face_model_from_a_config(tmp_path):
     transformers = pytest.importorskip("transformers")
+    import torch
     config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       hidden_size=64, intermediate_size=128, vocab_size=256,
                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -76,6 +77,11 @@ def test_hugging_face_model_from_a_config(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(_losses(tmp_path)) == 3
+    # the trained weights as a Hugging Face directory (config carried along) that transformers reads
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "weights")
+    record = json.loads((tmp_path / "weights" / "lineage.json").read_text())["steps"][0]
+    assert model.config.num_hidden_layers == 2 and record["weights"] == "fp32 masters"  # not their bf16 rounding
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_hugging_face_checkpoint_directory_trains_from_its_weights(tmp_path):
@@ -175,6 +181,21 @@ def one_process_losses(tmp_path_factory):
     return _losses(out)
 
 
+def _check_exported_weights(out: Path, pipeline: str, last_loss: float) -> None:
+    """The run's weights directory holds its final checkpoint's weights, with its lineage."""
+    from bmc.models import weights, zoo
+    import torch
+    from_weights, from_checkpoint = zoo.build("gpt-tiny", seed=5), zoo.build("gpt-tiny", seed=6)
+    weights.load_weights(from_weights, out / "weights")
+    weights.load_weights(from_checkpoint, out / "checkpoints")
+    for name, tensor in from_weights.state_dict().items():
+        assert torch.equal(tensor, from_checkpoint.state_dict()[name]), name
+    record = json.loads((out / "weights" / "lineage.json").read_text())["steps"][0]
+    assert record["kind"] == "train" and record["steps"] == 3 and record["world_size"] == 2
+    assert record["pipeline"] == pipeline and abs(record["final_loss"] - last_loss) < 1e-5
+    assert record["held_out_loss"] > 0 and record["model"] == "zoo:gpt-tiny"
+
+
 @pytest.mark.parametrize("pipeline", ["tp2", "pp{stages=2,microbatches=2}"])
 def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path, pipeline, one_process_losses):
     """tp2 or pp2 on 2 ranks: both ranks read the same rows (one replica), and the losses
@@ -185,6 +206,7 @@ def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path
     if pipeline == "tp2":  # a rank's half of the split weights, predicted as measured (was 2x off)
         assert re.search(r"params\s+([\d,]+)\s+\1\s+1\.000", run.stderr), run.stderr[-3000:]
     got_losses = _losses(tmp_path / "par")
+    _check_exported_weights(tmp_path / "par", pipeline, got_losses[-1]["loss"])
     assert len(got_losses) == len(one_process_losses) > 0, "every step logged"
     for got, want in zip(got_losses, one_process_losses):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
