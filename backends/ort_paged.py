@@ -479,6 +479,12 @@ class PagedProgram:
     def plan(self) -> Plan:
         return self.runtime.plan
 
+    @property
+    def lineage(self) -> list[dict]:
+        """The recorded steps from the training run (where the weights have a record) to this
+        build, oldest first, each with the digest of the step it was made from (bmc run --info)."""
+        return list(self.manifest.get("lineage", []))
+
     def empty_cache(self, batch: int, length: int | None = None) -> list:
         """The cache a first step takes: buffers of `length` positions (the runtime's max_len by
         default) the steps write in place where the build's graph allows it, else empty arrays
@@ -587,9 +593,10 @@ def _versions() -> dict:
 
 
 def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress=None, max_len: int | None = None,
-          task: str | None = None) -> dict:
+          task: str | None = None, lineage: list | None = None, record: dict | None = None) -> dict:
     """Lower `gm` into `directory` and write its manifest (last, atomically: a directory
-    without one is not a build)."""
+    without one is not a build). Its `lineage` is the steps the weights came from with this
+    build appended (`record`: what the compile adds: pass statistics, calibration, --eval)."""
     from bmc import ir
     from bmc.backends import ort_lower
     from bmc.ir.serialize import atomic_write_text
@@ -611,6 +618,10 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
                 "blocks": [b.name for b in structure_of(gm).blocks], "dtype": "float32", "gpu": gpu,
                 "quantized": any(ir.get(n, ir.Quant) is not None for n in gm.graph.nodes),
                 "versions": _versions(), "files": files, **lowered}
+    from bmc.models.weights import next_step
+    step = {"kind": "build", "backend": "ort-paged", "model": manifest["model"], "pipeline": pipeline,
+            "quantized": manifest["quantized"], "bmc_version": manifest["versions"]["bmc"], **(record or {})}
+    manifest["lineage"] = next_step(list(lineage or []), step, files)
     atomic_write_text(os.path.join(directory, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
@@ -672,7 +683,8 @@ def _register() -> None:
         positions = [n for n in (max_len, context.settings.get("max_positions")) if n]
         try:
             build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu,
-                  max_len=min(positions) if positions else None, task=task)
+                  max_len=min(positions) if positions else None, task=task,
+                  lineage=context.settings.get("lineage"), record=context.settings.get("record"))
             program = load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads,
                            batch=batch, max_len=max_len, streaming=streaming)
         except BaseException:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +30,7 @@ class Program:
         self.context = context
         self.pipeline = pipeline
         self.records = list(records)
+        self.lineage: list[dict] = []  # the recorded steps its weights came from (bmc/models/weights.py)
 
     def __call__(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -57,7 +59,7 @@ class Program:
         from bmc.models import weights
         entries, read = weights.tensor_entries(self.graph_module.named_parameters(remove_duplicate=False))
         weights.write_weights(directory, entries, read, source=source, shard_bytes=shard_bytes or weights.SHARD_BYTES,
-                              provenance={**self.provenance(), **(provenance or {})})
+                              provenance={**self.provenance(), **(provenance or {})}, lineage=self.lineage)
         return directory
 
     def provenance(self) -> dict:
@@ -128,6 +130,7 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     target = get_backend(backend)  # fail on a bad backend name before tracing
     world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic, weights)
+    lineage = _lineage_of(model, weights)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     if isinstance(passes, str) and not passes.strip():
         passes = ()  # "" from Python means no passes, as () does
@@ -137,10 +140,44 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
         gm = manager.run(gm, backend=target).graph_module
     else:
         manager.check(graph_properties(gm, calibration is not None), backend=target)
-    context.settings = {**context.settings, "pipeline": str(manager.pipeline), **config_limits(model)}
+    context.settings = {**context.settings, "pipeline": str(manager.pipeline), **config_limits(model),
+                        "lineage": lineage, "record": compile_record(manager.records, context.calibration)}
     program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
+    if isinstance(program, Program):  # a backend's build (ort-paged) records its own, from this one
+        program.lineage = lineage
     return program
+
+
+def _lineage_of(model: Any, weights: Any) -> list[dict]:
+    """The recorded steps behind the weights compiled: `weights`, or a model read from a
+    weights directory that has a lineage (`hf:DIR` of an exported run)."""
+    from bmc.models import weights as weight_files
+    if weights is not None:
+        return weight_files.lineage_of(weights)
+    if isinstance(model, str):
+        from bmc.models import hf
+        directory = hf.directory_of(model)
+        if directory and os.path.isfile(os.path.join(directory, weight_files.LINEAGE)):
+            return weight_files.lineage_of(directory)
+    if isinstance(model, Program):
+        return list(model.lineage)
+    return []
+
+
+def compile_record(records: Sequence[PassRecord], calibration: Any = None) -> dict:
+    """What a build's lineage step records of the pipeline that made it: each pass's
+    statistics, and a digest of the calibration batches the passes scored on."""
+    record: dict = {"statistics": {str(r.spec): dict(r.statistics) for r in records if r.statistics}}
+    if calibration:
+        import hashlib
+        from torch.utils._pytree import tree_leaves
+        digest = hashlib.sha256()
+        for t in tree_leaves(list(calibration)):
+            if isinstance(t, torch.Tensor):
+                digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        record["calibration"] = {"batches": len(calibration), "sha256": digest.hexdigest()}
+    return record
 
 
 def config_limits(model: Any) -> dict:

@@ -180,6 +180,19 @@ def test_a_build_from_exported_weights_generates_what_the_torch_program_does(tmp
                          directory=str(tmp_path / "served"))
     prompt = [5, 3, 9, 1]
     assert served.generate([prompt], 12) == [_torch_greedy(trained, prompt, 12)]
+    # its lineage: the weights' step (written by 2 ranks under zero3), then the build made from them
+    from bmc.lineage import check_chain
+    from bmc.cli.run import main as run_main
+    lineage = bmc.load(str(tmp_path / "served")).lineage
+    assert [s["kind"] for s in lineage] == ["weights", "build"] and not check_chain(lineage)
+    assert lineage[0]["pipeline"] == "zero{stage=3}" and lineage[0]["world_size"] == 2
+    assert run_main([str(tmp_path / "served"), "--info"]) == 0
+    manifest_path = tmp_path / "served" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["lineage"][0]["files"]["model.safetensors"] = "0" * 64  # a record that is not what the build read
+    manifest_path.write_text(json.dumps(manifest))
+    assert check_chain(bmc.load(str(tmp_path / "served")).lineage)
+    assert run_main([str(tmp_path / "served"), "--info"]) == 1
 
 
 def test_bmc_opt_reads_weights_directories_and_training_checkpoints(tmp_path, capsys):

@@ -515,14 +515,19 @@ def _copy_graph(gm):
         return copy.deepcopy(gm)
 
 
-def _evaluate(args, gm, pipeline: str, prepared) -> str:
+def _evaluate(args, gm, pipeline: str, prepared) -> tuple[str, dict]:
+    """The --eval table, and its figures as a build's lineage records them."""
+    import dataclasses as dc
     from bmc.compress.evaluate import compare, format_table
     reference, windows, batch = prepared
     rows = _with_status("evaluating", lambda: compare(reference, {pipeline: gm}, windows, batch))
     count, seq = windows.windows.shape[0], windows.windows.shape[1] - 1
     source = args.eval_text or "the standard library's sources"
     title = f"held-out evaluation: {count} windows of {seq} tokens from the last 5% of {source}"
-    return format_table(rows, title=title)
+    figures = {"text": source, "windows": count, "seq": seq,
+               "rows": [{k: round(v, 6) if isinstance(v, float) else v for k, v in dc.asdict(r).items()}
+                        for r in rows]}
+    return format_table(rows, title=title), figures
 
 
 def _apply_reproducer(args) -> None:
@@ -537,6 +542,7 @@ def _apply_reproducer(args) -> None:
 
 
 def run(argv: Sequence[str] | None, out) -> int:
+    from bmc.program import compile_record
     from bmc import passmgr
     from bmc.analysis import cost
     from bmc.cli import report
@@ -593,8 +599,12 @@ def run(argv: Sequence[str] | None, out) -> int:
         _dump_stages(gm, args.dump_dir)
     if args.measure:
         out.write("\n" + _measure(args, gm, str(pipeline), dp))
+    record = compile_record(manager.records, context.calibration)
+    if args.calibration:
+        record["calibration"] = {**record.get("calibration", {}), "source": args.calibration}
     if prepared_eval is not None:
-        out.write("\n" + _evaluate(args, gm, str(pipeline), prepared_eval))
+        table, record["eval"] = _evaluate(args, gm, str(pipeline), prepared_eval)
+        out.write("\n" + table)
     for instrument in (timing, stats):
         if instrument:
             out.write("\n" + instrument.format())
@@ -609,7 +619,8 @@ def run(argv: Sequence[str] | None, out) -> int:
     if args.output and args.backend == "ort-paged":
         from bmc.program import config_limits
         limits = [n for n in (args.max_len, config_limits(args.model).get("max_positions")) if n]
-        _build_paged(gm, args.output, str(pipeline), out, min(limits) if limits else None, args.task)
+        _build_paged(gm, args.output, str(pipeline), out, min(limits) if limits else None, args.task,
+                     lineage=_weights_lineage(args), record=record)
         if check_reference is not None:
             from bmc.checker import compare_build
             built = _with_status("checking the build in ONNX Runtime",
@@ -641,7 +652,23 @@ def _note_random_weights(args) -> None:
                      f"for real ones\n")
 
 
-def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None) -> None:
+def _weights_lineage(args) -> list[dict]:
+    """The recorded steps behind the weights bmc-opt compiles (bmc/lineage.py)."""
+    from bmc.models import weights
+    if args.weights == "trained":
+        from bmc.models import trained
+        return weights.lineage_of(trained.path_of(args.model.removeprefix("zoo:")))
+    if args.weights:
+        return weights.lineage_of(args.weights)
+    from bmc.models import hf
+    directory = hf.directory_of(args.model)
+    if directory and os.path.isfile(os.path.join(directory, weights.LINEAGE)):
+        return weights.lineage_of(directory)
+    return []
+
+
+def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None,
+                 lineage: list | None = None, record: dict | None = None) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
     from bmc.ir.serialize import staged_directory
@@ -657,7 +684,8 @@ def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = N
     progress(0, 0, "preparing the decode step")
     try:
         with staged_directory(directory) as staging:
-            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len, task=task)
+            manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len, task=task,
+                                       lineage=lineage, record=record)
     finally:
         if show:
             sys.stderr.write("\n")

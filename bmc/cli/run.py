@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bmc run", description="Generate with an ort-paged build (bmc-opt --backend=ort-paged -o DIR).")
     p.add_argument("directory", help="the build directory")
     text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--info", action="store_true",
+                      help="say what the build is and where it came from (its lineage, from the training run "
+                           "where the weights record one), its files verified; generate nothing")
     text.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     text.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -98,6 +101,8 @@ def run(argv: Sequence[str] | None, out, err) -> int:
         require(package, "bmc run")
     from bmc.backends.ort_paged import read_manifest
     manifest = read_manifest(args.directory)
+    if args.info:
+        return _info(args.directory, manifest, out)
     if manifest.get("task") == "encoder":
         raise ServeUsageError(f"{args.directory} is an encoder build: bmc run generates tokens; load it with "
                               f"bmc.load(DIR) and call it on token ids for hidden states")
@@ -149,6 +154,24 @@ def run(argv: Sequence[str] | None, out, err) -> int:
                  f"under {args.budget or 'no'} budget, {count} tokens")
         err.write(f"bmc run: wrote {paging_figure(events, title, args.plot)}\n")
     return 0
+
+
+def _info(directory: str, manifest: dict, out) -> int:
+    """--info: the build and its lineage; 1 where a link of the chain does not hold."""
+    from bmc.backends.ort_paged import verify_files
+    from bmc.lineage import check_chain, describe
+    verify_files(directory, manifest)  # a damaged file is refused in one line, as loading does
+    weights = sum(p["weight_bytes"] for p in manifest["parts"])
+    out.write(f"{directory}: {manifest['model']}, pipeline {manifest['pipeline'] or '(none)'}, "
+              f"{manifest.get('task', 'causal-lm')}, {len(manifest['parts'])} parts ({len(manifest['blocks'])} "
+              f"blocks), {weights:,} bytes of weights; {len(manifest['files'])} files verified\n")
+    lineage = manifest.get("lineage", [])
+    if not lineage:
+        out.write("lineage: none recorded (built before bmc recorded lineage)\n")
+        return 0
+    out.write(f"lineage, {len(lineage)} step{'s' if len(lineage) > 1 else ''} (oldest first):\n")
+    out.write(describe(lineage) + "\n")
+    return 1 if check_chain(lineage) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

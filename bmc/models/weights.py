@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, NamedTuple
 import torch
 
 from bmc.checksums import sha256
+from bmc.lineage import check_chain, next_step, step_digest  # noqa: F401 - the chain, torch-free
 from bmc.errors import ModelLoadError, ModelSaveError
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def checkpoint_groups(step_dir: str | Path, group_bytes: int = GROUP_BYTES) -> I
 
 def export_checkpoint(step_dir: str | Path, directory: str | Path, *, source: str | Path | None = None,
                       provenance: dict | None = None, shard_bytes: int = SHARD_BYTES,
-                      group_bytes: int = GROUP_BYTES) -> Path:
+                      group_bytes: int = GROUP_BYTES, lineage: list[dict] = ()) -> Path:
     """A training checkpoint's weights as a weights directory, read `group_bytes` at a time;
     the checkpoint's own record (step, world size, pipeline, what its writer added) goes into
     the provenance under the given one."""
@@ -134,7 +135,7 @@ def export_checkpoint(step_dir: str | Path, directory: str | Path, *, source: st
                 "weights": "fp32 masters" if masters else "the model's parameters"}
     return write_weights(directory, checkpoint_entries(step_dir), checkpoint_reader(step_dir), source=source,
                          provenance={**recorded, **(provenance or {})}, shard_bytes=shard_bytes,
-                         group_bytes=group_bytes)
+                         group_bytes=group_bytes, lineage=lineage)
 
 
 def _grouped(entries: list[Entry], limit: int) -> list[list[Entry]]:
@@ -167,12 +168,13 @@ def tensor_entries(named: Iterable[tuple[str, torch.Tensor]]):
 
 def write_weights(directory: str | Path, entries: list[Entry], read, *, source: str | Path | None = None,
                   provenance: dict | None = None, shard_bytes: int = SHARD_BYTES,
-                  group_bytes: int = GROUP_BYTES) -> Path:
+                  group_bytes: int = GROUP_BYTES, lineage: list[dict] = ()) -> Path:
     """Write `entries` as a weights directory: shards of at most `shard_bytes`, each filled
     `group_bytes` at a time from `read(entries) -> {name: tensor}`, so writing holds one group,
     never a shard or the model. `source`: a Hugging Face directory whose config and tokenizer
-    come along (or a config file alone); `provenance` (JSON values) goes into lineage.json
-    and, as strings, into every shard's metadata. Staged beside `directory` and published by
+    come along (or a config file alone); `provenance` (JSON values) goes into lineage.json, as
+    the step after `lineage` (the steps the weights came from), and, as strings, into every
+    shard's metadata. Staged beside `directory` and published by
     renaming: a crash leaves whatever was there before, never a half-written directory."""
     directory = Path(directory)
     staged = directory.with_name(directory.name + ".partial")
@@ -192,9 +194,9 @@ def write_weights(directory: str | Path, entries: list[Entry], read, *, source: 
             (staged / INDEX).write_text(json.dumps(index, indent=1))
             files.append(INDEX)
         files += _carry(source, staged)
-        lineage = {"format": 1, "steps": [{**(provenance or {}), "kind": (provenance or {}).get("kind", "weights"),
-                                           "files": {f: sha256(str(staged / f)) for f in files}}]}
-        (staged / LINEAGE).write_text(json.dumps(lineage, indent=1))
+        record = {**(provenance or {}), "kind": (provenance or {}).get("kind", "weights")}
+        steps = next_step(list(lineage), record, {f: sha256(str(staged / f)) for f in files})
+        (staged / LINEAGE).write_text(json.dumps({"format": 1, "steps": steps}, indent=1))
         _publish(staged, directory)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -366,3 +368,29 @@ def _source_groups(kind: str, where) -> Iterator[dict[str, torch.Tensor]]:
                     yield {key: shard.get_tensor(key)}
         except SafetensorError as exc:
             raise ModelLoadError(f"cannot read {path} as safetensors: {' '.join(str(exc).split())[:160]}") from None
+
+
+# ------------------------------------------------------------------ lineage
+
+
+def lineage_of(spec: str | Path) -> list[dict]:
+    """The recorded steps that made the weights `spec` names (resolve_weights), oldest first,
+    their files verified: a weights directory's lineage.json; a training checkpoint as one
+    step (its manifest's record, checksums of its manifest and DCP's metadata); a bare
+    safetensors file or a directory without lineage as one step with its checksums."""
+    path = Path(spec)
+    kind, where = resolve_weights(spec)
+    if kind == "checkpoint":
+        manifest = read_checkpoint_manifest(where)
+        files = {name: sha256(str(Path(where) / name)) for name in (MANIFEST, ".metadata")
+                 if (Path(where) / name).is_file()}
+        return [{"kind": "checkpoint", "path": str(Path(where).resolve()), "step": manifest.get("step"),
+                 "world_size": manifest.get("world_size"), "pipeline": manifest.get("pipeline"),
+                 **manifest.get("extra", {}), "files": files}]
+    directory = path if path.is_dir() else path.parent
+    for candidate in (directory, directory / "weights"):
+        lineage = verify_lineage(candidate) if (candidate / LINEAGE).is_file() else None
+        if lineage is not None and all(Path(f).parent == candidate for f in where):
+            return [{**s, "path": s.get("path", str(candidate.resolve()))} for s in lineage["steps"]]
+    return [{"kind": "weights", "path": str(path.resolve()),
+             "files": {Path(f).name: sha256(f) for f in where}}]

@@ -196,6 +196,23 @@ def _check_exported_weights(out: Path, pipeline: str, last_loss: float) -> None:
     assert record["held_out_loss"] > 0 and record["model"] == "zoo:gpt-tiny"
 
 
+def test_the_lineage_runs_from_the_training_run_to_the_build(tmp_path, capsys):
+    """Trained on 2 ranks, built int8 for serving from the run's directory: `bmc run --info`
+    shows both steps, the build tied to the weights the run wrote."""
+    from bmc.cli.opt import main as opt_main
+    from bmc.cli.run import main as run_main
+    run = _torchrun([*COMMON, "--pass", "zero3"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert opt_main(["zoo:gpt-tiny", "--weights", str(tmp_path / "run"), "--pass=quant-int8", "--eval",
+                     "--backend=ort-paged", "-o", str(tmp_path / "served")]) == 0
+    capsys.readouterr()
+    assert run_main([str(tmp_path / "served"), "--info"]) == 0
+    shown = capsys.readouterr().out
+    assert "1. train: " in shown and "pipeline=zero3" in shown and "world_size=2" in shown
+    assert "2. build: " in shown and "quant-int8: quantized=" in shown and "eval on " in shown
+    assert "made from step 1: yes" in shown
+
+
 @pytest.mark.parametrize("pipeline", ["tp2", "pp{stages=2,microbatches=2}"])
 def test_tensor_or_pipeline_parallel_under_torchrun_matches_one_process(tmp_path, pipeline, one_process_losses):
     """tp2 or pp2 on 2 ranks: both ranks read the same rows (one replica), and the losses
