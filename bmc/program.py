@@ -144,9 +144,19 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
                         "lineage": lineage, "record": compile_record(manager.records, context.calibration)}
     program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
-    if isinstance(program, Program):  # a backend's build (ort-paged) records its own, from this one
-        program.lineage = lineage
+    if isinstance(program, Program):  # a backend's build (ort-paged) records its own step
+        program.lineage = _compiled_step(lineage, program, context.settings["record"])
     return program
+
+
+def _compiled_step(lineage: list[dict], program: Program, record: dict) -> list[dict]:
+    """Weights with a recorded past, rewritten by passes, carry the compile as a step of their
+    own (the weights it left, by digest), so what is made from them next ties to it."""
+    if not lineage or not program.pipeline or program.context.world_size > 1:
+        return list(lineage)
+    from bmc.models import weights as weight_files
+    step = {"kind": "compile", "pipeline": program.pipeline, **record}
+    return weight_files.next_step(lineage, step, {"weights": weight_files.weights_digest(program.graph_module)})
 
 
 def _lineage_of(model: Any, weights: Any) -> list[dict]:

@@ -358,7 +358,20 @@ def distill(student: Any, teacher: Any, data: Any, *, signals: str = "logits", s
                      log_every, progress and rank == 0)
     _copy_back(train, student_gm, teacher_gm)
     result = student if isinstance(student, Program) else get_backend("torch").lower(student_gm, PassContext())
+    result.lineage = _distilled_step(getattr(student, "lineage", []), result, teacher, signals, steps, history)
     return Distilled(result, history)
+
+
+def _distilled_step(lineage: list[dict], result: Program, teacher: Any, signals: str, steps: int,
+                    history: list[dict]) -> list[dict]:
+    """The student's lineage with this distillation as a step (the weights it left, by digest)."""
+    if not lineage:
+        return []
+    from bmc.models import weights as weight_files
+    teacher_lineage = getattr(teacher, "lineage", [])
+    step = {"kind": "distill", "signals": signals, "steps": steps, "final_loss": history[-1]["loss"] if history else None,
+            "teacher": weight_files.step_digest(teacher_lineage[-1]) if teacher_lineage else None}
+    return weight_files.next_step(lineage, step, {"weights": weight_files.weights_digest(result.graph_module)})
 
 
 def _pipeline(passes: str | Sequence[str] | None, world_size: int) -> list[str]:

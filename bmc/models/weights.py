@@ -8,10 +8,10 @@ config.json and tokenizer files. Beside them, `lineage.json` records where the w
 from (the training run: model, pipeline, world size, steps, losses, data, bmc's version) and
 the sha256 of every file written, which a reader verifies before it trusts a byte.
 
-The shards are written one at a time from groups of whole tensors no larger than a shard, so
-writing never holds more than one shard of the model (a distributed program gathers each group
-out of a sharded training checkpoint: torch.distributed.checkpoint reads exactly the pieces
-asked for, whichever ranks and plan wrote them).
+The shards are written tensor by tensor from groups read `GROUP_BYTES` at a time, so writing
+holds one group, never a shard or the model (a distributed program's groups come out of a
+sharded training checkpoint: torch.distributed.checkpoint reads exactly the pieces asked for,
+whichever ranks and plan wrote them).
 
 A training checkpoint (backends/checkpoint.py writes it) is a directory per step with
 `manifest.json` (the parameters' full shapes and dtypes) and DCP's files, where each parameter
@@ -281,14 +281,27 @@ def verify_lineage(directory: str | Path) -> dict | None:
         files = lineage["steps"][-1]["files"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ModelLoadError(f"{path} is not a readable lineage ({exc}); write the weights again") from None
-    for name, digest in files.items():
-        target = Path(directory) / name
-        if not target.is_file():
+    for name in files:
+        if not (Path(directory) / name).is_file():
             raise ModelLoadError(f"{directory}: {name} is missing (its lineage.json lists it); copy the whole directory")
-        if sha256(str(target)) != digest:
+    # reading the weights and recording their lineage both verify: hash each file once while it is unchanged
+    stamp = (str(path.resolve()), tuple((n, *_stat(Path(directory) / n)) for n in files), _stat(path))
+    if stamp in _VERIFIED:
+        return lineage
+    for name, digest in files.items():
+        if sha256(str(Path(directory) / name)) != digest:
             raise ModelLoadError(f"{directory}: {name} does not match the checksum its lineage.json records "
                                  f"(damaged or changed since it was written); write the weights again")
+    _VERIFIED.add(stamp)
     return lineage
+
+
+_VERIFIED: set = set()
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def resolve_weights(spec: str | Path) -> tuple[str, object]:
@@ -371,6 +384,21 @@ def _source_groups(kind: str, where) -> Iterator[dict[str, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------ lineage
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """The sha256 of a module's weights (each distinct parameter's bytes, in order): what a
+    step that writes no file (a compile, a distillation) records of the weights it left."""
+    import hashlib
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def lineage_of(spec: str | Path) -> list[dict]:
