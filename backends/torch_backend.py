@@ -235,7 +235,7 @@ class DistributedProgram(TorchProgram):
         which loads on any number of ranks under the same plan."""
         state = self.full_state_dict()
         if dist.get_rank() == 0:
-            save_pt2(self.graph_module, path, pipeline=self.pipeline, state=state)
+            save_pt2(self.graph_module, path, pipeline=self.pipeline, state=state, lineage=self.lineage)
         dist.barrier()
 
 

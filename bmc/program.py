@@ -77,7 +77,7 @@ class Program:
     def save(self, path: str) -> None:
         """Write the program as a .pt2 archive (bmc.load and bmc-opt read it back)."""
         from bmc.ir.serialize import save_pt2
-        save_pt2(self.graph_module, path, pipeline=self.pipeline)
+        save_pt2(self.graph_module, path, pipeline=self.pipeline, lineage=self.lineage)
 
     def __repr__(self) -> str:
         info = trace_info(self.graph_module)
@@ -165,6 +165,9 @@ def _lineage_of(model: Any, weights: Any) -> list[dict]:
     from bmc.models import weights as weight_files
     if weights is not None:
         return weight_files.lineage_of(weights)
+    if isinstance(model, str) and model.endswith(".pt2"):
+        from bmc.ir.serialize import read_pt2_metadata
+        return list(read_pt2_metadata(model).get("lineage", []))
     if isinstance(model, str):
         from bmc.models import hf
         directory = hf.directory_of(model)
@@ -233,7 +236,8 @@ def load(path: str, **options):
     from bmc.ir.serialize import load_pt2
     gm, meta = load_pt2(path)
     pipeline = meta.get("pipeline", "")
+    lineage = list(meta.get("lineage", []))
     context = PassContext(world_size=world_size, settings={"pipeline": pipeline})
     program = get_backend("torch").lower(gm, context)
-    program.pipeline = pipeline
+    program.pipeline, program.lineage = pipeline, lineage
     return program

@@ -224,3 +224,19 @@ def test_a_config_alone_and_trained_weights_make_the_model(tmp_path):
     torch.testing.assert_close(prog(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     with pytest.raises(bmc.BmcError, match="loads into an nn.Module, zoo:NAME or hf:DIR"):
         bmc.compile(str(tmp_path / "x.pt2"), weights=str(tmp_path / "src"))
+
+
+def test_a_pt2_program_carries_the_lineage_of_its_weights(tmp_path, capsys):
+    """bmc-opt --weights ... -o prog.pt2 records the compile as a step; a build made from the
+    archive goes on from it."""
+    from bmc.cli.opt import main
+    from bmc.lineage import check_chain
+    _trained_program("dce").save_weights(str(tmp_path / "w"))
+    assert main(["zoo:gpt-tiny", "--weights", str(tmp_path / "w"), "--pass=quant-int8", "-o",
+                 str(tmp_path / "p.pt2")]) == 0
+    program = bmc.load(str(tmp_path / "p.pt2"))
+    assert [s["kind"] for s in program.lineage] == ["weights", "compile"]
+    assert program.lineage[1]["statistics"]["quant-int8"]["quantized"] > 0
+    assert main([str(tmp_path / "p.pt2"), "--backend=ort-paged", "-o", str(tmp_path / "served")]) == 0
+    lineage = bmc.load(str(tmp_path / "served")).lineage
+    assert [s["kind"] for s in lineage] == ["weights", "compile", "build"] and not check_chain(lineage)

@@ -631,7 +631,12 @@ def run(argv: Sequence[str] | None, out) -> int:
                 return 1
     elif args.output:
         from bmc.ir.serialize import save_pt2
-        save_pt2(gm, args.output, pipeline=str(pipeline))
+        from bmc.models.weights import next_step, weights_digest
+        lineage = _weights_lineage(args)
+        if lineage:  # the weights have a recorded past: this compile is a step of it
+            lineage = next_step(lineage, {"kind": "compile", "pipeline": str(pipeline), **record},
+                                {"weights": weights_digest(gm)})
+        save_pt2(gm, args.output, pipeline=str(pipeline), lineage=lineage)
         out.write(f"\nwrote {args.output}\n")
     return 0
 
@@ -660,6 +665,9 @@ def _weights_lineage(args) -> list[dict]:
         return weights.lineage_of(trained.path_of(args.model.removeprefix("zoo:")))
     if args.weights:
         return weights.lineage_of(args.weights)
+    if args.model.endswith(".pt2"):
+        from bmc.ir.serialize import read_pt2_metadata
+        return list(read_pt2_metadata(args.model).get("lineage", []))
     from bmc.models import hf
     directory = hf.directory_of(args.model)
     if directory and os.path.isfile(os.path.join(directory, weights.LINEAGE)):

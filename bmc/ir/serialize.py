@@ -197,16 +197,19 @@ def _param_annotations(gm: fx.GraphModule) -> dict[str, str]:
             if (text := ir.annotations_to_json(node))}
 
 
-def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "", state: dict[str, torch.Tensor] | None = None) -> None:
+def save_pt2(gm: fx.GraphModule, path: str, pipeline: str = "", state: dict[str, torch.Tensor] | None = None,
+             lineage: list | None = None) -> None:
     """Write the graph as a torch.export archive that bmc-opt and bmc.load read back; `state`:
-    the whole weights by dotted name, when the module holds only a rank's shards."""
+    the whole weights by dotted name, when the module holds only a rank's shards; `lineage`:
+    the recorded steps its weights came from (bmc/lineage.py), read back with it."""
     if _has_meta_weights(gm):
         raise ModelSaveError(f"cannot write {path}: the model's weights are on the meta device "
                              f"(nothing to save); build it on cpu to write it")
     ep = to_exported_program(gm, state)
     info = trace_info(gm)
     extra = json.dumps({"format": FORMAT_VERSION, "model_name": info.model_name, "pipeline": pipeline,
-                        "params": _param_annotations(gm), "ties": _ties(gm), "plans": ir.plans_to_json(gm), "torch": torch.__version__})
+                        "params": _param_annotations(gm), "ties": _ties(gm), "plans": ir.plans_to_json(gm),
+                        "torch": torch.__version__, "lineage": list(lineage or [])})
     atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files={EXTRA_FILE: extra}))
     log.info("wrote %s", path)
 
@@ -245,6 +248,16 @@ def _import_output_types(path: str) -> None:
         from bmc.extras import require
         for module in sorted(modules):
             require(module, f"reading {path} (a graph of a Hugging Face model)")
+
+
+def read_pt2_metadata(path: str) -> dict:
+    """bmc's metadata of an archive (pipeline, lineage, ...), read without loading the program."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{EXTRA_FILE}")]
+            return json.loads(archive.read(names[0])) if names else {}
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ModelLoadError(f"cannot read '{path}' as a torch.export archive: {exc}") from None
 
 
 def load_pt2(path: str) -> tuple[fx.GraphModule, dict]:
