@@ -213,7 +213,8 @@ class DistributedProgram(TorchProgram):
                      shard_bytes: int | None = None) -> str:
         """Every rank calls it. No rank gathers the model: each writes what it holds as a
         sharded checkpoint (torch.distributed.checkpoint, any plan), and rank 0 reads that back
-        a shard at a time into the weights directory, so it holds one shard beside its own part."""
+        a group at a time (weights.GROUP_BYTES) into the weights directory, so it holds one
+        group beside its own part."""
         import shutil
         from pathlib import Path
         from bmc.backends import checkpoint
@@ -224,7 +225,8 @@ class DistributedProgram(TorchProgram):
         if dist.get_rank() == 0:
             try:
                 weights.export_checkpoint(step, target, source=source, shard_bytes=shard_bytes or weights.SHARD_BYTES,
-                                          provenance={**self.provenance(), **(provenance or {})})
+                                          provenance={**self.provenance(), **(provenance or {})},
+                                          lineage=self.lineage)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         dist.barrier()

@@ -53,9 +53,10 @@ class Program:
     def save_weights(self, directory: str, *, source: str | None = None, provenance: dict | None = None,
                      shard_bytes: int | None = None) -> str:
         """The model's whole weights as a weights directory (bmc/models/weights.py: safetensors
-        shards, written a shard at a time; `source` a Hugging Face directory whose config and
-        tokenizer come along, so the result is one `hf:DIR` and transformers read), with
-        `provenance` and the checksums in lineage.json. Returns the directory."""
+        shards, written tensor by tensor; `source` a Hugging Face directory whose config and
+        tokenizer come along, so the result is an `hf:DIR` that transformers read too), with
+        `provenance`, the program's lineage and the checksums in lineage.json. Returns the
+        directory."""
         from bmc.models import weights
         entries, read = weights.tensor_entries(self.graph_module.named_parameters(remove_duplicate=False))
         weights.write_weights(directory, entries, read, source=source, shard_bytes=shard_bytes or weights.SHARD_BYTES,

@@ -445,8 +445,10 @@ def train(args) -> dict:
 
 
 def export_weights(args, task, step_dir: Path, directory: Path, summary: dict) -> None:
-    """The final checkpoint's weights as a weights directory (bmc/models/weights.py), read a
-    shard at a time by this one rank: no rank ever holds the model gathered."""
+    """The final checkpoint's weights as a weights directory (bmc/models/weights.py), read
+    256 MiB at a time by this one rank: no rank ever holds the model gathered. A run that
+    started from a weights directory with a lineage (--hf DIR of an earlier export) goes on
+    from it."""
     from importlib.metadata import version
     from bmc.models import weights
     source = args.hf or args.hf_config  # a directory, or --hf-config's file: the config comes along
@@ -458,7 +460,8 @@ def export_weights(args, task, step_dir: Path, directory: Path, summary: dict) -
                   "data": task.tokenizer_path() and f"{args.text or 'stdlib sources'} via {task.tokenizer_path()}"
                   or (args.text or "stdlib sources (bytes)"),
                   "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed, "bmc_version": version("bmc")}
-    weights.export_checkpoint(step_dir, directory, source=source, provenance=provenance)
+    before = weights.lineage_of(args.hf) if args.hf and os.path.isfile(os.path.join(args.hf, weights.LINEAGE)) else []
+    weights.export_checkpoint(step_dir, directory, source=source, provenance=provenance, lineage=before)
     log.info("weights written to %s (bmc-opt ... --weights %s)", directory, directory)
 
 

@@ -84,6 +84,25 @@ def test_hugging_face_model_from_a_config(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_training_on_from_an_exported_run_continues_its_lineage(tmp_path):
+    """--hf DIR of a run's exported weights: the new run's lineage starts with the first run."""
+    transformers = pytest.importorskip("transformers")
+    from bmc.lineage import check_chain
+    config = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      hidden_size=32, intermediate_size=64, vocab_size=256,
+                                      max_position_embeddings=32)
+    config.save_pretrained(tmp_path / "cfg")
+    common = ["--batch", "2", "--seq", "16", "--steps", "2", "--no-progress"]
+    first = subprocess.run([*TRAIN, "--hf-config", str(tmp_path / "cfg"), *common, "--out", str(tmp_path / "a")],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([*TRAIN, "--hf", str(tmp_path / "a" / "weights"), *common, "--out", str(tmp_path / "b")],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    steps = json.loads((tmp_path / "b" / "weights" / "lineage.json").read_text())["steps"]
+    assert [s["kind"] for s in steps] == ["train", "train"] and not check_chain(steps)
+
+
 def test_hugging_face_checkpoint_directory_trains_from_its_weights(tmp_path):
     """--hf DIR reads the weights: the first step's loss is the saved model's on that batch."""
     pytest.importorskip("transformers")
