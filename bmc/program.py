@@ -131,7 +131,7 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     target = get_backend(backend)  # fail on a bad backend name before tracing
     world_size = resolve_world_size(world_size)
     gm = _as_graph(model, example_inputs, dynamic, weights)
-    lineage = _lineage_of(model, weights)
+    lineage = lineage_of_source(model, weights)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     if isinstance(passes, str) and not passes.strip():
         passes = ()  # "" from Python means no passes, as () does
@@ -145,24 +145,18 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
                         "lineage": lineage, "record": compile_record(manager.records, context.calibration)}
     program = target.lower(gm, context, **backend_options)
     program.pipeline, program.records = str(manager.pipeline), list(manager.records)
-    if isinstance(program, Program):  # a backend's build (ort-paged) records its own step
-        program.lineage = _compiled_step(lineage, program, context.settings["record"])
+    # a backend's build (ort-paged) records its own step; a rank's shards have no digest of the whole
+    if isinstance(program, Program):
+        program.lineage = lineage
+        if program.pipeline and world_size == 1:
+            from bmc.models.weights import compiled_step
+            program.lineage = compiled_step(lineage, program.pipeline, context.settings["record"], program.graph_module)
     return program
 
 
-def _compiled_step(lineage: list[dict], program: Program, record: dict) -> list[dict]:
-    """Weights with a recorded past, rewritten by passes, carry the compile as a step of their
-    own (the weights it left, by digest), so what is made from them next ties to it."""
-    if not lineage or not program.pipeline or program.context.world_size > 1:
-        return list(lineage)
-    from bmc.models import weights as weight_files
-    step = {"kind": "compile", "pipeline": program.pipeline, **record}
-    return weight_files.next_step(lineage, step, {"weights": weight_files.weights_digest(program.graph_module)})
-
-
-def _lineage_of(model: Any, weights: Any) -> list[dict]:
-    """The recorded steps behind the weights compiled: `weights`, or a model read from a
-    weights directory that has a lineage (`hf:DIR` of an exported run)."""
+def lineage_of_source(model: Any, weights: Any = None) -> list[dict]:
+    """The recorded steps behind the weights compiled (bmc.compile, bmc-opt): `weights`, else
+    the model's own: a .pt2 archive's, a Program's, or an `hf:DIR` export's lineage.json."""
     from bmc.models import weights as weight_files
     if weights is not None:
         return weight_files.lineage_of(weights)

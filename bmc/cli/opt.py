@@ -259,13 +259,13 @@ def _zoo_with_weights(args) -> torch.nn.Module:
         model = trained.load(name)
     else:
         model = zoo.build(name, device="cpu")
-        _load_safetensors(model, args.weights, name)
+        _load_weights(model, args.weights, name)
     return model.to(DTYPES[args.dtype]) if args.dtype else model
 
 
-def _load_safetensors(model: torch.nn.Module, path: str, name: str) -> None:
-    """Every weight of the model from `path` (bmc/models/weights.py reads files, weights
-    directories and training checkpoints), or a one-line refusal."""
+def _load_weights(model: torch.nn.Module, path: str, name: str) -> None:
+    """Every weight of the zoo model from `path` (a safetensors file, a weights directory, a
+    training checkpoint or run: bmc/models/weights.py), or a one-line refusal."""
     from bmc.errors import ModelLoadError
     from bmc.models import weights
     try:
@@ -631,12 +631,9 @@ def run(argv: Sequence[str] | None, out) -> int:
                 return 1
     elif args.output:
         from bmc.ir.serialize import save_pt2
-        from bmc.models.weights import next_step, weights_digest
-        lineage = _weights_lineage(args)
-        if lineage:  # the weights have a recorded past: this compile is a step of it
-            lineage = next_step(lineage, {"kind": "compile", "pipeline": str(pipeline), **record},
-                                {"weights": weights_digest(gm)})
-        save_pt2(gm, args.output, pipeline=str(pipeline), lineage=lineage)
+        from bmc.models.weights import compiled_step
+        save_pt2(gm, args.output, pipeline=str(pipeline),
+                 lineage=compiled_step(_weights_lineage(args), str(pipeline), record, gm))
         out.write(f"\nwrote {args.output}\n")
     return 0
 
@@ -659,20 +656,11 @@ def _note_random_weights(args) -> None:
 
 def _weights_lineage(args) -> list[dict]:
     """The recorded steps behind the weights bmc-opt compiles (bmc/lineage.py)."""
-    from bmc.models import weights
+    from bmc.program import lineage_of_source
     if args.weights == "trained":
         from bmc.models import trained
-        return weights.lineage_of(trained.path_of(args.model.removeprefix("zoo:")))
-    if args.weights:
-        return weights.lineage_of(args.weights)
-    if args.model.endswith(".pt2"):
-        from bmc.ir.serialize import read_pt2_metadata
-        return list(read_pt2_metadata(args.model).get("lineage", []))
-    from bmc.models import hf
-    directory = hf.directory_of(args.model)
-    if directory and os.path.isfile(os.path.join(directory, weights.LINEAGE)):
-        return weights.lineage_of(directory)
-    return []
+        return lineage_of_source(args.model, trained.path_of(args.model.removeprefix("zoo:")))
+    return lineage_of_source(args.model, args.weights)
 
 
 def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None,

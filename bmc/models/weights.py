@@ -401,6 +401,15 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def compiled_step(lineage: list[dict], pipeline: str, record: dict, module: torch.nn.Module) -> list[dict]:
+    """`lineage` with a compile of weights that have a recorded past appended: the pipeline, what
+    it recorded (statistics, calibration, --eval), and the weights it left by digest (it writes
+    no file); the lineage as it was where there is no past to continue."""
+    if not lineage:
+        return list(lineage)
+    return next_step(lineage, {"kind": "compile", "pipeline": pipeline, **record}, {"weights": weights_digest(module)})
+
+
 def lineage_of(spec: str | Path) -> list[dict]:
     """The recorded steps that made the weights `spec` names (resolve_weights), oldest first,
     their files verified: a weights directory's lineage.json; a training checkpoint as one

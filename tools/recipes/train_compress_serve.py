@@ -105,10 +105,6 @@ class Logits:
     def __call__(self, ids):
         return self.model(input_ids=ids) if self.hf else self.model(ids)
 
-    @property
-    def graph_module(self):
-        return self.model.graph_module
-
 
 def served_logits(served):
     return lambda ids: torch.from_numpy(served(ids.numpy()))
