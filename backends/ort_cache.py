@@ -64,36 +64,66 @@ class SharingStep:
     step). The last generation's buffers stay bound until the next one binds its own."""
 
     def __init__(self, session, inputs: list[str], outputs: list[str], pairs: dict[str, str], vocab: int):
+        """`inputs`: the ones the session reads, in the step's order (ids, [positions], mask,
+        caches..., [logits positions])."""
         self.session, self.outputs, self.pairs, self.vocab = session, outputs, pairs, vocab
-        self.ids, self.mask = inputs[0], inputs[2]  # (ids, positions, mask, caches..., [logits positions])
+        self.ids, self.mask = inputs[0], next(n for n in inputs if n == "attention_mask")
         self.rows = inputs[-1] if inputs[-1] == "logits_positions" else None
+        self.pasts = [pairs[name] for name in outputs[1:]] if pairs else []  # in the outputs' order
+        self.small = [name for name in inputs if name not in set(pairs.values())]  # bound anew each step
         self.binding = session.io_binding()
         self.caches: list = []  # the buffers bound now, in pairs' order
+        self.capacity = 0  # the positions every bound buffer holds
+        self.returned: list = []  # the bound buffers in the outputs' order
 
     def fits(self, feeds: dict) -> bool:
         """Every past buffer holds the step's positions (a caller's own growing cache does not)."""
         positions = feeds[self.mask].shape()[-1]
+        if self._bound(feeds):
+            return positions <= self.capacity
         return all(feeds[past].shape()[2] >= positions for past in self.pairs.values())
+
+    def _bound(self, feeds: dict) -> bool:
+        return len(self.caches) == len(self.pairs) and all(feeds[past] is cache for past, cache
+                                                           in zip(self.pairs.values(), self.caches))
 
     def __call__(self, feeds: dict) -> list:
         """The outputs in order, the caches being the very OrtValues fed."""
         from onnxruntime import OrtValue
-        caches = [feeds[past] for past in self.pairs.values()]
-        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
-            self._bind_caches(caches)
+        if not self._bound(feeds):
+            self._bind_caches([feeds[past] for past in self.pairs.values()])
         batch, tokens = feeds[self.ids].shape()
         rows = feeds[self.rows].shape()[0] if self.rows else tokens
         # a new buffer each step, ONNX Runtime's own: the caller may keep a step's logits
         logits = OrtValue.ortvalue_from_shape_and_type([batch, rows, self.vocab], np.float32)
         self.binding.bind_ortvalue_output(self.outputs[0], logits)
-        for name, value in feeds.items():
-            if name not in self.pairs.values():
-                self.binding.bind_ortvalue_input(name, value)
+        for name in self.small:
+            self.binding.bind_ortvalue_input(name, feeds[name])
         self.session.run_with_iobinding(self.binding)
-        return [logits, *(feeds[self.pairs[name]] for name in self.outputs[1:])]
+        return [logits, *(feeds[past] for past in self.pasts)]
+
+    def decode(self, values: dict) -> "OrtValue":
+        """A step on the buffers bound now, `values` its other inputs as numpy arrays; its
+        logits: generation's per-token path, a few bindings and the run."""
+        from onnxruntime import OrtValue
+        for name, array in values.items():
+            self.binding.bind_cpu_input(name, array)
+        batch, tokens = values[self.ids].shape
+        logits = OrtValue.ortvalue_from_shape_and_type(
+            [batch, values[self.rows].shape[0] if self.rows else tokens, self.vocab], np.float32)
+        self.binding.bind_ortvalue_output(self.outputs[0], logits)
+        self.session.run_with_iobinding(self.binding)
+        return logits
 
     def _bind_caches(self, caches: list) -> None:
         for (present, past), cache in zip(self.pairs.items(), caches):
             self.binding.bind_ortvalue_input(past, cache)
             self.binding.bind_ortvalue_output(present, cache)
         self.caches = caches
+        self.capacity = min(cache.shape()[2] for cache in caches)
+        bound = dict(zip(self.pairs.values(), caches))
+        self.returned = [bound[past] for past in self.pasts]  # as __call__ returns them
+
+    def holds(self, caches: list) -> bool:
+        """`caches` (as a step returned them) are the buffers bound now."""
+        return len(caches) == len(self.returned) and all(a is b for a, b in zip(caches, self.returned))

@@ -90,7 +90,47 @@ def _rules():
         def rewrite(self, op, x, first, second, **_):
             return op.Identity(x)
 
-    return pattern.RewriteRuleSet([RotaryTokensFirst.rule(), ReshapeRoundTrip.rule()])
+    class PackedQkv(pattern.RewriteRuleClassBase):
+        """GroupQueryAttention(Split(x)) with q, k and v the three parts of x, in that order, is
+        GroupQueryAttention on x itself, packed: one input the kernel slices, no Split node."""
+
+        rotates = True  # a pattern variable does not match an absent input: one rule with tables, one without
+
+        def pattern(self, op, x, sizes, past_key, past_value, seqlens, total, bias, cos=None, sin=None):
+            query, key, value = op.Split(x, sizes, _outputs=3, _allow_other_attributes=True)
+            cos, sin = (cos, sin) if self.rotates else (None, None)
+            return op.GroupQueryAttention(query, key, value, past_key, past_value, seqlens, total, cos, sin, None,
+                                          bias, _domain="com.microsoft", _outputs=3, _allow_other_attributes=True)
+
+        def check(self, context, x, sizes, **_):
+            result = pattern.MatchResult()
+            split = context.output_values[0].producer().inputs[0].producer()
+            attention = context.output_values[0].producer()
+            axis = split.attributes["axis"].value if "axis" in split.attributes else 0
+            dims, parts = _dims(x), sizes.const_value
+            heads = {name: attr.value for name, attr in attention.attributes.items()}
+            if dims is None or len(dims) != 3 or axis not in (2, -1) or parts is None:
+                return result.fail("not a split of [B, T, width] along the width")
+            widths = [int(w) for w in parts.numpy().tolist()]
+            head = widths[0] // heads.get("num_heads", 0) if heads.get("num_heads") else 0
+            kv = heads.get("kv_num_heads", 0)
+            if len(widths) != 3 or not head or widths != [heads["num_heads"] * head, kv * head, kv * head]:
+                return result.fail("the parts are not q, k and v of the attention's heads")
+            self._attention = attention
+            return result
+
+        def rewrite(self, op, x, sizes, past_key, past_value, seqlens, total, bias, cos=None, sin=None, **_):
+            attention = self._attention
+            return op.GroupQueryAttention(x, None, None, past_key, past_value, seqlens, total, cos, sin, None, bias,
+                                          _domain="com.microsoft", _outputs=3,
+                                          **{name: attr.value for name, attr in attention.attributes.items()})
+
+    class PackedQkvUnrotated(PackedQkv):
+        rotates = False
+
+    # packing reads q, k and v straight off the Split: after the round trips are gone
+    return (pattern.RewriteRuleSet([RotaryTokensFirst.rule(), ReshapeRoundTrip.rule()]),
+            pattern.RewriteRuleSet([PackedQkv.rule(), PackedQkvUnrotated.rule()]))
 
 
 def _known_dims(value) -> tuple | None:
@@ -113,7 +153,8 @@ def tokens_first(model):
     # transposes export already cancelled are Identity nodes, which would hide a Reshape's
     # Reshape from the pattern; the round trips the rules remove become Identity nodes too
     IdentityEliminationPass()(graph)
-    graph = rewriter.rewrite(graph, _rules())
-    IdentityEliminationPass()(graph)
+    for rules in _rules():
+        graph = rewriter.rewrite(graph, rules)
+        IdentityEliminationPass()(graph)
     log.debug("ort-paged: %d layout nodes removed (%d -> %d)", before - len(graph.graph), before, len(graph.graph))
     return ir.serde.serialize_model(graph)

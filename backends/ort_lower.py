@@ -4,7 +4,10 @@ weights in a file of its own.
 
 Each part is a GraphModule of the step's nodes (bmc/kv_cache.py), exported by torch.onnx's
 dynamo exporter with bmc's own ops translated (ort_ops.py: `bmc::int8_linear`,
-`bmc::cached_attention`).
+`bmc::cached_attention`). CPU builds first put ONNX Runtime's fused kernels where the graph
+proves them: RMSNorm, RoPE (bmc/rewrite/rms_norm.py, rotary.py), RoPE inside the attention,
+rotating by cache slot (slot_rotary.py), and q|k|v as one product the attention reads packed
+(merge_projections.py, ort_layouts.py).
 
 The exported initializers are written to `part-NN.bin` (64-byte aligned) and the graph twice:
 `part-NN.onnx` reads them as external data (ONNX Runtime folds, prepacks and fuses constant
@@ -38,6 +41,7 @@ from bmc.analysis.structure import structure_of
 from bmc.rewrite.merge_projections import merge_shared_input_projections
 from bmc.rewrite.rms_norm import fuse_rms_norms
 from bmc.rewrite.rotary import fuse_rotaries
+from bmc.rewrite.slot_rotary import fuse_slot_rotaries
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -440,7 +444,8 @@ def whole_model(directory: str, entries: list[dict], inputs: list[str], outputs:
             graph.node.append(node)
         for value in (*part.graph.input, *part.graph.output):
             declared.setdefault(value.name, value)
-    graph.input.extend(declared[name] for name in inputs)
+    # a step input no part reads (position_ids, where RoPE rotates by slot) is no graph input
+    graph.input.extend(declared[name] for name in inputs if name in declared)
     graph.output.extend(declared[name] for name in outputs)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
     model.ir_version = ir_version
@@ -581,7 +586,13 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
         tokens = [p for p in step.graph.find_nodes(op="placeholder") if p.name == "input_ids"]
         if tokens and ir.tensor_val(tokens[0]) is not None:
             fuse_rotaries(step, tokens[0])
-    merge_shared_input_projections(step)  # q|k|v and gate|up as one product each
+    positions = [p for p in step.graph.find_nodes(op="placeholder") if p.name == "position_ids"]
+    by_slot = bool(positions) and fuse_slot_rotaries(step, positions[0], layout.max_positions) > 0
+    # q|k|v as one product (GroupQueryAttention reads it packed). Not gate|up: its Split costs
+    # more than the second product saves (12 layers of width 768, 2 threads at batch 8 and 1
+    # at batch 1: 19.59/24.34 ms a decode step against 19.74/24.68 merged; int8 6.63/8.11
+    # against 6.82/8.64, measured)
+    merge_shared_input_projections(step, owners={b.attention.module for b in structure_of(gm).blocks if b.attention})
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate
     small, other = (record(step, parts, inputs) for inputs in examples)
@@ -615,5 +626,5 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     return {"parts": entries, "outputs": step_outputs, "layout": dataclasses.asdict(layout),
             "inputs": step_inputs, "whole": WHOLE,
             "max_len": layout.max_positions, "widest_per_token": int(widest), "task": task,
-            "attention_heads": max(heads, default=0),
+            "attention_heads": max(heads, default=0), "rotary_by_slot": by_slot,
             "prepacked_for": None if gpu else machine_key(), "int8_weights": int8_weights}

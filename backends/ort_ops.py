@@ -6,7 +6,8 @@ custom_translation_table):
   GPU providers DequantizeLinear(axis=0) + MatMul (ONNX Runtime's integer ops fall back to the
   CPU there);
 - `bmc::cached_attention`: on the CPU, ONNX Runtime's GroupQueryAttention; for GPU providers
-  the same in standard ops;
+  the same in standard ops; `bmc::slot_rotary_attention` (CPU builds only:
+  bmc/rewrite/slot_rotary.py) the same with do_rotary;
 - `bmc::rms_norm`, `bmc::add_rms_norm`, `bmc::rotary` (CPU builds only: bmc/rewrite/rms_norm.py
   and rotary.py put them in): ONNX Runtime's SimplifiedLayerNormalization,
   SkipSimplifiedLayerNormalization and RotaryEmbedding.
@@ -116,7 +117,9 @@ def _group_query_attention_schema():
         outputs=[OpSchema.FormalParameter(name, "T") for name in ("output", "present_key", "present_value")],
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
         attributes=[OpSchema.Attribute("num_heads", attribute.INT, ""), OpSchema.Attribute("kv_num_heads", attribute.INT, ""),
-                    OpSchema.Attribute("scale", attribute.FLOAT, "")])
+                    OpSchema.Attribute("scale", attribute.FLOAT, ""),
+                    OpSchema.Attribute("do_rotary", attribute.INT, "", required=False),
+                    OpSchema.Attribute("rotary_interleaved", attribute.INT, "", required=False)])
 
 
 def _attention_translation(gpu: bool):
@@ -139,8 +142,10 @@ def _attention_translation(gpu: bool):
             raise BackendError("ort-paged: the attention's number of heads is not static in the exported graph")
         return heads
 
-    def cached_attention_cpu(query, key, value, past_key, past_value, mask, kv_repeat: int, scale: float):
+    def cached_attention_cpu(query, key, value, past_key, past_value, mask, kv_repeat: int, scale: float,
+                             cos_cache=None, sin_cache=None):
         heads, kv_heads = static_heads(query), static_heads(key)
+        rotary = {} if cos_cache is None else {"do_rotary": 1, "rotary_interleaved": 0}
         flat = op.Constant(value_ints=[0, 0, -1])
 
         def tokens_first(x):  # [B, heads, T, D] -> [B, T, heads * D]
@@ -152,8 +157,8 @@ def _attention_translation(gpu: bool):
         rows = past_key if mask.shape is None or mask.shape[0] == 1 else mask
         seqlens = op.Expand(last, op.Shape(rows, start=0, end=1))
         out, present_key, present_value = gqa(tokens_first(query), tokens_first(key), tokens_first(value), past_key,
-                                              past_value, seqlens, op.Squeeze(total), None, None, None, mask,
-                                              num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+                                              past_value, seqlens, op.Squeeze(total), cos_cache, sin_cache, None,
+                                              mask, num_heads=heads, kv_num_heads=kv_heads, scale=scale, **rotary)
         out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, -1])), perm=[0, 2, 1, 3])
         return out, present_key, present_value
 
@@ -171,4 +176,12 @@ def _attention_translation(gpu: bool):
                                op.CastLike(op.Constant(value_float=scale), query)), mask)
         return op.MatMul(op.Softmax(scores, axis=-1), per_query_head(values)), keys, values
 
-    return {torch.ops.bmc.cached_attention.default: cached_attention_gpu if gpu else cached_attention_cpu}
+    def slot_rotary_attention_cpu(query, key, value, past_key, past_value, mask, cos_cache, sin_cache,
+                                  kv_repeat: int, scale: float):
+        # GroupQueryAttention with do_rotary rotates q and k at their slots: the op's meaning
+        return cached_attention_cpu(query, key, value, past_key, past_value, mask, kv_repeat, scale,
+                                    cos_cache, sin_cache)
+    if gpu:  # bmc/rewrite/slot_rotary.py puts it in CPU builds only
+        return {torch.ops.bmc.cached_attention.default: cached_attention_gpu}
+    return {torch.ops.bmc.cached_attention.default: cached_attention_cpu,
+            torch.ops.bmc.slot_rotary_attention.default: slot_rotary_attention_cpu}

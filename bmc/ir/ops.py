@@ -471,6 +471,33 @@ def _(query, key, value, past_key, past_value, mask, kv_repeat, scale):
     return out, grown(past_key, key), grown(past_value, value)
 
 
+@torch.library.custom_op("bmc::slot_rotary_attention", mutates_args=())
+def slot_rotary_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, mask: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                          kv_repeat: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cached_attention of query and key rotated (RoPE, rotate-half) at their cache slots: the
+    T new tokens sit at slots P..P+T-1, P = mask.shape[-1] - T, and rotate by rows P..P+T-1 of
+    the half tables cos_cache, sin_cache [max positions, D/2]. Where a row is left-padded by n
+    slots, its tokens' positions are their slots less n; RoPE's scores depend on position
+    differences alone, so the result is the one positions give (bmc/rewrite/slot_rotary.py
+    proves the tables rotate by an angle linear in the position). ONNX Runtime's
+    GroupQueryAttention with do_rotary: one kernel for both rotations and the attention."""
+    tokens = query.shape[2]
+    slots = torch.arange(mask.shape[-1] - tokens, mask.shape[-1], device=query.device)
+    cos, sin = cos_cache[slots], sin_cache[slots]
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # [T, D], over batch and heads
+
+    def rotated(x):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    return cached_attention(rotated(query), rotated(key), value, past_key, past_value, mask, kv_repeat, scale)
+
+
+@slot_rotary_attention.register_fake
+def _(query, key, value, past_key, past_value, mask, cos_cache, sin_cache, kv_repeat, scale):
+    return cached_attention(query, key, value, past_key, past_value, mask, kv_repeat, scale)
+
+
 # ------------------------------------------------------------------ serving kernels: RMSNorm, RoPE
 
 

@@ -4,7 +4,9 @@ A serving build reads every weight once per token; three GEMVs over the same act
 three kernel launches and three passes over it, one over the stacked weights costs one (ONNX
 Runtime, 12 layers of width 768, one thread: +7% decode tokens/s, measured against the build
 without it in interleaved runs). The rows are stacked (out, in) and the product split back
-along the last dimension: each output is the same dot products as before.
+along the last dimension: each output is the same dot products as before. The ort-paged
+lowering merges q|k|v only (ONNX Runtime's attention reads them packed, with no split; the
+split of gate|up cost more than it saved there, backends/ort_lower.py).
 
 Forms merged: `aten.linear(x, W[, b])` and `bmc::int8_linear(x, Wq, scale, b, act)` with
 per-row scales, their weights read by get_attr; members of a group share the input, the form,
@@ -61,12 +63,13 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return key, tensors
 
 
-def merge_shared_input_projections(gm: fx.GraphModule) -> int:
-    """Merge each group of 2+ projections reading the same input; how many groups were merged."""
+def merge_shared_input_projections(gm: fx.GraphModule, owners: set[str] | None = None) -> int:
+    """Merge each group of 2+ projections reading the same input (only those held by one of
+    the modules `owners` names, when given); how many groups were merged."""
     groups: dict[tuple, list[tuple[fx.Node, list[torch.Tensor]]]] = defaultdict(list)
     for node in gm.graph.nodes:
         found = _member(gm, node)
-        if found is not None:
+        if found is not None and (owners is None or found[0][-1] in owners):
             groups[found[0]].append((node, found[1]))
     merged = 0
     for members in groups.values():

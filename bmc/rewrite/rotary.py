@@ -26,6 +26,7 @@ from bmc import ir
 
 aten = torch.ops.aten
 ROTARY = torch.ops.bmc.rotary.default
+TABLES = "rotary_tables"  # a bmc::rotary node's meta: the traced (cos, sin) [B or 1, T, D] it reads
 _END = 2 ** 62  # slices to "the end" are traced with end = sys.maxsize
 # elementwise ops a cos/sin table is computed through, with the argument that carries it
 _ELEMENTWISE = {aten.cos.default: 0, aten.sin.default: 0, aten.to.dtype: 0, aten._to_copy.default: 0,
@@ -138,6 +139,7 @@ def fuse_rotaries(gm: fx.GraphModule, tokens: fx.Node) -> int:
         with graph.inserting_before(node):
             replacement = graph.call_function(ROTARY, (x, made["positions"], made[cos], made[sin]))
         ir.replace_node(node, replacement, "rotary")  # x*cos + rotate_half(x)*sin's meta, its uses
+        replacement.meta[TABLES] = (cos, sin)  # for slot_rotary, which replaces the tables by constants
         fused += 1
     if fused:
         graph.eliminate_dead_code()

@@ -94,3 +94,42 @@ def test_a_reshape_round_trip_goes_and_a_reshape_that_changes_the_shape_stays():
     assert [n.op_type for n in rewritten.graph.node] == ["Reshape", "Reshape", "Relu"]
     x = np.random.default_rng(1).standard_normal((2, 4, WIDTH)).astype(np.float32)
     assert np.array_equal(_run(rewritten, {"x": x}), _run(model, {"x": x}))
+
+
+def _attention_on_split(sizes, rotary: bool, heads=2, kv_heads=1, size=16):
+    """GroupQueryAttention on q, k, v split off one [B, T, width] value, with an empty cache."""
+    width = (heads + 2 * kv_heads) * size
+    rotary_inputs = ["cos", "sin"] if rotary else ["", ""]
+    nodes = [helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], axis=2),
+             helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens", "total",
+                                                      *rotary_inputs, "", "bias"], ["out", "present_k", "present_v"],
+                              domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                              **({"do_rotary": 1, "rotary_interleaved": 0} if rotary else {}))]
+    inputs = [_value("qkv", ["B", "T", width]), _value("past_k", ["B", kv_heads, "P", size]),
+              _value("past_v", ["B", kv_heads, "P", size]), _value("seqlens", ["B"], TensorProto.INT32),
+              _value("total", [], TensorProto.INT32), _value("bias", ["B", 1, "T", "S"])]
+    tables = [helper.make_tensor(name, TensorProto.FLOAT, [32, size // 2],
+                                 fn(np.arange(32)[:, None] * 0.1 * np.arange(1, size // 2 + 1)).ravel().tolist())
+              for name, fn in (("cos", np.cos), ("sin", np.sin))] if rotary else []
+    outputs = [_value("out", ["B", "T", heads * size]), _value("present_k", None), _value("present_v", None)]
+    return _model(nodes, inputs, outputs, [_value(n, ["B", "T", w * size]) for n, w in
+                                           zip("qkv", (heads, kv_heads, kv_heads))],
+                  [_const("sizes", list(sizes)), *tables])
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_attention_on_the_three_parts_of_one_value_reads_it_packed(rotary):
+    model = _attention_on_split([32, 16, 16], rotary)
+    rewritten = tokens_first(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["GroupQueryAttention"]
+    assert list(rewritten.graph.node[0].input[:3]) == ["qkv", "", ""]
+    rng = np.random.default_rng(2)
+    feeds = {"qkv": rng.standard_normal((2, 5, 64)).astype(np.float32),
+             "past_k": np.zeros((2, 1, 0, 16), np.float32), "past_v": np.zeros((2, 1, 0, 16), np.float32),
+             "seqlens": np.full(2, 4, np.int32), "total": np.array(5, np.int32),
+             "bias": np.zeros((2, 1, 5, 5), np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds), _run(model, feeds), atol=1e-6)
+
+
+def test_parts_that_are_not_q_k_and_v_of_the_heads_stay_split():
+    assert len(tokens_first(_attention_on_split([16, 32, 16], rotary=False)).graph.node) == 2
