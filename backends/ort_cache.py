@@ -102,7 +102,7 @@ class SharingStep:
         self.session.run_with_iobinding(self.binding)
         return [logits, *(feeds[past] for past in self.pasts)]
 
-    def decode(self, values: dict) -> "OrtValue":
+    def decode(self, values: dict):
         """A step on the buffers bound now, `values` its other inputs as numpy arrays; its
         logits: generation's per-token path, a few bindings and the run."""
         from onnxruntime import OrtValue

@@ -159,6 +159,7 @@ def test_print_ir_and_list_passes(capsys):
     assert "annotate-cost" in listing and "cleanup" in listing
 
 
+@pytest.mark.slow  # planning llama3-8b from its config alone covers it in CI
 def test_planning_llama_7b_on_meta_stays_small():
     """The issue's check: a 7B plan on the meta device, peak RSS under 3 GB; and the 7.5e9
     model's table shows the ZeRO paper's figures."""

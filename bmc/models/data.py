@@ -100,3 +100,19 @@ class Batches:
         local = self.global_batch // world_size
         rows = self.global_rows(step)[rank * local:(rank + 1) * local]
         return rows[:, :-1], rows[:, 1:]
+
+
+def train_tokenizer(vocab: int, max_bytes: int = 4 * 2**20):
+    """A byte-level BPE `tokenizers.Tokenizer` of at most `vocab` tokens, "<s>" and "</s>"
+    among them, trained on the built-in corpus: the tokenizer of checkpoints made on this
+    machine (tools/make_checkpoint.py, tools/bench/serve_hf.py), nothing downloaded."""
+    from bmc.extras import require
+    tokenizers = require("tokenizers", "training a tokenizer")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    lines = stdlib_text(max_bytes).decode("utf-8", errors="replace").splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, trainer)
+    return tokenizer

@@ -20,7 +20,7 @@ def _loaded_bytes(rank, world, path):
     return resident_parameter_bytes(prog.graph_module)
 
 
-@pytest.mark.parametrize("degree", [2, 4])
+@pytest.mark.parametrize("degree", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks: -m slow
 def test_each_tp_rank_holds_its_slices_only(degree, tmp_path):
     model = zoo.build("gpt-mini")
     path = str(tmp_path / "tp.pt2")

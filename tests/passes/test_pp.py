@@ -247,6 +247,7 @@ def _train_3d(rank, world, pipeline, lr):
     return losses
 
 
+@pytest.mark.slow  # dp, tp, pp and zero1 each run in CI on their own; the 3-D launch is -m slow
 def test_dp2_tp2_pp2_with_zero1_trains_like_one_process():
     lr = 3e-3
     want = _single_process_losses(lr)

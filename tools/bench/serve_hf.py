@@ -51,15 +51,9 @@ def _stdlib_text(limit: int = 4_000_000) -> list[str]:
 
 
 def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_stdlib_text(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    from bmc.models.data import train_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab), bos_token="<s>", eos_token="</s>")
 
 
 def write_checkpoint(directory: str, layers: int, width: int, heads: int, kv_heads: int, vocab: int) -> None:
