@@ -535,7 +535,10 @@ class PagedProgram:
             given = dict(zip(self.manifest["inputs"][:3], (ids, positions, mask)))
             given[self.manifest["inputs"][-1]] = rows
             small = {name: np.ascontiguousarray(given[name], dtype=np.int64) for name in sharing.small}
-            return sharing.decode(small).numpy(), caches  # the same buffers, bound as they are
+            try:
+                return sharing.decode(small).numpy(), caches  # the same buffers, bound as they are
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
+                raise BackendError(f"ort-paged: the decode step failed in ONNX Runtime: {error_line(exc)}") from exc
         values = [ids, positions, mask, *caches]
         if self.selects_logits:
             values.append(rows)

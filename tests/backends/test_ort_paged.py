@@ -93,6 +93,8 @@ def test_a_resident_step_writes_its_cache_in_place_with_the_copying_steps_number
 
     in_place, caches = steps(served.empty_cache(2, 5 + 3))
     assert caches[0].shape()[2] == 8  # the buffer it was given, filled in place
+    with pytest.raises(BackendError, match="decode step failed"):  # its buffers hold two rows, not one
+        served.step(ids[:1, :1], positions[:1, -1:] + 4, np.ones((1, 8), dtype=np.int64), caches)
     empty = [np.zeros((2, h, 0, d), np.float32) for h, d in zip(served.heads, served.head_dims) for _ in (0, 1)]
     growing, caches = steps(empty)
     assert caches[0].shape()[2] == 8  # the copying step's present grows by one each step
