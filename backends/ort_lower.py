@@ -2,6 +2,11 @@
 embedding, one part per residual block, the head), each exported to ONNX with torch.onnx, its
 weights in a file of its own.
 
+The parts are lowered one at a time, start to end (_lower_part): a part's weights are made real
+(read from the memory-mapped checkpoint where they are deferred, bmc/ir/deferred.py: a model
+larger than memory), it runs on the example inputs the parts before it gave, is exported and
+written, and is let go of, so a build holds one part's weights at a time.
+
 Each part is a GraphModule of the step's nodes (bmc/kv_cache.py), exported by torch.onnx's
 dynamo exporter with bmc's own ops translated (ort_ops.py: `bmc::int8_linear`,
 `bmc::cached_attention`). CPU builds first put ONNX Runtime's fused kernels where the graph
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import logging
 import os
@@ -34,8 +40,10 @@ import torch.fx as fx
 import bmc.ir.ops  # noqa: F401 - registers the bmc ops the step holds
 from bmc import ir
 from bmc.errors import BackendError
+from bmc.ir.deferred import materialize_module
 from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, open_session
 from bmc.backends.ort_layouts import tokens_first
+from bmc.backends.ort_streamer import bound_malloc
 from bmc.backends.ort_ops import translation_table
 from bmc.analysis.structure import structure_of
 from bmc.rewrite.merge_projections import merge_shared_input_projections
@@ -172,24 +180,16 @@ def _size_from(graph: fx.Graph, node: fx.Node, part: Part, env: dict) -> fx.Node
 # ------------------------------------------------------------------ example values
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, keep: set[fx.Node]):
-        super().__init__(module)
-        self.keep, self.values = keep, {}
-
-    def run_node(self, node):
-        result = super().run_node(node)
-        if node in self.keep:
-            self.values[node] = result
-        return result
+def placeholder_values(step: fx.GraphModule, inputs: tuple) -> dict[fx.Node, torch.Tensor]:
+    return dict(zip(step.graph.find_nodes(op="placeholder"), inputs))
 
 
-def record(step: fx.GraphModule, parts: list[Part], inputs: tuple) -> dict[fx.Node, torch.Tensor]:
-    keep = {n for p in parts for n in (*p.inputs, *p.outputs)}
-    recorder = _Recorder(step, keep)
+def run_part(module: fx.GraphModule, part: Part, values: dict[fx.Node, torch.Tensor]) -> None:
+    """Run the part on the values of its inputs; its outputs go into `values` (the example
+    values every later part, and the exporter, are given)."""
     with torch.no_grad():
-        recorder.run(*inputs)
-    return recorder.values
+        results = module(*(values[n] for n in part.inputs))
+    values.update(zip(part.outputs, results))
 
 
 # ------------------------------------------------------------------ ONNX
@@ -556,12 +556,38 @@ def encoder_step(gm: fx.GraphModule, max_len: int | None = None):
     return step, layout, tuple(heads)
 
 
+def _lower_part(step: fx.GraphModule, part: Part, index: int, directory: str, values: tuple[dict, dict], gpu: bool,
+                int8_weights: str | None, prepacked: bool) -> dict:
+    """One part, start to end: its weights made real (read from the checkpoint where they are
+    deferred: bmc/ir/deferred.py), run on both example inputs, exported, written, and let go
+    of, so a build holds one part's weights at a time."""
+    module = part_module(step, part)
+    materialize_module(module)
+    for example in values:
+        run_part(module, part, example)
+    small, other = values
+    proto = export_part(module, part, tuple(small[n] for n in part.inputs), tuple(other[n] for n in part.inputs),
+                        gpu=gpu, int8_weights=int8_weights or "s8")
+    del module
+    stem = f"part-{index:02d}"
+    table = split_weights(proto, os.path.join(directory, stem + ".bin"))
+    save_proto(resident_form(proto, table, stem + ".bin"), os.path.join(directory, stem + ".onnx"))
+    save_proto(streamed_form(proto, table), os.path.join(directory, stem + ".stream.onnx"))
+    del proto
+    packed = write_prepacked(directory, stem) if prepacked and not gpu else []
+    gc.collect()  # the part's tensors and protos hold cycles (fx modules, onnx graphs): free them now
+    return {"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
+            "stem": stem, "inputs": [onnx_name(n) for n in part.inputs], "outputs": [onnx_name(n) for n in part.outputs],
+            "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed}
+
+
 def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, progress=None,
-                       max_len: int | None = None, task: str | None = None) -> dict:
+                       max_len: int | None = None, task: str | None = None, prepacked: bool = True) -> dict:
     """Write the parts of `gm`'s step (a causal LM's decode step, an encoder's forward) to
     `directory`; the manifest's `parts` entries. `max_len` caps the positions served (and
     gives them where no position table does: RoPE); `task` overrides task_of's analysis."""
     from bmc.serve import kv_cache
+    bound_malloc()  # a part's freed weights go back to the system, not to a heap that grows part by part
     names = block_names(gm)
     task = task_of(gm, task)
     if task == "causal-lm":
@@ -595,24 +621,13 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     merge_shared_input_projections(step, owners={b.attention.module for b in structure_of(gm).blocks if b.attention})
     parts = partition(step, names)
     int8_weights = None if gpu else int8_weight_format()  # u8 where this CPU's u8 x s8 kernels saturate
-    small, other = (record(step, parts, inputs) for inputs in examples)
+    small, other = (placeholder_values(step, inputs) for inputs in examples)
     entries = []
     os.makedirs(directory, exist_ok=True)
     for index, part in enumerate(parts):
         if progress is not None:
             progress(index, len(parts), f"exporting {part.name}")
-        module = part_module(step, part)
-        proto = export_part(module, part, tuple(small[n] for n in part.inputs), tuple(other[n] for n in part.inputs),
-                            gpu=gpu, int8_weights=int8_weights or "s8")
-        stem = f"part-{index:02d}"
-        table = split_weights(proto, os.path.join(directory, stem + ".bin"))
-        save_proto(resident_form(proto, table, stem + ".bin"), os.path.join(directory, stem + ".onnx"))
-        save_proto(streamed_form(proto, table), os.path.join(directory, stem + ".stream.onnx"))
-        packed = [] if gpu else write_prepacked(directory, stem)
-        entries.append({"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
-                        "stem": stem, "inputs": [onnx_name(n) for n in part.inputs],
-                        "outputs": [onnx_name(n) for n in part.outputs],
-                        "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed})
+        entries.append(_lower_part(step, part, index, directory, (small, other), gpu, int8_weights, prepacked))
     if progress is not None:
         progress(len(parts), len(parts), "the whole-step graph")
     step_outputs = [onnx_name(n) for n in step.graph.output_node().args[0]]
@@ -627,4 +642,4 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
             "inputs": step_inputs, "whole": WHOLE,
             "max_len": layout.max_positions, "widest_per_token": int(widest), "task": task,
             "attention_heads": max(heads, default=0), "rotary_by_slot": by_slot,
-            "prepacked_for": None if gpu else machine_key(), "int8_weights": int8_weights}
+            "prepacked_for": None if gpu or not prepacked else machine_key(), "int8_weights": int8_weights}

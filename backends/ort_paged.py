@@ -213,7 +213,8 @@ def choose_streaming(manifest: dict, requested: str, providers: list) -> str:
     mmap), or why it cannot be had."""
     usable, why = True, ""
     if not all(part.get("packed") for part in manifest["parts"]):
-        usable, why = False, "the build has no prepacked weights (a GPU build, or made by an older bmc)"
+        usable, why = False, ("the build has no prepacked weights (built with --no-prepacked or for a GPU, or by an "
+                              "older bmc)")
     elif manifest.get("prepacked_for") != machine_key():
         usable, why = False, (f"its prepacked weights were made for {manifest.get('prepacked_for')}, this machine "
                               f"is {machine_key()}; rebuild the directory here (bmc-opt ... --backend=ort-paged -o DIR)")
@@ -635,17 +636,22 @@ def _versions() -> dict:
 
 
 def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress=None, max_len: int | None = None,
-          task: str | None = None, lineage: list | None = None, record: dict | None = None) -> dict:
+          task: str | None = None, lineage: list | None = None, record: dict | None = None,
+          prepacked: bool = True) -> dict:
     """Lower `gm` into `directory` and write its manifest (last, atomically: a directory
     without one is not a build). Its `lineage` is the steps the weights came from with this
-    build appended (`record`: what the compile adds: pass statistics, calibration, --eval)."""
+    build appended (`record`: what the compile adds: pass statistics, calibration, --eval).
+    `prepacked=False` leaves out the prepacked form (half the disk; streamed blocks are then
+    fed as inputs, slower). A filesystem without room for the build is refused first."""
     from bmc import ir
     from bmc.backends import ort_lower
     from bmc.ir.serialize import atomic_write_text
     from bmc.analysis.structure import structure_of
     from bmc.ir.trace import trace_info
+    check_disk_room(gm, directory, prepacked and not gpu)
     tokenizer = carry_tokenizer(gm, directory)  # first: a changed tokenizer fails before the slow lowering
-    lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress, max_len=max_len, task=task)
+    lowered = ort_lower.lower_to_directory(gm, directory, gpu=gpu, progress=progress, max_len=max_len, task=task,
+                                           prepacked=prepacked)
     if progress is not None:
         progress(len(lowered["parts"]), len(lowered["parts"]), "checksums")
     files = {}
@@ -666,6 +672,28 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     manifest["lineage"] = next_step(list(lineage or []), step, files)
     atomic_write_text(os.path.join(directory, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
+
+
+def build_bytes(gm, prepacked: bool) -> int:
+    """What a build of `gm` writes, about: its weights as they are after the passes (int8 where
+    quantized) once in the weight files, and once more prepacked, plus an eighth for the
+    layouts that pad them and the graphs."""
+    weights = sum(t.numel() * t.element_size() for t in (*gm.parameters(), *gm.buffers()))
+    return int(weights * (2 if prepacked else 1) * 1.125)
+
+
+def check_disk_room(gm, directory: str, prepacked: bool) -> None:
+    import shutil
+    need = build_bytes(gm, prepacked)
+    parent = os.path.dirname(os.path.abspath(directory))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        hint = "; or leave out the prepacked form (--no-prepacked: about half)" if prepacked else ""
+        raise BackendError(f"ort-paged: the build needs about {need / 1e9:.2f} GB and {parent} has "
+                           f"{free / 1e9:.2f} GB free: free some space or build elsewhere{hint}")
+    log.info("ort-paged: the build needs about %.2f GB (%.2f GB free)", need / 1e9, free / 1e9)
 
 
 def carry_tokenizer(gm, directory: str) -> dict[str, str]:
@@ -708,7 +736,7 @@ def _register() -> None:
         ("staged", "it serves on one process; drop pp (pipeline stages are for the torch backend)")))
     def lower(gm, context, *, budget: int | None = None, directory: str | None = None, prefetch: bool | None = None,
               providers=None, threads: int | None = None, batch: int = 1, max_len: int | None = None,
-              streaming: str = "auto", task: str | None = None):
+              streaming: str = "auto", task: str | None = None, prepacked: bool = True):
         """Build `gm` for ONNX Runtime into `directory` (a temporary one when None; `prog.save`
         keeps it) and serve it under `budget` bytes. `max_len` caps the positions served (the
         model's own, from its position tables or its config, otherwise); `task` ("causal-lm",
@@ -726,7 +754,8 @@ def _register() -> None:
         try:
             build(gm, target, pipeline=context.settings.get("pipeline", ""), gpu=gpu,
                   max_len=min(positions) if positions else None, task=task,
-                  lineage=context.settings.get("lineage"), record=context.settings.get("record"))
+                  lineage=context.settings.get("lineage"), record=context.settings.get("record"),
+                  prepacked=prepacked)
             program = load(target, budget=budget, prefetch=prefetch, providers=providers, threads=threads,
                            batch=batch, max_len=max_len, streaming=streaming)
         except BaseException:

@@ -12,7 +12,7 @@ from bmc.errors import MissingExtraError
 # package -> the extra of pyproject.toml that installs it
 EXTRAS = {
     "onnx": "serve", "onnxruntime": "serve", "onnxscript": "serve", "numpy": "serve",
-    "tokenizers": "serve", "transformers": "hf", "matplotlib": "plot",
+    "tokenizers": "serve", "transformers": "hf", "accelerate": "hf", "matplotlib": "plot",
 }
 
 

@@ -86,7 +86,15 @@ class Program:
         return f"Program({name}, backend={self.backend!r}, pipeline={self.pipeline!r})"
 
 
-def _as_graph(model: Any, example_inputs: Any, dynamic: Any, weights: Any = None) -> fx.GraphModule:
+def _as_graph(model: Any, example_inputs: Any, dynamic: Any, weights: Any = None,
+              streamed: bool = False) -> fx.GraphModule:
+    """`streamed`: a Hugging Face directory is read block by block as the backend lowers it
+    (its weights deferred, in float32: ort-paged builds), never whole."""
+    if weights is None and streamed and isinstance(model, str):
+        from bmc.models import hf
+        if hf.directory_of(model) is not None:
+            return hf.load_graph(model, example=example_inputs, dynamic=True if dynamic is None else dynamic,
+                                 device="deferred", dtype=torch.float32)
     if weights is not None:
         return _with_weights(model, weights, example_inputs, dynamic)
     if isinstance(model, Program):
@@ -130,7 +138,7 @@ def compile(model: Any, passes: str | Sequence[str] = (), example_inputs: Any = 
     into an nn.Module, `zoo:NAME` or `hf:DIR` model first."""
     target = get_backend(backend)  # fail on a bad backend name before tracing
     world_size = resolve_world_size(world_size)
-    gm = _as_graph(model, example_inputs, dynamic, weights)
+    gm = _as_graph(model, example_inputs, dynamic, weights, streamed=backend == "ort-paged")
     lineage = lineage_of_source(model, weights)
     context = PassContext(world_size=world_size, calibration=list(calibration) if calibration is not None else None)
     if isinstance(passes, str) and not passes.strip():

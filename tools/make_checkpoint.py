@@ -44,6 +44,9 @@ SHAPES = {
                         num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    # blocks of 12 MB in fp32 behind a small vocabulary: a build's memory is mostly its blocks' (tests)
+    "llama-small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5),
     "llama-tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5),
 }

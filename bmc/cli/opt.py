@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config give none, e.g. a .pt2 of a RoPE model)")
     p.add_argument("--task", choices=["causal-lm", "encoder"],
                    help="ort-paged: what the build serves, where the attention masks cannot tell")
+    p.add_argument("--no-prepacked", action="store_true",
+                   help="ort-paged: leave out the prepacked weights (about half the disk; paged blocks are then fed "
+                        "as inputs, slower)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     return p
 
@@ -151,8 +154,8 @@ def _check_args(args) -> None:
                          f"pick degrees whose product divides it")
     if args.backend == "ort-paged" and not args.output:
         raise UsageError("--backend=ort-paged builds a directory: give it with -o DIR")
-    if (args.max_len is not None or args.task) and args.backend != "ort-paged":
-        raise UsageError("--max-len and --task are for serving builds: add --backend=ort-paged -o DIR")
+    if (args.max_len is not None or args.task or args.no_prepacked) and args.backend != "ort-paged":
+        raise UsageError("--max-len, --task and --no-prepacked are for serving builds: add --backend=ort-paged -o DIR")
     if args.max_len is not None and args.max_len < 1:
         raise UsageError(f"--max-len must be >= 1, got {args.max_len}")
     if args.backend == "ort-paged":
@@ -234,9 +237,18 @@ def _needs_weights(args) -> bool:
     return bool(args.output or args.measure or args.weights or args.calibration or args.eval or args.check)
 
 
+def _streams_weights(args) -> bool:
+    """An ort-paged build of a Hugging Face checkpoint reads its weights block by block as it
+    lowers them (never the whole model), unless something must run the whole model first."""
+    from bmc.models import hf
+    return (args.backend == "ort-paged" and bool(args.output) and hf.directory_of(args.model) is not None
+            and args.device is None and not (args.measure or args.weights or args.calibration or args.eval
+                                             or args.check))
+
+
 def _load(args):
     from bmc.ir.serialize import load_graph
-    device = args.device or ("cpu" if _needs_weights(args) else "meta")
+    device = args.device or ("deferred" if _streams_weights(args) else "cpu" if _needs_weights(args) else "meta")
     example = parse_example_inputs(args.example_inputs) if args.example_inputs else None
     if args.weights and args.model.startswith("zoo:"):
         from bmc.ir.trace import trace
@@ -244,9 +256,17 @@ def _load(args):
     if args.weights:
         from bmc.models import hf
         return hf.load_graph(args.model, example=example, dynamic=not args.static, device="cpu",
-                             dtype=DTYPES.get(args.dtype), weights=args.weights), {}
+                             dtype=_load_dtype(args), weights=args.weights), {}
     return load_graph(args.model, trust_pickle=args.trust_pickle, example_inputs=example,
-                      dynamic=not args.static, device=device, dtype=DTYPES.get(args.dtype))
+                      dynamic=not args.static, device=device, dtype=_load_dtype(args))
+
+
+def _load_dtype(args) -> torch.dtype | None:
+    """--dtype; for an ort-paged build of a checkpoint saved in 16 bits, float32: what ONNX
+    Runtime's CPU kernels run (their bf16 kernels are missing: the build would fail)."""
+    if args.dtype or args.backend != "ort-paged" or not args.output:
+        return DTYPES.get(args.dtype)
+    return torch.float32
 
 
 def _zoo_with_weights(args) -> torch.nn.Module:
@@ -620,7 +640,7 @@ def run(argv: Sequence[str] | None, out) -> int:
         from bmc.program import config_limits
         limits = [n for n in (args.max_len, config_limits(args.model).get("max_positions")) if n]
         _build_paged(gm, args.output, str(pipeline), out, min(limits) if limits else None, args.task,
-                     lineage=_weights_lineage(args), record=record)
+                     lineage=_weights_lineage(args), record=record, prepacked=not args.no_prepacked)
         if check_reference is not None:
             from bmc.checker import compare_build
             built = _with_status("checking the build in ONNX Runtime",
@@ -663,25 +683,38 @@ def _weights_lineage(args) -> list[dict]:
     return lineage_of_source(args.model, args.weights)
 
 
+def build_progress(started: float, first_part: list, show: bool):
+    """A progress line per part on a terminal: parts done, what runs now, the time so far and
+    the time left at the pace of the parts done (counted from the first part: the step's
+    preparation before it is not the parts' pace)."""
+    def progress(done: int, total: int, what: str) -> None:
+        if not show:
+            return
+        now = time.perf_counter()
+        if total and not first_part:
+            first_part.append(now)
+        left = ""
+        if total and 0 < done < total:
+            left = f", about {(now - first_part[0]) / done * (total - done):.0f}s left"
+        counted = f"{done}/{total} parts done: " if total else ""
+        sys.stderr.write(f"\rbmc-opt: ort-paged build, {counted}{what} ({now - started:.0f}s{left})\x1b[K")
+        sys.stderr.flush()
+    return progress
+
+
 def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = None, task: str | None = None,
-                 lineage: list | None = None, record: dict | None = None) -> None:
+                 lineage: list | None = None, record: dict | None = None, prepacked: bool = True) -> None:
     """Lower to ONNX Runtime parts in a staging directory, published by rename when complete."""
     from bmc.backends import ort_paged
     from bmc.ir.serialize import staged_directory
     show = sys.stderr.isatty()
-
-    def progress(done: int, total: int, what: str) -> None:
-        if show:
-            counted = f"{done}/{total} parts done: " if total else ""
-            sys.stderr.write(f"\rbmc-opt: ort-paged build, {counted}{what} ({time.perf_counter() - started:.0f}s)"
-                             f"\x1b[K")
-            sys.stderr.flush()
     started = time.perf_counter()
+    progress = build_progress(started, [], show)
     progress(0, 0, "preparing the decode step")
     try:
         with staged_directory(directory) as staging:
             manifest = ort_paged.build(gm, staging, pipeline=pipeline, progress=progress, max_len=max_len, task=task,
-                                       lineage=lineage, record=record)
+                                       lineage=lineage, record=record, prepacked=prepacked)
     finally:
         if show:
             sys.stderr.write("\n")

@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from bmc.ir import plans
+from bmc.ir.deferred import is_deferred
 from bmc.ir import schema as ir
 
 
@@ -21,6 +22,9 @@ class _LocalShapes(FakeTensorProp):
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
+        if is_deferred(value):  # it will be read onto the cpu (where the graph runs): a cpu fake of it
+            with self._mode:
+                value = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
         shape = self.local.get(str(target))
         if shape is not None and tuple(value.shape) != shape:
             return value.new_empty(shape)

@@ -275,12 +275,91 @@ def tokenizer_plan(directory: str) -> ir.TokenizerPlan | None:
 def load_graph(spec: str, *, example: Any = None, dynamic: Any = True, device: str | None = None,
                dtype: torch.dtype | None = None, weights: str | None = None):
     """`hf:DIR` traced (its weights from `weights` where given): the graph, carrying its
-    tokenizer's plan when the directory has one."""
+    tokenizer's plan when the directory has one. `device="deferred"`: its weights are not
+    read, each is a deferred tensor read from the memory-mapped shards when a value is asked
+    for (deferred_graph)."""
     from bmc.ir.trace import trace
     directory = directory_of(spec) or spec
-    model = build(directory, device=device, dtype=dtype, weights=weights)
-    gm = trace(model, example_inputs(model, example), dynamic=dynamic)
+    if device == "deferred":
+        gm = deferred_graph(directory, example=example, dynamic=dynamic, dtype=dtype)
+    else:
+        model = build(directory, device=device, dtype=dtype, weights=weights)
+        gm = trace(model, example_inputs(model, example), dynamic=dynamic)
     plan = tokenizer_plan(directory)
     if plan is not None:
         ir.set_plan(gm, plan)
     return gm
+
+
+# ------------------------------------------------------------------ deferred weights
+
+
+def deferred_graph(directory: str, *, example: Any = None, dynamic: Any = True,
+                   dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
+    """The model of `directory` traced without reading a weight: built with its parameters on
+    the meta device (its buffers real: RoPE's inverse frequencies are computed, not stored),
+    traced, then every parameter and stored buffer replaced by a deferred tensor that reads
+    the checkpoint's tensor when its value is asked for (bmc/ir/deferred.py), as `dtype`
+    (the config's by default). What a build of a model larger than memory starts from."""
+    from bmc.ir import deferred
+    from bmc.ir.trace import trace
+    config = read_config(directory)
+    dtype = dtype or config_dtype(config)
+    files = weight_files(directory)
+    if not files:
+        raise ModelLoadError(f"hf:{directory} has {CONFIG} but no weights ({SAFETENSORS} or {INDEX}) to build from; "
+                             f"write them with model.save_pretrained(DIR)")
+    accelerate = require("accelerate", "building a model larger than memory (weights read block by block)")
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = _from_config(model_class(config), config, dtype, directory)
+    model.eval()
+    gm = trace(model, example_inputs(model, example), dynamic=dynamic)
+    deferred.meta_to_cpu(gm)
+    where, prefix = _checkpoint_keys(files), _checkpoint_name_map(model)[1]
+    names = _names_by_tensor(gm)
+
+    def read(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        for alias in names[id(tensor)]:  # a tied weight is stored under one of its names
+            for key in (alias, prefix + alias):
+                if key in where:
+                    return _deferred_read(where[key], key, tensor, dtype, directory)
+        if _ignored(model, "_keys_to_ignore_on_load_missing", name):
+            return None
+        raise ModelLoadError(f"hf:{directory} lacks weights the model needs: {name}; write the whole checkpoint "
+                             f"with save_pretrained")
+    count = deferred.map_deferred(gm, read)
+    log.info("hf:%s: %d tensors deferred, read from %d file(s) when needed", directory, count, len(files))
+    return gm
+
+
+def _names_by_tensor(module: torch.nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                         *module.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def _checkpoint_keys(files: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """key -> (file, shape) of every tensor of the safetensors files, read off their headers."""
+    from safetensors import SafetensorError, safe_open
+    where = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as shard:
+                for key in shard.keys():
+                    where[key] = (path, list(shard.get_slice(key).get_shape()))
+        except SafetensorError as exc:
+            raise ModelLoadError(f"cannot read {path} as safetensors: {_first_line(exc)}; "
+                                 f"write the checkpoint again with save_pretrained") from None
+    return where
+
+
+def _deferred_read(found: tuple[str, list[int]], key: str, tensor: torch.Tensor, dtype: torch.dtype,
+                   directory: str):
+    from bmc.ir import deferred
+    path, shape = found
+    if shape != list(tensor.shape):
+        raise ModelLoadError(f"{path}: {key} has shape {shape} and the model built from config.json wants "
+                             f"{list(tensor.shape)}; the config does not describe this checkpoint")
+    return deferred.read(path, key, tensor.shape, tensor.dtype if not tensor.is_floating_point() else dtype)

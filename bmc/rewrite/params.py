@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 
 from bmc import ir
+from bmc.ir.deferred import is_deferred
 
 
 def trainable_parameter_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -25,7 +26,9 @@ def mark_data_parallel(gm: fx.GraphModule, stage: int, sharded: bool) -> int:
 def slice_parameter(gm: fx.GraphModule, name: str, keep: torch.Tensor, dim: int) -> int:
     """Keep indices `keep` of parameter `name` along `dim`; the number of elements removed."""
     param = gm.get_parameter(name)
-    sliced = torch.nn.Parameter(param.detach().index_select(dim, keep.to(param.device)).clone(),
+    # a deferred weight (bmc/ir/deferred.py) reports the meta device: its index stays real, to replay
+    where = keep.device if is_deferred(param) else param.device
+    sliced = torch.nn.Parameter(param.detach().index_select(dim, keep.to(where)).clone(),
                                 requires_grad=param.requires_grad)
     owner, _, leaf = name.rpartition(".")
     setattr(gm.get_submodule(owner) if owner else gm, leaf, sliced)

@@ -16,6 +16,11 @@ from bmc.models import weights
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# end to end over what tests of their own check one by one (training, pruning, distillation,
+# int8, serving, lineage): 50 s, so with -m slow
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     pytest.importorskip("transformers")
