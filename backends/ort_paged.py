@@ -676,10 +676,11 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
 
 def build_bytes(gm, prepacked: bool) -> int:
     """What a build of `gm` writes, about: its weights as they are after the passes (int8 where
-    quantized) once in the weight files, and once more prepacked, plus an eighth for the
-    layouts that pad them and the graphs."""
+    quantized) in the weight files, and twice more in the prepacked form (ONNX Runtime writes
+    the plain copy beside the packed one), plus an eighth for the layouts that pad them and the
+    graphs."""
     weights = sum(t.numel() * t.element_size() for t in (*gm.parameters(), *gm.buffers()))
-    return int(weights * (2 if prepacked else 1) * 1.125)
+    return int(weights * (3 if prepacked else 1) * 1.125)
 
 
 def check_disk_room(gm, directory: str, prepacked: bool) -> None:
@@ -690,7 +691,7 @@ def check_disk_room(gm, directory: str, prepacked: bool) -> None:
         parent = os.path.dirname(parent)
     free = shutil.disk_usage(parent).free
     if free < need:
-        hint = "; or leave out the prepacked form (--no-prepacked: about half)" if prepacked else ""
+        hint = "; or leave out the prepacked form (--no-prepacked needs about a third of it)" if prepacked else ""
         raise BackendError(f"ort-paged: the build needs about {need / 1e9:.2f} GB and {parent} has "
                            f"{free / 1e9:.2f} GB free: free some space or build elsewhere{hint}")
     log.info("ort-paged: the build needs about %.2f GB (%.2f GB free)", need / 1e9, free / 1e9)

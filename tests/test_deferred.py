@@ -35,11 +35,10 @@ def test_a_recipe_replays_what_was_done_to_the_weights(stored):
     assert q.dtype == torch.int8 and q.shape == (6, 4) and merged.shape == (4, 9)
     real_w, real_v = tensors["w"], tensors["v"]
     real_scale = real_w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    memo = {}
-    assert torch.equal(deferred.materialize(q, memo), (real_w / real_scale.reshape(-1, 1)).round().clamp(-127, 127)
-                       .to(torch.int8))
-    assert torch.equal(deferred.materialize(merged, memo), torch.cat([real_w.t(), real_v[2:5].t()], dim=1))
-    assert torch.equal(deferred.materialize(scale), real_scale)  # without the memo: read again, same values
+    real_q, real_merged = deferred.materialize_all([q, merged])
+    assert torch.equal(real_q, (real_w / real_scale.reshape(-1, 1)).round().clamp(-127, 127).to(torch.int8))
+    assert torch.equal(real_merged, torch.cat([real_w.t(), real_v[2:5].t()], dim=1))
+    assert torch.equal(deferred.materialize(scale), real_scale)  # evaluated again on its own: read again, same
 
 
 def test_a_decision_on_values_gets_real_values(stored):
@@ -83,6 +82,28 @@ def test_a_deferred_graph_runs_like_the_loaded_one(tmp_path):
     loaded = hf.load_graph(f"hf:{tmp_path}", device="cpu")
     graph = hf.load_graph(f"hf:{tmp_path}", device="deferred")
     assert deferred.deferred_names(graph) and all(p.device.type == "meta" for p in graph.parameters())
-    deferred.materialize_module(graph)
     ids = torch.randint(0, 50, (2, 7))
-    assert torch.equal(graph(input_ids=ids)[0], loaded(input_ids=ids)[0])
+    with torch.no_grad():
+        expected = loaded(input_ids=ids)[0]
+    assert torch.equal(deferred.run_reading_weights(graph, ids)[0], expected)  # weights read as nodes take them
+    assert deferred.deferred_names(graph)
+    deferred.materialize_module(graph)
+    assert torch.equal(graph(input_ids=ids)[0], expected)
+
+
+def test_an_intermediate_is_freed_after_its_last_reader(stored, monkeypatch):
+    path, tensors = stored
+    w = _read(path, "w", tensors)
+    steps = [w.abs(), None]
+    steps[1] = (steps[0] * 2).round()  # abs -> mul -> round: abs's and mul's values are not kept
+    peaks = []
+    evaluate = deferred._Evaluation._value
+
+    def counting(self, recipe):
+        value = evaluate(self, recipe)
+        peaks.append(len(self.memo))
+        return value
+    monkeypatch.setattr(deferred._Evaluation, "_value", counting)
+    (rounded,) = deferred.materialize_all([steps[1]])
+    assert torch.equal(rounded, (tensors["w"].abs() * 2).round())
+    assert max(peaks) <= 2  # a value and the one it is computed from, never the whole chain

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["causal-lm", "encoder"],
                    help="ort-paged: what the build serves, where the attention masks cannot tell")
     p.add_argument("--no-prepacked", action="store_true",
-                   help="ort-paged: leave out the prepacked weights (about half the disk; paged blocks are then fed "
+                   help="ort-paged: leave out the prepacked weights (two thirds of the disk; paged blocks are then fed "
                         "as inputs, slower)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     return p

@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 GB = 1e9
+STEPS = ("build", "bandwidth", "serving", "logits", "anchor")
 
 
 def parse_bytes(text: str) -> int:
@@ -64,8 +65,10 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{' '.join(cmd[:4])} ... failed: {err.read()[-1500:]}")
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            killed = " (killed: out of memory?)" if code == -9 else ""
+            raise SystemExit(f"{' '.join(cmd[:4])} ... failed with exit code {code}{killed}: {err.read()[-1500:]}")
         return seconds, usage.ru_maxrss * 1024, out.read()
 
 
@@ -245,6 +248,9 @@ def main() -> None:
     p.add_argument("--anchor-new", type=int, default=3, help="tokens the accelerate anchor generates")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--skip-anchor", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="serve the build --work already holds (with --keep)")
+    p.add_argument("--steps", default=",".join(STEPS), help="which steps to run (a rerun of some, with --keep "
+                   "and --json, adds to the last run's figures)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the build (else deleted at the end)")
     p.add_argument("--json", help="write every figure here too")
     args = p.parse_args()
@@ -253,15 +259,23 @@ def main() -> None:
     ckpt, build = os.path.join(args.work, "checkpoint"), os.path.join(args.work, "build")
     figures: dict = {"shape": args.shape, "layers": args.layers, "pipeline": args.pipeline, "budget": budget,
                      "threads": args.threads, "cpus": os.cpu_count()}
+    steps = set(args.steps.split(","))
+    if args.json and os.path.isfile(args.json) and steps != set(STEPS):  # a partial rerun adds to the last run
+        with open(args.json) as f:
+            figures = {**json.load(f), **{k: v for k, v in figures.items() if k != "layers"}}
     try:
-        _checkpoint_and_build(args, ckpt, build, figures)
-        _bandwidth(build, figures)
-        _serving(args, build, budget, figures)
-        figures["logits"] = json.loads(_run_script(REFERENCE, json.dumps(
-            {"ckpt": ckpt, "build": build, "prompt": args.prompt, "threads": args.threads,
-             "budget": budget}))[2].strip().splitlines()[-1])
-        print(f"logits of the first step against fp32 torch: {figures['logits']}", flush=True)
-        if not args.skip_anchor:
+        if "build" in steps:
+            _checkpoint_and_build(args, ckpt, build, figures)
+        if "bandwidth" in steps:
+            _bandwidth(build, figures)
+        if "serving" in steps:
+            _serving(args, build, budget, figures)
+        if "logits" in steps:
+            figures["logits"] = json.loads(_run_script(REFERENCE, json.dumps(
+                {"ckpt": ckpt, "build": build, "prompt": args.prompt, "threads": args.threads,
+                 "budget": budget}))[2].strip().splitlines()[-1])
+            print(f"logits of the first step against fp32 torch: {figures['logits']}", flush=True)
+        if "anchor" in steps and not args.skip_anchor:
             figures["accelerate"] = accelerate_anchor(ckpt, budget, args.work, args.prompt, args.anchor_new,
                                                       args.threads)
             print(f"accelerate: {figures['accelerate']}", flush=True)
@@ -281,6 +295,8 @@ def _checkpoint_and_build(args, ckpt: str, build: str, figures: dict) -> None:
         seconds, peak, _ = run_measured(cmd)
         figures["checkpoint"] = {"seconds": seconds, "peak_rss": peak, "bytes": du(ckpt)}
         print(f"checkpoint: {figures['checkpoint']}", flush=True)
+    if args.reuse and os.path.isfile(os.path.join(build, "manifest.json")):
+        return
     shutil.rmtree(build, ignore_errors=True)
     cmd = [sys.executable, "-m", "bmc.cli.opt", f"hf:{ckpt}", f"--pass={args.pipeline}",
            "--backend=ort-paged", "-o", build]
@@ -292,8 +308,11 @@ def _checkpoint_and_build(args, ckpt: str, build: str, figures: dict) -> None:
 
 def _bandwidth(build: str, figures: dict) -> None:
     manifest = json.load(open(os.path.join(build, "manifest.json")))
+    from bmc.backends.ort_paged import packed_bytes
     files = [os.path.join(build, part["stem"] + ".packed.bin") for part in manifest["parts"]]
-    step_bytes = sum(os.path.getsize(f) for f, part in zip(files, manifest["parts"]) if part["kind"] != "embed")
+    # what a step's sessions read: each part's prepacked buffers (its file holds the plain copy
+    # too, unread); the embedding only looks rows up
+    step_bytes = sum(packed_bytes(build, part) for part in manifest["parts"] if part["kind"] != "embed")
     read_bandwidth(files, cold=False)  # into the page cache
     cached = statistics.median(read_bandwidth(files, cold=False) for _ in range(3))
     disk = read_bandwidth(files, cold=True)
