@@ -43,7 +43,7 @@ from bmc.errors import BackendError
 from bmc.ir.deferred import materialize_module
 from bmc.backends.ort_artifacts import SMALL, int8_weight_format, machine_key, open_session
 from bmc.backends.ort_layouts import tokens_first
-from bmc.backends.ort_streamer import bound_malloc
+from bmc.backends.ort_streamer import trim_malloc
 from bmc.backends.ort_ops import translation_table
 from bmc.analysis.structure import structure_of
 from bmc.rewrite.merge_projections import merge_shared_input_projections
@@ -584,6 +584,7 @@ def _lower_part(step: fx.GraphModule, part: Part, index: int, directory: str, va
     del proto
     packed = write_prepacked(directory, stem) if prepacked and not gpu else []
     gc.collect()  # the part's tensors and protos hold cycles (fx modules, onnx graphs): free them now
+    trim_malloc()  # and give their pages back, so the heap does not grow part by part
     return {"name": part.name, "kind": "embed" if index == 0 else "head" if part.name == "head" else "block",
             "stem": stem, "inputs": [onnx_name(n) for n in part.inputs], "outputs": [onnx_name(n) for n in part.outputs],
             "weights": table, "weight_bytes": sum(t["nbytes"] for t in table), "packed": packed}
@@ -595,7 +596,6 @@ def lower_to_directory(gm: fx.GraphModule, directory: str, gpu: bool = False, pr
     `directory`; the manifest's `parts` entries. `max_len` caps the positions served (and
     gives them where no position table does: RoPE); `task` overrides task_of's analysis."""
     from bmc.serve import kv_cache
-    bound_malloc()  # a part's freed weights go back to the system, not to a heap that grows part by part
     names = block_names(gm)
     task = task_of(gm, task)
     if task == "causal-lm":

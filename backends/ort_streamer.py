@@ -48,6 +48,16 @@ def bound_malloc() -> None:
         libc.mallopt(_M_ARENA_MAX, 2)
 
 
+def trim_malloc() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim): a build frees a
+    part's weights and exports after each part, and pinning the mmap threshold as serving
+    does (bound_malloc) would slow every allocation of the torch work around it by half
+    (measured: 3.0 against 2.0 s for 3000 small linear layers)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def advise(ranges: list[tuple[int, int]], advice: int) -> None:
     """madvise each (address, length) range. ctypes lets go of the GIL, so the compute thread's
     ONNX Runtime calls go on meanwhile. Where the kernel lacks MADV_POPULATE_READ (before Linux

@@ -107,3 +107,23 @@ def test_an_intermediate_is_freed_after_its_last_reader(stored, monkeypatch):
     (rounded,) = deferred.materialize_all([steps[1]])
     assert torch.equal(rounded, (tensors["w"].abs() * 2).round())
     assert max(peaks) <= 2  # a value and the one it is computed from, never the whole chain
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from bmc.errors import ModelLoadError
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path))
+    fewer = transformers.LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1})
+    fewer.save_pretrained(str(tmp_path))  # config.json now says one layer; the weights hold two
+    with pytest.raises(ModelLoadError, match="does not have: .*layers.1") as refused:
+        hf.load_graph(f"hf:{tmp_path}", device="deferred")
+    assert "\n" not in str(refused.value)
+    config.save_pretrained(str(tmp_path))
+    fewer_weights = {k: v for k, v in safetensors.load_file(str(tmp_path / "model.safetensors")).items()
+                     if "layers.1." not in k}
+    safetensors.save_file(fewer_weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="lacks weights the model needs"):
+        hf.load_graph(f"hf:{tmp_path}", device="deferred")

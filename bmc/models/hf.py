@@ -322,14 +322,28 @@ def deferred_graph(directory: str, *, example: Any = None, dynamic: Any = True,
         for alias in names[id(tensor)]:  # a tied weight is stored under one of its names
             for key in (alias, prefix + alias):
                 if key in where:
-                    return _deferred_read(where[key], key, tensor, dtype, directory)
+                    return _deferred_read(where[key], key, tensor, dtype)
         if _ignored(model, "_keys_to_ignore_on_load_missing", name):
             return None
         raise ModelLoadError(f"hf:{directory} lacks weights the model needs: {name}; write the whole checkpoint "
                              f"with save_pretrained")
     count = deferred.map_deferred(gm, read)
+    _refuse_foreign_keys(model, where, prefix, directory)
     log.info("hf:%s: %d tensors deferred, read from %d file(s) when needed", directory, count, len(files))
     return gm
+
+
+def _refuse_foreign_keys(model: torch.nn.Module, where: dict, prefix: str, directory: str) -> None:
+    """A checkpoint holding tensors the model built from config.json does not have is another
+    model's (as load_weights refuses it when it reads every tensor)."""
+    names, _ = _checkpoint_name_map(model)
+    foreign = [key for key in where if key not in names and key.removeprefix(prefix) not in names
+               and not _ignored(model, "_keys_to_ignore_on_load_unexpected", key)]
+    if prefix:  # a bare model read from a checkpoint with a head: the head's weights are not its
+        foreign = [key for key in foreign if key.startswith(prefix)]
+    if foreign:
+        raise ModelLoadError(f"hf:{directory} holds weights the model built from config.json does not have: "
+                             f"{foreign[:3]} ({len(foreign)} in all); the config does not describe this checkpoint")
 
 
 def _names_by_tensor(module: torch.nn.Module) -> dict[int, list[str]]:
@@ -355,8 +369,7 @@ def _checkpoint_keys(files: list[str]) -> dict[str, tuple[str, list[int]]]:
     return where
 
 
-def _deferred_read(found: tuple[str, list[int]], key: str, tensor: torch.Tensor, dtype: torch.dtype,
-                   directory: str):
+def _deferred_read(found: tuple[str, list[int]], key: str, tensor: torch.Tensor, dtype: torch.dtype):
     from bmc.ir import deferred
     path, shape = found
     if shape != list(tensor.shape):

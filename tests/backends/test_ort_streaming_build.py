@@ -36,22 +36,23 @@ def _checkpoint(root, shape: str, layers: int, shard: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def eight_blocks(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-tiny", 8, "60KB")
+def sharded(tmp_path_factory):
+    # 4 blocks in 10 shards (8 blocks measured the same; 4 keep CI's time)
+    return _checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-tiny", 4, "60KB")
 
 
 def _weight_files(directory: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.suffix == ".bin"}
 
 
-def test_a_streamed_build_equals_the_build_of_the_loaded_model(eight_blocks, tmp_path):
-    shards = json.loads((eight_blocks / "model.safetensors.index.json").read_text())["weight_map"].values()
-    assert len(set(shards)) >= 4
+def test_a_streamed_build_equals_the_build_of_the_loaded_model(sharded, tmp_path):
+    shards = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) >= 6
     pipeline = ["prune-ffn{ratio=0.25}", "quant-int8"]
     # without the prepacked form (ONNX Runtime's own packing of the same weights): 40 -> 30 s
-    streamed = bmc.compile(f"hf:{eight_blocks}", passes=pipeline, backend="ort-paged", directory=str(tmp_path / "s"),
+    streamed = bmc.compile(f"hf:{sharded}", passes=pipeline, backend="ort-paged", directory=str(tmp_path / "s"),
                            prepacked=False)
-    loaded = hf.load_graph(f"hf:{eight_blocks}", device="cpu", dtype=torch.float32)
+    loaded = hf.load_graph(f"hf:{sharded}", device="cpu", dtype=torch.float32)
     whole = bmc.compile(loaded, passes=pipeline, backend="ort-paged", directory=str(tmp_path / "w"), max_len=256,
                         prepacked=False)
     assert _weight_files(tmp_path / "s") == _weight_files(tmp_path / "w")
@@ -83,21 +84,21 @@ def test_peak_build_memory_does_not_grow_with_depth(tmp_path):
     assert ort_paged.load(str(tmp_path / "b16")).generate([[1, 2, 3]], max_new_tokens=3)
 
 
-def test_a_disk_without_room_is_refused_with_the_number_before_anything_is_written(eight_blocks, tmp_path,
+def test_a_disk_without_room_is_refused_with_the_number_before_anything_is_written(sharded, tmp_path,
                                                                                   monkeypatch, capsys):
     import shutil
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "build"
-    code = opt.main([f"hf:{eight_blocks}", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out)])
+    code = opt.main([f"hf:{sharded}", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "needs about" in err and "GB free" in err and "--no-prepacked" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bmc-staging")]
 
 
-def test_a_build_that_fails_half_way_leaves_no_directory(eight_blocks, tmp_path, monkeypatch, capsys):
+def test_a_build_that_fails_half_way_leaves_no_directory(sharded, tmp_path, monkeypatch, capsys):
     from bmc.backends import ort_lower
     written = []
     real = ort_lower.split_weights
@@ -109,15 +110,15 @@ def test_a_build_that_fails_half_way_leaves_no_directory(eight_blocks, tmp_path,
         return real(proto, path)
     monkeypatch.setattr(ort_lower, "split_weights", failing)
     out = tmp_path / "build"
-    assert opt.main([f"hf:{eight_blocks}", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out),
+    assert opt.main([f"hf:{sharded}", "--pass=quant-int8", "--backend=ort-paged", "-o", str(out),
                      "--no-prepacked"]) == 2
     assert "the disk went away" in capsys.readouterr().err
     assert len(written) == 4 and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bmc-staging")]
 
 
-def test_the_disk_estimate_counts_the_weights_as_built(eight_blocks):
-    graph = hf.load_graph(f"hf:{eight_blocks}", device="deferred", dtype=torch.float32)
+def test_the_disk_estimate_counts_the_weights_as_built(sharded):
+    graph = hf.load_graph(f"hf:{sharded}", device="deferred", dtype=torch.float32)
     weights = sum(t.numel() * t.element_size() for t in (*graph.parameters(), *graph.buffers()))
     assert ort_paged.build_bytes(graph, prepacked=True) == int(weights * 3 * 1.125)
     assert ort_paged.build_bytes(graph, prepacked=False) == int(weights * 1.125)
