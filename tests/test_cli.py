@@ -180,6 +180,7 @@ def _bmc_opt_peak(*args):
     return result, int(result.stdout.split("maxrss")[-1]) / 2**20
 
 
+@pytest.mark.slow  # 20-26 s, to -m slow: CI's 20 minutes are full
 def test_planning_llama3_8b_from_its_config_alone_stays_small(tmp_path):
     """hf:DIR with a config.json alone (Llama-3-8B's shape): planned on the meta device, no
     weight allocated; peak RSS measured (0.44 GiB here) and bounded."""

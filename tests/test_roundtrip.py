@@ -62,6 +62,7 @@ def _load_and_run(rank, world, paths, inputs):
     return results
 
 
+@pytest.mark.slow  # 18 s; the distributed round trips below load saved programs in fresh processes too
 def test_every_world_one_pipeline_round_trips_through_a_fresh_process(tmp_path):
     model = _model()
     inputs = model.example_inputs()

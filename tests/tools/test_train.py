@@ -136,6 +136,7 @@ def _bpe(vocab: int):
     return tokenizer
 
 
+@pytest.mark.slow  # 21 s, to -m slow: CI's 20 minutes are full
 def test_a_checkpoint_with_a_tokenizer_trains_on_its_tokens(tmp_path):
     """--hf DIR with a tokenizer.json: the batches are its ids (the first step's loss is the
     saved model's on the tokenized text), and a tokenizer with ids past the model's vocabulary
