@@ -641,7 +641,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     """Lower `gm` into `directory` and write its manifest (last, atomically: a directory
     without one is not a build). Its `lineage` is the steps the weights came from with this
     build appended (`record`: what the compile adds: pass statistics, calibration, --eval).
-    `prepacked=False` leaves out the prepacked form (half the disk; streamed blocks are then
+    `prepacked=False` leaves out the prepacked form (a third of the disk; streamed blocks are then
     fed as inputs, slower). A filesystem without room for the build is refused first."""
     from bmc import ir
     from bmc.backends import ort_lower

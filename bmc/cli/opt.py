@@ -683,10 +683,12 @@ def _weights_lineage(args) -> list[dict]:
     return lineage_of_source(args.model, args.weights)
 
 
-def build_progress(started: float, first_part: list, show: bool):
+def build_progress(started: float, show: bool):
     """A progress line per part on a terminal: parts done, what runs now, the time so far and
     the time left at the pace of the parts done (counted from the first part: the step's
     preparation before it is not the parts' pace)."""
+    first_part: list[float] = []  # when the first part began
+
     def progress(done: int, total: int, what: str) -> None:
         if not show:
             return
@@ -709,7 +711,7 @@ def _build_paged(gm, directory: str, pipeline: str, out, max_len: int | None = N
     from bmc.ir.serialize import staged_directory
     show = sys.stderr.isatty()
     started = time.perf_counter()
-    progress = build_progress(started, [], show)
+    progress = build_progress(started, show)
     progress(0, 0, "preparing the decode step")
     try:
         with staged_directory(directory) as staging:

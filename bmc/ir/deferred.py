@@ -18,7 +18,6 @@ place are refused: a recipe replays functions of the checkpoint, never mutations
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +26,6 @@ from torch.utils._pytree import tree_map
 
 from bmc.errors import BmcError
 
-log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # operations whose result is a Python value or depends on the operands' values: run on the
