@@ -1,10 +1,10 @@
 """How bmc's own ops become ONNX in the ort-paged lowering (torch.onnx's
 custom_translation_table):
 
-- `bmc::int8_linear`: on the CPU, DynamicQuantizeLinear + MatMulInteger + the scales, the form
-  ONNX Runtime's quantize_dynamic emits and its optimizer fuses (DynamicQuantizeMatMul); for
-  GPU providers DequantizeLinear(axis=0) + MatMul (ONNX Runtime's integer ops fall back to the
-  CPU there);
+- `bmc::int8_linear`: on the CPU, activations quantized per token to one int8 digit
+  (act=dynamic, W8A8 as in torch) or two (act=none, within 4e-4 of weight-only), MatMulInteger
+  and the scales; for GPU providers DequantizeLinear(axis=0) + MatMul (ONNX
+  Runtime's integer ops fall back to the CPU there);
 - `bmc::cached_attention`: on the CPU, ONNX Runtime's GroupQueryAttention; for GPU providers
   the same in standard ops; `bmc::slot_rotary_attention` (CPU builds only:
   bmc/rewrite/slot_rotary.py) the same with do_rotary;
@@ -33,14 +33,33 @@ def _int8_translation(gpu: bool, weights: str = "s8"):
     from onnxscript import opset18 as op
 
     def int8_linear_cpu(x, weight_q, scale, bias, act: str):
-        xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
+        # Activations are quantized per token, never per tensor (DynamicQuantizeLinear): one
+        # scale for a whole batch made each row's result depend on the other rows, and a
+        # prompt's tokens share their largest value (0.14 relative error per 4096-wide
+        # projection, measured). act=dynamic is W8A8, one int8 digit a value, as in torch.
+        # act=none is weight-only, which ONNX Runtime has no fast CPU kernel for (MatMulNBits
+        # at 8 bits in fp32 runs ~100x slower): each value becomes two int8 digits, q1 + q2/254,
+        # both multiplied in one MatMulInteger (the weights are read once), within 4e-4 of the
+        # weight-only product where one digit is 0.02-0.09 off with an outlier channel.
+        # Digits are shifted to uint8 with zero point 128 for the u8 x s8 / u8 x u8 kernels.
+        absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        x_scale = op.Div(op.Max(absmax, _like(1e-8, x)), _like(127.0, x))
+        scaled = op.Mul(x, op.Reciprocal(x_scale))
+        digits = op.Round(scaled)
+        if act != "dynamic":
+            digits = op.Concat(digits, op.Round(op.Mul(op.Sub(scaled, digits), _like(254.0, x))), axis=0)
+        xq = op.Cast(op.Add(op.Clip(digits, _like(-127.0, x), _like(127.0, x)), _like(128.0, x)), to=2)  # 2: uint8
+        x_zero = op.Cast(op.Constant(value_int=128), to=2)
         weight = op.Transpose(weight_q, perm=[1, 0])
         if weights == "u8":
             shifted = op.Add(op.Cast(weight, to=5), op.Cast(op.Constant(value_int=128), to=5))  # 5: int16
-            y = op.MatMulInteger(xq, op.Cast(shifted, to=2), x_zero, op.Cast(op.Constant(value_int=128), to=2))  # 2: uint8
+            y = op.Cast(op.MatMulInteger(xq, op.Cast(shifted, to=2), x_zero, x_zero), to=1)
         else:
-            y = op.MatMulInteger(xq, weight, x_zero)
-        y = op.Mul(op.Cast(y, to=1), op.Mul(x_scale, scale))
+            y = op.Cast(op.MatMulInteger(xq, weight, x_zero), to=1)
+        if act != "dynamic":
+            high, low = op.Split(y, axis=0, num_outputs=2)
+            y = op.Add(high, op.Div(low, _like(254.0, x)))
+        y = op.Mul(op.Mul(y, x_scale), scale)
         return y if bias is None else op.Add(y, bias)
 
     def int8_linear_gpu(x, weight_q, scale, bias, act: str):
@@ -51,6 +70,12 @@ def _int8_translation(gpu: bool, weights: str = "s8"):
     if weights not in ("s8", "u8"):
         raise ValueError(f"int8 weights are fed as s8 or u8, got {weights!r}")
     return {torch.ops.bmc.int8_linear.default: int8_linear_gpu if gpu else int8_linear_cpu}
+
+
+def _like(value: float, x):
+    """A float constant in x's dtype."""
+    from onnxscript import opset18 as op
+    return op.CastLike(op.Constant(value_float=value), x)
 
 
 def _contrib_op(name: str, domain: str, inputs: list[tuple], outputs: list[tuple], attributes: dict,

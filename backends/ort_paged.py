@@ -274,6 +274,7 @@ class PagedRuntime:
         blocks = [i for i, p in enumerate(self.parts) if p["kind"] == "block"]
         fixed = sum(p["held_bytes"] for i, p in enumerate(self.parts) if i not in blocks)
         self.batch, self.max_len = batch, max_len or manifest["max_len"]
+        self.budget = budget
         self.reserved = reserved_bytes(manifest, batch, self.max_len)
         # streaming blocks, the embedding's tables are paged by rows: only where ONNX Runtime
         # maps them (prepacked), so dropping their pages is ours to do
@@ -601,7 +602,7 @@ class PagedProgram:
             raise BackendError("this build is an encoder: it gives hidden states (prog(input_ids)), not tokens")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
         excess = reserve_excess(len(prompts), longest, self.runtime.batch, self.runtime.max_len)
-        if excess:
+        if excess and self.runtime.budget is not None:  # without a budget there is nothing to go past
             log.warning("ort-paged: %s exceed what the budget's reserve was sized for (%s): memory may go past "
                         "the budget; load with %s", *excess)
         kw = dict(max_new_tokens=max_new_tokens, sampling=gen.Sampling(temperature, top_k, seed), eos=eos,

@@ -247,12 +247,15 @@ def test_int8_build_stays_within_the_int8_bound(tmp_path):
     assert sum(t["nbytes"] for t in one_byte) <= 0.26 * fp32_bytes
 
 
-def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
-    """The ONNX Runtime graph bmc::int8_linear becomes on the CPU (DynamicQuantizeLinear +
-    MatMulInteger, fused into DynamicQuantizeMatMul) equals its own arithmetic done exactly,
-    on inputs built to saturate: u8 activations of 255 against weights of 127 in adjacent
-    columns, whose pair sum 2 * 255 * 127 overflows the int16 that x86's u8 x s8 kernels
-    without VNNI (vpmaddubsw) add pairs into. The build feeds u8 weights there."""
+@pytest.mark.parametrize("act", ["dynamic", "none"])
+def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path, act):
+    """The ONNX Runtime graph bmc::int8_linear becomes on the CPU (activations quantized per
+    token, one int8 digit for act=dynamic, two for act=none, + MatMulInteger) equals its own
+    arithmetic done exactly, and torch's op within what the digits allow, on inputs built to
+    saturate: u8 activations of 255 against weights of 127 in adjacent columns, whose pair sum
+    2 * 255 * 127 overflows the int16 that x86's u8 x s8 kernels without VNNI (vpmaddubsw) add
+    pairs into. The build feeds u8 weights there. A row's result does not depend on the other
+    rows of the batch."""
     import numpy as np
     import onnxruntime as ort
     from bmc.backends import ort_lower, ort_ops
@@ -267,7 +270,7 @@ def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
             self.register_buffer("bias", bias)
 
         def forward(self, x):
-            return torch.ops.bmc.int8_linear(x, self.q, self.scale, self.bias, "none")
+            return torch.ops.bmc.int8_linear(x, self.q, self.scale, self.bias, act)
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
@@ -275,6 +278,8 @@ def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
     q, scale = quantize(w, "row")
     x = torch.rand(2, 24, 256, generator=g) * 2 - 1
     x[..., :16], x[0, 0, 16] = 1.0, -1.0  # u8 255 (zero point 128) against those 127s
+    x[1, 3] *= 50  # one loud token: it must not coarsen the others' quantization
+    x[1, 5, 20] = 30.0  # an outlier channel in another
     weights = int8_weight_format()
     with torch.no_grad():
         program = torch.onnx.export(Linear(q, scale, b).eval(), (x,), dynamo=True, input_names=["x"],
@@ -286,14 +291,21 @@ def test_the_cpu_build_multiplies_its_integers_exactly_on_this_cpu(tmp_path):
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": x.numpy()})[0]
-    # ONNX's DynamicQuantizeLinear, then the integer product, in float64 / int64
-    xs = x.numpy().astype(np.float32)
-    x_scale = np.float32((max(0.0, xs.max()) - min(0.0, xs.min())) / 255.0)
-    zero = np.clip(np.rint(-min(0.0, xs.min()) / x_scale), 0, 255)
-    xq = np.clip(np.rint(xs / x_scale) + zero, 0, 255).astype(np.int64) - int(zero)
-    exact = (xq @ q.numpy().astype(np.int64).T) * np.float64(x_scale) * scale.numpy().astype(np.float64) + b.numpy()
+    # symmetric int8 digits per token, then the integer product, in float64 / int64
+    xs = x.numpy().astype(np.float64)
+    x_scale = np.maximum(np.abs(xs).max(-1, keepdims=True), 1e-8) / 127
+    high = np.clip(np.rint(xs / x_scale), -127, 127)
+    digits = [high] if act == "dynamic" else [high, np.clip(np.rint((xs / x_scale - high) * 254), -127, 127)]
+    integers = [(d.astype(np.int64) @ q.numpy().astype(np.int64).T).astype(np.float64) for d in digits]
+    product = integers[0] if act == "dynamic" else integers[0] + integers[1] / 254
+    exact = product * x_scale * scale.numpy().astype(np.float64) + b.numpy()
     error = np.abs(out - exact).max() / np.abs(exact).max()
     assert error < 1e-5, (weights, error)
+    in_torch = torch.ops.bmc.int8_linear(x, q, scale, b, act).numpy()  # act=none: weight-only
+    assert np.abs(out - in_torch).max() / np.abs(in_torch).max() < (1e-5 if act == "dynamic" else 1e-3)
+    quiet = x.numpy().copy()
+    quiet[1, 3] /= 50  # the same batch without its loud token: row 0 comes out the same
+    assert np.array_equal(session.run(None, {"x": quiet})[0][0], out[0])
 
 
 def test_a_saved_build_loads_in_a_fresh_process_and_damage_is_caught(built, tmp_path):
