@@ -152,6 +152,17 @@ def test_streamed_blocks_under_a_budget_give_the_same_tokens(built):
         events = paged.runtime.record_timeline()
         assert paged.generate([[7, 7, 1]], 12) == served.generate([[7, 7, 1]], 12)
         _check_timeline(events, paged, steps=12)
+        # each block writes its cache into the buffers empty_cache made (no new present per
+        # step for the arena to grow by), with the copying step's numbers
+        ids, positions, mask = np.array([[7, 7, 1]]), np.array([[0, 1, 2]]), np.ones((1, 3), dtype=np.int64)
+        cache = paged.empty_cache(1)
+        buffers = list(cache)
+        logits, cache = paged.step(ids, positions, mask, cache)
+        assert paged.runtime.part_pairs and all(a is b for a, b in zip(cache, buffers)), streaming
+        empty = [np.zeros((1, h, 0, d), np.float32) for h, d in zip(paged.heads, paged.head_dims) for _ in (0, 1)]
+        copied, grown = paged.step(ids, positions, mask, empty)
+        assert grown[0].shape()[2] == 3
+        np.testing.assert_allclose(logits, copied, rtol=1e-6, atol=1e-6)
         assert paged.runtime.streamer.bytes_read > 0
         if streaming == "prepacked":  # ONNX Runtime's own mappings were paged: out of memory after each run,
             for block in paged.plan.streamed:  # never copied on write (so dropping their pages loses nothing)
