@@ -68,7 +68,8 @@ def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
     soon as that block ran: PagedRuntime.step), and a block's working set for a whole prompt:
     four live values of the widest per-token value, the widest of the MLP's hidden width, the
     fused qkv, the vocabulary (the largest dimension of any weight) and the attention scores
-    (heads x positions)."""
+    (heads x positions); four more where int8 projections multiply two digits per activation
+    (their int32 and fp32 products have two rows per token)."""
     layout = manifest["layout"]
     # an encoder has no cache: no per-block entries
     per_block = [2 * batch * h * max_len * d * 4 for h, d in zip(layout["heads"], layout["head_dims"])]
@@ -83,7 +84,8 @@ def reserved_bytes(manifest: dict, batch: int, max_len: int) -> int:
         parts = manifest["parts"]
     widest_weight = max((max(t["shape"]) for part in parts for t in part["weights"] if t["shape"]), default=0)
     widest = max(manifest["widest_per_token"], widest_weight, heads * max_len)
-    return sum(per_block) + max(per_block, default=0) + 4 * widest * batch * max_len * 4 + logits
+    live = 8 if manifest.get("int8_digits") == 2 else 4
+    return sum(per_block) + max(per_block, default=0) + live * widest * batch * max_len * 4 + logits
 
 
 def selects_logits(manifest: dict) -> bool:

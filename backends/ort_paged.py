@@ -718,6 +718,7 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
                 "tokenizer": next(iter(tokenizer), None),
                 "blocks": [b.name for b in structure_of(gm).blocks], "dtype": "float32", "gpu": gpu,
                 "quantized": any(ir.get(n, ir.Quant) is not None for n in gm.graph.nodes),
+                "int8_digits": int8_digits(gm, gpu),
                 "versions": _versions(), "files": files, **lowered}
     from bmc.models.weights import next_step
     step = {"kind": "build", "backend": "ort-paged", "model": manifest["model"], "pipeline": pipeline,
@@ -725,6 +726,18 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     manifest["lineage"] = next_step(list(lineage or []), step, files)
     atomic_write_text(os.path.join(directory, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
+
+
+def int8_digits(gm, gpu: bool) -> int:
+    """How many int8 digits a CPU build's projections quantize each activation to
+    (ort_ops.int8_linear_cpu): 2 where any is weight-only (act=none), 1 where all are W8A8,
+    0 without int8 projections or on GPU providers (dequantized weights). The budget's reserve
+    counts the two-digit products (ort_budget.reserved_bytes)."""
+    from bmc import ir
+    quants = [q for q in (ir.get(n, ir.Quant) for n in gm.graph.nodes) if q is not None]
+    if gpu or not quants:
+        return 0
+    return 2 if any(q.act != "dynamic" for q in quants) else 1
 
 
 def build_bytes(gm, prepacked: bool) -> int:

@@ -249,7 +249,13 @@ def test_int8_build_stays_within_the_int8_bound(tmp_path):
     fp32 = model(ids).detach()
     served = bmc.compile(copy.deepcopy(model), passes="quant-int8", example_inputs=model.example_inputs(),
                          dynamic=True, backend="ort-paged", directory=str(tmp_path / "int8"))
-    assert served.manifest["quantized"]
+    assert served.manifest["quantized"] and served.manifest["int8_digits"] == 2  # act=none: two digits
+    # the budget's reserve counts the two-digit products: four more of the widest values a token
+    one_digit = dict(served.manifest, int8_digits=1)
+    widest = served.manifest["widest_per_token"]
+    assert ort_paged.reserved_bytes(served.manifest, 2, 16) - ort_paged.reserved_bytes(one_digit, 2, 16) == \
+        4 * max(widest, max(max(t["shape"]) for p in served.manifest["parts"] if p["kind"] == "block"
+                            for t in p["weights"] if t["shape"]), 4 * 16) * 2 * 16 * 4
     error = ((served(ids) - fp32).norm() / fp32.norm()).item()
     assert error < 0.01, error  # the quant-int8 pass's stated bound against fp32
     fp32_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "c_attn" in n or "c_fc" in n or "c_proj" in n)
