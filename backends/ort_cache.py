@@ -11,8 +11,12 @@ Sharing is used only where the graph proves it safe: every past input is read by
 GroupQueryAttention as its past (or by Shape for its batch alone), and the present that
 attention writes is a graph output as it is. The buffer then holds `length` positions; the
 mask's width says how many are filled, so the result is the one the copying step gives.
+A build run as parts (blocks streamed under a budget) shares per part, where every part's
+graph proves it (`part_cache_pairs`, `run_part`).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -41,6 +45,48 @@ def shared_cache_pairs(model, past_inputs: list[str], present_outputs: list[str]
             return {}
         pairs[written] = past
     return pairs if sorted(pairs) == sorted(present_outputs) else {}
+
+
+def part_cache_pairs(directory: str, manifest: dict, session_files: list[str],
+                     renames: list) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
+    """A build run as parts (streamed blocks): (present -> past over the whole step, part index
+    -> its present -> past in its session's names), or ({}, {}) unless every part that reads a
+    cache proves sharing in the graph its session runs (`session_files`; `renames`, per part,
+    the names of a session shared by blocks of one shape, or None)."""
+    import onnx
+    presents = manifest["outputs"][1:]  # (ids, positions, mask, caches..., [logits positions])
+    pasts = set(manifest["inputs"][3:3 + len(presents)])
+    pairs, by_part = {}, {}
+    for index, part in enumerate(manifest["parts"]):
+        part_pasts = [n for n in part["inputs"] if n in pasts]
+        if not part_pasts:
+            continue
+        model = onnx.load(os.path.join(directory, session_files[index]), load_external_data=False)
+        proven = shared_cache_pairs(model, part_pasts, [n for n in part["outputs"] if n in presents])
+        if not proven:
+            return {}, {}
+        names = renames[index] or {}
+        by_part[index] = {names.get(k, k): names.get(v, v) for k, v in proven.items()}
+        pairs.update(proven)
+    return (pairs, by_part) if sorted(pairs) == sorted(presents) else ({}, {})
+
+
+def run_part(session, inputs: dict, wanted: list[str], pairs: dict[str, str] | None, positions: int) -> list:
+    """A part's outputs (OrtValues); its presents written into its pasts' buffers where `pairs`
+    proved it and those buffers hold the step's `positions` (empty_shared_cache's), else new
+    ones (a caller's growing cache)."""
+    if not pairs or any(inputs[past].shape()[2] < positions for past in pairs.values()):
+        return session.run_with_ort_values(wanted, inputs)
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in wanted:
+        if name in pairs:
+            binding.bind_ortvalue_output(name, inputs[pairs[name]])
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return [inputs[pairs[name]] if name in pairs else value for name, value in zip(wanted, binding.get_outputs())]
 
 
 def _reads_batch_only(node) -> bool:

@@ -367,49 +367,14 @@ class PagedRuntime:
         self._prove_part_sharing()
 
     def _prove_part_sharing(self) -> None:
-        """Each block part writes its cache in place (its present bound to its past's buffer)
-        when every part's graph proves it (ort_cache.shared_cache_pairs): a step then allocates
-        no cache, where a new present per block and step made ONNX Runtime's shared arena grow by
-        doubling past the budget (4.4 GB at a 2.1 GB budget, the 7B at batch 8)."""
-        import onnx
+        """Each block part writes its cache in place when every part's graph proves it
+        (ort_cache.part_cache_pairs): a step then allocates no cache, where a new present per
+        block and step made ONNX Runtime's shared arena grow by doubling past the budget
+        (4.4 GB at a 2.1 GB budget, the 7B at batch 8)."""
         if self.manifest.get("task", "causal-lm") != "causal-lm":
             return
-        presents = self.manifest["outputs"][1:]
-        pasts = set(self.manifest["inputs"][3:3 + len(presents)])
-        pairs, by_part = {}, {}
-        for index, part in enumerate(self.parts):
-            part_pasts = [n for n in part["inputs"] if n in pasts]
-            if not part_pasts:
-                continue
-            part_presents = [n for n in part["outputs"] if n in presents]
-            model = onnx.load(os.path.join(self.directory, self.session_files[index]), load_external_data=False)
-            proven = ort_cache.shared_cache_pairs(model, part_pasts, part_presents)
-            if not proven:
-                return
-            names = self.renames[index] or {}
-            by_part[index] = {names.get(k, k): names.get(v, v) for k, v in proven.items()}
-            pairs.update(proven)
-        if sorted(pairs) == sorted(presents):
-            self.cache_pairs, self.part_pairs = pairs, by_part
-
-    def _run_part(self, index: int, session, inputs: dict, wanted: list[str]) -> list:
-        """A part's outputs; its presents written into its pasts' buffers where they hold the
-        step's positions (the caches of empty_cache), else new ones (a caller's growing cache)."""
-        pairs = self.part_pairs.get(index)
-        width = self.width
-        if not pairs or any(inputs[past].shape()[2] < width for past in pairs.values()):
-            return session.run_with_ort_values(wanted, inputs)
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in wanted:
-            if name in pairs:
-                binding.bind_ortvalue_output(name, inputs[pairs[name]])
-            else:
-                binding.bind_output(name, "cpu")
-        session.run_with_iobinding(binding)
-        got = binding.get_outputs()
-        return [inputs[pairs[name]] if name in pairs else value for name, value in zip(wanted, got)]
+        self.cache_pairs, self.part_pairs = ort_cache.part_cache_pairs(
+            self.directory, self.manifest, self.session_files, self.renames)
 
     def _track_tables(self, index: int, path: str, before: list[tuple[int, int]]) -> None:
         """A row-paged part's session was made: its mappings (tracked as a streamed block's),
@@ -450,7 +415,7 @@ class PagedRuntime:
             if names is not None:
                 inputs, wanted = {names[k]: v for k, v in inputs.items()}, [names[n] for n in wanted]
             try:
-                outputs = self._run_part(index, session, inputs, wanted)
+                outputs = ort_cache.run_part(session, inputs, wanted, self.part_pairs.get(index), self.width)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line names the part
                 raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {error_line(exc)}") from exc
             del inputs
