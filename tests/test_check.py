@@ -127,19 +127,24 @@ def test_tp2_passes_and_broken_variants_are_caught_and_located(llama, broken_pas
     v_linear = _linear_reading(llama, "model.layers.0.self_attn.v_proj.weight")
     assert first.node == _first_user(llama, v_linear) and first.made_by.startswith("tp-wrong-split"), str(split)
 
-    torch.manual_seed(0)
-    neox, inputs = hf_models.build("gpt-neox"), hf_models.example_inputs()
-    thirds = bmc.check(neox, "tp-thirds{degree=2},insert-collectives", inputs, world_size=2)
-    assert not thirds.passed, str(thirds)
-    product = _linear_reading(neox, "gpt_neox.layers.0.attention.query_key_value.weight", inputs)
-    assert thirds.first_wrong_value.node == _first_user(neox, product, inputs), str(thirds)
-
     dropped = bmc.check(llama, "tp2,drop-g", world_size=2)
     assert not dropped.passed
     first = dropped.first_wrong_value
     assert "partial sum over the tp ranks" in first.hint and "drop-g" in first.made_by, str(dropped)
     # the residual add reads the unreduced product
     assert first.op == "aten.add.Tensor" and first.module == "model.layers.0", str(dropped)
+
+
+
+# -m slow (CI's 20 minutes are full): two more 2-rank checks of broken tp variants
+@pytest.mark.slow
+def test_a_thirds_split_of_a_head_by_head_qkv_and_a_dropped_backward_all_reduce_are_located(llama, broken_passes):
+    torch.manual_seed(0)
+    neox, inputs = hf_models.build("gpt-neox"), hf_models.example_inputs()
+    thirds = bmc.check(neox, "tp-thirds{degree=2},insert-collectives", inputs, world_size=2)
+    assert not thirds.passed, str(thirds)
+    product = _linear_reading(neox, "gpt_neox.layers.0.attention.query_key_value.weight", inputs)
+    assert thirds.first_wrong_value.node == _first_user(neox, product, inputs), str(thirds)
 
     backward = bmc.check(llama, "tp2,drop-f", world_size=2)
     assert not backward.passed and backward.output_error.rel < 1e-5  # forward still right
