@@ -236,8 +236,10 @@ def test_gradients_put_together_wrongly_or_disagreeing_copies_are_mismatches():
     assert report.gradients[2].rel > 0.4 and not report.passed
 
 
-# gpt2 with -m slow: the every-architecture check below covers it, and CI's 20 minutes are full
-@pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
+# -m slow: the every-architecture check below covers both, and CI's 20 minutes are full
+# (test_zero_and_pp_programs_are_checked_on_ranks... keeps the ranks' check in CI)
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_models_check_clean_under_zero_and_pp_on_ranks(arch):
     torch.manual_seed(0)
     model, inputs = hf_models.build(arch), hf_models.example_inputs()

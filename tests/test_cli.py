@@ -388,6 +388,8 @@ def test_ort_paged_build_is_served_by_bmc_run(tmp_path, capsys):
     assert "is an encoder build" in capsys.readouterr().err
 
 
+# -m slow: CI's 20 minutes are full (four bmc-opt processes)
+@pytest.mark.slow
 def test_a_saved_plan_reports_what_planning_it_reports(tmp_path):
     """A loaded program brings its tp degree in its plan: the report is the one planning gives."""
     saved = tmp_path / "tp2.pt2"

@@ -226,6 +226,8 @@ def test_a_config_alone_and_trained_weights_make_the_model(tmp_path):
         bmc.compile(str(tmp_path / "x.pt2"), weights=str(tmp_path / "src"))
 
 
+# -m slow: CI's 20 minutes are full; test_train's lineage test keeps lineage in CI
+@pytest.mark.slow
 def test_a_pt2_program_carries_the_lineage_of_its_weights(tmp_path, capsys):
     """bmc-opt --weights ... -o prog.pt2 records the compile as a step; a build made from the
     archive goes on from it."""

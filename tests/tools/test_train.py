@@ -84,6 +84,8 @@ def test_hugging_face_model_from_a_config(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+# -m slow: CI's 20 minutes are full; test_the_lineage_runs_from_the_training_run_to_the_build keeps lineage in CI
+@pytest.mark.slow
 def test_training_on_from_an_exported_run_continues_its_lineage(tmp_path):
     """--hf DIR of a run's exported weights: the new run's lineage starts with the first run."""
     transformers = pytest.importorskip("transformers")
