@@ -297,7 +297,6 @@ class PagedRuntime:
         self.streamer = Streamer(directory, self.parts, self.plan.streamed, self.plan.slot_bytes, self.prefetch,
                                   self.streaming)
         self.events: list | None = None  # a timeline of the steps, when recorded (record_timeline)
-        self.width = 0  # the positions the current step fills (its mask's width)
         self._open_sessions(threads)
         self.last_use = {}
         for index, part in enumerate(self.parts):
@@ -402,7 +401,7 @@ class PagedRuntime:
         if self.whole is not None:
             return self._run_whole(env)
         keep = set(self.manifest["outputs"])
-        self.width = env["attention_mask"].shape()[-1] if "attention_mask" in env else 0  # positions the step fills
+        width = env["attention_mask"].shape()[-1] if "attention_mask" in env else 0  # the positions the step fills
         self.streamer.begin()
         for index, (part, session) in enumerate(zip(self.parts, self.sessions)):
             inputs = {name: env[name] for name in part["inputs"]}
@@ -415,7 +414,7 @@ class PagedRuntime:
             if names is not None:
                 inputs, wanted = {names[k]: v for k, v in inputs.items()}, [names[n] for n in wanted]
             try:
-                outputs = ort_cache.run_part(session, inputs, wanted, self.part_pairs.get(index), self.width)
+                outputs = ort_cache.run_part(session, inputs, wanted, self.part_pairs.get(index), width)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line names the part
                 raise BackendError(f"ort-paged: part {part['name']} failed in ONNX Runtime: {error_line(exc)}") from exc
             del inputs
@@ -451,7 +450,7 @@ class PagedRuntime:
         inputs = {name: feeds.pop(name) for name in self.manifest["inputs"] if name in self.whole_reads}
         started = time.perf_counter()
         try:
-            if self.sharing_step is not None and self.cache_pairs and self.sharing_step.fits(inputs):
+            if self.cache_pairs and self.sharing_step.fits(inputs):
                 return self.sharing_step(inputs)
             return self.whole.run_with_ort_values(self.manifest["outputs"], inputs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own kinds; one line
@@ -549,7 +548,7 @@ class PagedProgram:
         decode step ~4% at batch 1 (0.5 of 13.5 ms, 12 layers of width 768: the run leaves the
         caches cold), so the checks a generation does not need are not made per token."""
         rows = np.asarray([ids.shape[1] - 1] if logits_positions is None else logits_positions, dtype=np.int64)
-        sharing = self.runtime.sharing_step if self.runtime.events is None else None
+        sharing = self.runtime.sharing_step if self.runtime.shares_cache and self.runtime.events is None else None
         if sharing is not None and caches is self._bound_caches and mask.shape[-1] <= sharing.capacity:
             given = dict(zip(self.manifest["inputs"][:3], (ids, positions, mask)))
             given[self.manifest["inputs"][-1]] = rows
@@ -679,11 +678,11 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     files[lowered["whole"]] = sha256(os.path.join(directory, lowered["whole"]))
     files.update(tokenizer)
     info = trace_info(gm)
+    quants = [q for q in (ir.get(n, ir.Quant) for n in gm.graph.nodes) if q is not None]
     manifest = {"format": FORMAT, "model": info.model_name if info else "graph", "pipeline": pipeline,
                 "tokenizer": next(iter(tokenizer), None),
                 "blocks": [b.name for b in structure_of(gm).blocks], "dtype": "float32", "gpu": gpu,
-                "quantized": any(ir.get(n, ir.Quant) is not None for n in gm.graph.nodes),
-                "int8_digits": int8_digits(gm, gpu),
+                "quantized": bool(quants), "int8_digits": int8_digits(quants, gpu),
                 "versions": _versions(), "files": files, **lowered}
     from bmc.models.weights import next_step
     step = {"kind": "build", "backend": "ort-paged", "model": manifest["model"], "pipeline": pipeline,
@@ -693,13 +692,12 @@ def build(gm, directory: str, *, pipeline: str = "", gpu: bool = False, progress
     return manifest
 
 
-def int8_digits(gm, gpu: bool) -> int:
+def int8_digits(quants: list, gpu: bool) -> int:
     """How many int8 digits a CPU build's projections quantize each activation to
     (ort_ops.int8_linear_cpu): 2 where any is weight-only (act=none), 1 where all are W8A8,
     0 without int8 projections or on GPU providers (dequantized weights). The budget's reserve
-    counts the two-digit products (ort_budget.reserved_bytes)."""
-    from bmc import ir
-    quants = [q for q in (ir.get(n, ir.Quant) for n in gm.graph.nodes) if q is not None]
+    counts the two-digit products (ort_budget.reserved_bytes). `quants`: the graph's
+    ir.Quant annotations."""
     if gpu or not quants:
         return 0
     return 2 if any(q.act != "dynamic" for q in quants) else 1

@@ -197,8 +197,7 @@ def load_weights(model: torch.nn.Module, files: list[str], directory: str) -> No
             try:
                 with safe_open(path, framework="pt") as shard:
                     for key in shard.keys():
-                        name = key[len(prefix):] if prefix and key.startswith(prefix) else key
-                        target = targets.get(name)
+                        target = targets.get(_model_name(key, prefix))
                         if target is None:
                             skipped.append(key)
                             continue
@@ -223,8 +222,26 @@ def _copy_into(target: torch.Tensor, tensor: torch.Tensor, key: str, loaded: dic
     loaded[id(target)] = key
 
 
+def _model_name(key: str, prefix: str) -> str:
+    """The model's name for checkpoint `key` (a bare model's checkpoint with a head puts
+    `prefix` before it)."""
+    return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+
 def _check_complete(model, targets: dict[str, torch.Tensor], loaded: dict[int, str], skipped: list[str],
                     prefix: str, directory: str) -> None:
+    _refuse_unexpected(model, skipped, prefix, directory)
+    missing = [name for name, t in targets.items()
+               if id(t) not in loaded and not _ignored(model, "_keys_to_ignore_on_load_missing", name)]
+    if missing:
+        raise ModelLoadError(f"hf:{directory} lacks weights the model needs: {missing[:3]} ({len(missing)} in all); "
+                             f"write the whole checkpoint with save_pretrained")
+    log.info("hf:%s: read %d tensors", directory, len(loaded))
+
+
+def _refuse_unexpected(model, skipped: list[str], prefix: str, directory: str) -> None:
+    """Refuse a checkpoint holding tensors (`skipped`: keys the model has no name for) that
+    the model built from config.json does not have: it is another model's."""
     unexpected = [k for k in skipped if not _ignored(model, "_keys_to_ignore_on_load_unexpected", k)]
     if prefix:  # a bare model read from a checkpoint with a head: the head's weights are not its
         heads = [k for k in unexpected if not k.startswith(prefix)]
@@ -236,12 +253,6 @@ def _check_complete(model, targets: dict[str, torch.Tensor], loaded: dict[int, s
         raise ModelLoadError(f"hf:{directory} holds weights the model built from config.json does not have: "
                              f"{unexpected[:3]} ({len(unexpected)} in all); the config does not describe this "
                              f"checkpoint")
-    missing = [name for name, t in targets.items()
-               if id(t) not in loaded and not _ignored(model, "_keys_to_ignore_on_load_missing", name)]
-    if missing:
-        raise ModelLoadError(f"hf:{directory} lacks weights the model needs: {missing[:3]} ({len(missing)} in all); "
-                             f"write the whole checkpoint with save_pretrained")
-    log.info("hf:%s: read %d tensors", directory, len(loaded))
 
 
 # ------------------------------------------------------------------ tracing
@@ -315,7 +326,7 @@ def deferred_graph(directory: str, *, example: Any = None, dynamic: Any = True,
     model.eval()
     gm = trace(model, example_inputs(model, example), dynamic=dynamic)
     deferred.meta_to_cpu(gm)
-    where, prefix = _checkpoint_keys(files), _checkpoint_name_map(model)[1]
+    where, (targets, prefix) = _checkpoint_keys(files), _checkpoint_name_map(model)
     names = _names_by_tensor(gm)
 
     def read(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -328,22 +339,9 @@ def deferred_graph(directory: str, *, example: Any = None, dynamic: Any = True,
         raise ModelLoadError(f"hf:{directory} lacks weights the model needs: {name}; write the whole checkpoint "
                              f"with save_pretrained")
     count = deferred.map_deferred(gm, read)
-    _refuse_foreign_keys(model, where, prefix, directory)
+    _refuse_unexpected(model, [key for key in where if _model_name(key, prefix) not in targets], prefix, directory)
     log.info("hf:%s: %d tensors deferred, read from %d file(s) when needed", directory, count, len(files))
     return gm
-
-
-def _refuse_foreign_keys(model: torch.nn.Module, where: dict, prefix: str, directory: str) -> None:
-    """A checkpoint holding tensors the model built from config.json does not have is another
-    model's (as load_weights refuses it when it reads every tensor)."""
-    names, _ = _checkpoint_name_map(model)
-    foreign = [key for key in where if key not in names and key.removeprefix(prefix) not in names
-               and not _ignored(model, "_keys_to_ignore_on_load_unexpected", key)]
-    if prefix:  # a bare model read from a checkpoint with a head: the head's weights are not its
-        foreign = [key for key in foreign if key.startswith(prefix)]
-    if foreign:
-        raise ModelLoadError(f"hf:{directory} holds weights the model built from config.json does not have: "
-                             f"{foreign[:3]} ({len(foreign)} in all); the config does not describe this checkpoint")
 
 
 def _names_by_tensor(module: torch.nn.Module) -> dict[int, list[str]]:
